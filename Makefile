@@ -1,0 +1,22 @@
+# Two entry points for a fresh clone: `make smoke` and `make test`. Both create .venv
+# (with the machine's python3) and install the project into it when needed.
+PYTHON ?= python3
+VENV ?= .venv
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: smoke test bench
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+smoke: $(STAMP)
+	$(VENV)/bin/pretrain smoke llm
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+bench: $(STAMP)
+	$(VENV)/bin/python benchmarks/train_throughput.py configs/llm/smoke.yaml

@@ -1,0 +1,1 @@
+"""Input: the embedded default corpus, the SentencePiece tokenizer and batch streams."""

@@ -1,0 +1,1 @@
+"""Model definitions (Flax NNX). Models know logical axis names, never meshes."""

@@ -1,0 +1,66 @@
+"""Building blocks shared by the model families: annotated parameters, activation
+sharding constraints, RMSNorm and remat policies."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.core import spmd
+
+
+def param(rngs: nnx.Rngs, init, shape, names) -> nnx.Param:
+    """A float32 parameter tagged with logical axis names.
+
+    Eager sharding is off: the trainer creates parameters inside a jitted init whose
+    output shardings come from these names, so a model never needs a mesh to exist.
+    """
+    assert len(shape) == len(names), (shape, names)
+    return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=tuple(names), eager_sharding=False)
+
+
+def fan_in_init(fan_in_axes=(0,)):
+    """Normal with std 1/sqrt(fan_in), fan_in being the product of the given axes."""
+
+    def init(key, shape, dtype):
+        fan_in = 1
+        for a in fan_in_axes:
+            fan_in *= shape[a]
+        return jax.random.normal(key, shape, dtype) * fan_in**-0.5
+
+    return init
+
+
+def constrain(x: jax.Array, names) -> jax.Array:
+    """Sharding constraint by logical names, through the active axis rules; a no-op without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = jax.sharding.PartitionSpec(*spmd.from_sharding_rules(names, spmd.get_logical_axis_rules()))
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, *, eps: float, rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = param(rngs, nnx.initializers.ones, (dim,), ("norm",))
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32 * self.scale[...]).astype(x.dtype)
+
+
+# Which intermediate values a rematerialised block keeps for the backward pass.
+REMAT_POLICIES = {
+    "none": None,  # no remat: keep everything
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+}
+
+
+def remat(fn, policy: str, *, in_scan: bool):
+    """Wrap a block in jax.checkpoint; inside lax.scan CSE cannot undo remat, so it may stay on."""
+    if REMAT_POLICIES[policy] is None:
+        return fn
+    return jax.checkpoint(fn, policy=REMAT_POLICIES[policy], prevent_cse=not in_scan)

@@ -1,0 +1,134 @@
+"""Llama-style decoder: token embedding, RoPE, grouped-query attention, RMSNorm, SwiGLU.
+
+Layers are created stacked (one leading `layers` axis per parameter) and applied with
+lax.scan, or unrolled over the same stacked parameters, so checkpoints do not depend
+on `scan_layers`. Each layer is rematerialised with the policy named by `remat`.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.attention import BACKENDS
+from models.layers import RMSNorm, constrain, fan_in_init, param, remat
+
+
+@dataclasses.dataclass
+class TransformerConfig:
+    vocab_size: int = 512
+    num_layers: int = 2
+    embed_dim: int = 64
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 16
+    mlp_dim: int = 192
+    max_seq_len: int = 256
+    tie_embeddings: bool = False
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dtype: str = "float32"
+    remat: str = "full"
+    scan_layers: bool = True
+    attention: str = "xla"
+
+    def num_params(self, *, embedding: bool = True) -> int:
+        e, h, k, d, m, v = (self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim, self.mlp_dim, self.vocab_size)
+        per_layer = e * d * (2 * h + 2 * k) + 3 * e * m + 2 * e
+        head = 0 if self.tie_embeddings else e * v
+        return self.num_layers * per_layer + e + head + (v * e if embedding else 0)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 per matmul parameter (the output head included) plus
+        causal-agnostic attention scores and values, 12 * layers * heads * head_dim * seq_len."""
+        matmul_params = self.num_params(embedding=False) + (self.vocab_size * self.embed_dim if self.tie_embeddings else 0)
+        attention = 12 * self.num_layers * self.num_heads * self.head_dim * seq_len
+        return 6 * matmul_params + attention
+
+
+def rope(x, positions, theta: float):
+    """Rotary embedding over split halves of head_dim (the Hugging Face Llama convention)."""
+    half = x.shape[-1] // 2
+    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions[..., None].astype(jnp.float32) * freqs  # [B, L, half]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        e, h, k, d, m = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+        self.cfg = cfg
+        self.attn_norm = RMSNorm(e, eps=cfg.norm_eps, rngs=rngs)
+        self.wq = param(rngs, fan_in_init(), (e, h, d), ("embed", "heads", "head_dim"))
+        self.wk = param(rngs, fan_in_init(), (e, k, d), ("embed", "kv_heads", "head_dim"))
+        self.wv = param(rngs, fan_in_init(), (e, k, d), ("embed", "kv_heads", "head_dim"))
+        self.wo = param(rngs, fan_in_init((0, 1)), (h, d, e), ("heads", "head_dim", "embed"))
+        self.mlp_norm = RMSNorm(e, eps=cfg.norm_eps, rngs=rngs)
+        self.w_gate = param(rngs, fan_in_init(), (e, m), ("embed", "mlp"))
+        self.w_up = param(rngs, fan_in_init(), (e, m), ("embed", "mlp"))
+        self.w_down = param(rngs, fan_in_init(), (m, e), ("mlp", "embed"))
+
+    def __call__(self, x, segment_ids, positions):
+        cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+        heads = ("batch", "length", "heads", None)
+        y = self.attn_norm(x)
+        q = constrain(jnp.einsum("ble,ehd->blhd", y, self.wq[...].astype(dtype)), heads)
+        k = jnp.einsum("ble,ekd->blkd", y, self.wk[...].astype(dtype))
+        v = jnp.einsum("ble,ekd->blkd", y, self.wv[...].astype(dtype))
+        q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+        attn = constrain(BACKENDS[cfg.attention](q, k, v, segment_ids), heads)
+        x = x + constrain(jnp.einsum("blhd,hde->ble", attn, self.wo[...].astype(dtype)), ("batch", "length", None))
+
+        y = self.mlp_norm(x)
+        mlp = ("batch", "length", "mlp")
+        gate = constrain(jnp.einsum("ble,em->blm", y, self.w_gate[...].astype(dtype)), mlp)
+        up = constrain(jnp.einsum("ble,em->blm", y, self.w_up[...].astype(dtype)), mlp)
+        down = jnp.einsum("blm,me->ble", jax.nn.silu(gate) * up, self.w_down[...].astype(dtype))
+        return x + constrain(down, ("batch", "length", None))
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = param(rngs, nnx.initializers.normal(cfg.embed_dim**-0.5), (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"))
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_layers(rngs):
+            return DecoderLayer(cfg, rngs=rngs)
+
+        self.layers = make_layers(rngs)
+        self.final_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, rngs=rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = param(rngs, fan_in_init(), (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"))
+
+    def __call__(self, tokens, segment_ids, positions):
+        """Final hidden states [B, L, E]; `logits` maps them onto the vocabulary."""
+        cfg = self.cfg
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(jnp.dtype(cfg.dtype))
+        x = constrain(x, ("batch", "length", None))
+
+        graphdef, stacked = nnx.split(self.layers)
+
+        def block(x, layer_params):
+            return nnx.merge(graphdef, layer_params)(x, segment_ids, positions), None
+
+        block = remat(block, cfg.remat, in_scan=cfg.scan_layers)
+        if cfg.scan_layers:
+            x, _ = jax.lax.scan(block, x, stacked)
+        else:
+            for i in range(cfg.num_layers):
+                x, _ = block(x, jax.tree.map(lambda p: p[i], stacked))
+        return self.final_norm(x)
+
+    def logits(self, hidden):
+        """[B, L, V] logits, sharded along `vocab`; never gathered whole by the trainer."""
+        dtype = jnp.dtype(self.cfg.dtype)
+        if self.cfg.tie_embeddings:
+            out = jnp.einsum("ble,ve->blv", hidden, self.embed[...].astype(dtype))
+        else:
+            out = jnp.einsum("ble,ev->blv", hidden, self.lm_head[...].astype(dtype))
+        return constrain(out, ("batch", "length", "vocab"))

@@ -1,0 +1,1 @@
+"""JAX pretraining stack: trainer, CLI, sharding, optimizer, metrics."""

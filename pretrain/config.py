@@ -1,0 +1,300 @@
+"""The run's configuration: typed schema, YAML presets, key=value overrides, validation.
+
+Every check that can fail on user input lives here and raises ConfigError, which the
+CLI turns into one line on stderr and exit code 2 before anything is compiled or written.
+"""
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+from models.layers import REMAT_POLICIES
+from models.attention import BACKENDS
+from models.transformer import TransformerConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """Bad user input; the message names the key and the fix."""
+
+
+@dataclasses.dataclass
+class RunConfig:
+    name: str = "run"
+    seed: int = 0
+    steps: int = 100
+    output_dir: str = "runs/run"
+
+
+@dataclasses.dataclass
+class RuntimeConfig:
+    fake_cpu_devices: int = 0  # > 0: run on this many faked CPU devices
+    peak_flops_per_device: float = 0.0  # 0: from the device table, or measured on CPU
+    compilation_cache_dir: str = "~/.cache/pretrain/xla"  # "" turns JAX's persistent cache off
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    data: int = -1  # -1: whatever the model axis leaves
+    model: int = 1
+
+
+@dataclasses.dataclass
+class DataConfig:
+    source: str = "stdlib"  # stdlib: the Python standard library's sources; synthetic: random ids
+    seq_len: int = 128
+    cache_dir: str = "~/.cache/pretrain"
+    max_corpus_mb: float = 8.0  # how much of the corpus to read
+    val_fraction: float = 0.02
+
+
+@dataclasses.dataclass
+class ParamGroup:
+    pattern: str  # regex searched in the parameter path, e.g. "layers/attn_norm/scale"
+    weight_decay: float | None = None  # None: optim.weight_decay
+    lr_mult: float = 1.0
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at run.steps
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0  # 0 turns clipping off
+    z_loss: float = 0.0  # weight of logsumexp(logits)^2
+    # First match wins; parameters that match no group get optim.weight_decay.
+    groups: list[ParamGroup] = dataclasses.field(
+        default_factory=lambda: [ParamGroup(pattern=r"norm|bias|^embed$", weight_decay=0.0)]
+    )
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    global_batch: int = 8
+    microbatches: int = 1
+    log_every: int = 10
+    eval_every: int = 0  # 0: no periodic eval (a final eval still runs if there is held-out data)
+    eval_batches: int = 4
+
+
+@dataclasses.dataclass
+class Config:
+    task: str = "llm"
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    model: TransformerConfig = dataclasses.field(default_factory=TransformerConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+
+# --- building a config from YAML and overrides --------------------------------------------
+
+
+def _all_keys(cls, prefix=""):
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            yield from _all_keys(hint, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}"
+
+
+def _unknown(key: str) -> ConfigError:
+    near = difflib.get_close_matches(key, list(_all_keys(Config)), n=1, cutoff=0.5)
+    hint = f"; did you mean '{near[0]}'?" if near else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _convert(key: str, hint, value):
+    """Coerce a YAML value or a command-line string to the field's type, or say why not."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        return _convert(key, next(a for a in args if a is not type(None)), value)
+    if origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' wants a list, got {value!r}")
+        return [_convert(f"{key}[{i}]", args[0], v) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' wants a mapping, got {value!r}")
+        return _build(hint, value, f"{key}.")
+    try:
+        if hint is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if hint is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if hint is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if hint is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+    except ValueError:
+        raise ConfigError(f"config key '{key}' wants {hint.__name__}, got {value!r}") from None
+    raise TypeError(f"unsupported config type {hint} for {key}")
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+        if name not in hints:
+            raise _unknown(prefix + name)
+        kwargs[name] = _convert(prefix + name, hints[name], value)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"config section '{prefix.rstrip('.') or 'root'}': {e}") from None
+
+
+def _set(tree: dict, dotted: str, value):
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        node = tree.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise _unknown(dotted)
+        tree = node
+    tree[leaf] = value
+
+
+def preset_path(family: str, name: str) -> Path:
+    return CONFIG_DIR / family / f"{name}.yaml"
+
+
+def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML preset, apply key=value overrides, type-check everything."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found; pass a YAML file such as {preset_path('llm', 'smoke')}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not key=value, e.g. run.steps=100")
+        _set(tree, key.strip(), value)
+    return _build(Config, tree)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+
+
+# --- validation ----------------------------------------------------------------------------
+
+
+def mesh_shape(cfg: Config, num_devices: int) -> tuple[int, int]:
+    """(data, model) with -1 resolved against the device count."""
+    data, model = cfg.mesh.data, cfg.mesh.model
+    if (data == -1) + (model == -1) > 1:
+        raise ConfigError("only one of mesh.data and mesh.model may be -1")
+    for key, v in (("mesh.data", data), ("mesh.model", model)):
+        if v == 0 or v < -1:
+            raise ConfigError(f"{key}={v} must be a positive size or -1")
+    if data == -1 or model == -1:
+        known = model if data == -1 else data
+        if num_devices % known:
+            raise ConfigError(f"mesh: {num_devices} devices do not divide by {known}; change mesh.data/mesh.model")
+        data, model = (num_devices // known, model) if data == -1 else (data, num_devices // known)
+    if data * model != num_devices:
+        raise ConfigError(
+            f"mesh.data x mesh.model = {data} x {model} = {data * model}, but there are {num_devices} devices; "
+            "make the product equal the device count (or set one of them to -1)"
+        )
+    return data, model
+
+
+def _require(ok: bool, message: str):
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config, num_devices: int, platform: str) -> tuple[int, int]:
+    """Check everything that would otherwise fail later, deep inside a compile. Returns the mesh shape."""
+    _require(cfg.task == "llm", f"task='{cfg.task}' is not known; use task=llm")
+    _require(cfg.run.steps > 0, f"run.steps={cfg.run.steps} must be positive")
+    _require(cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr} must be positive")
+    _require(cfg.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
+    _require(cfg.train.log_every > 0, "train.log_every must be positive")
+    _require(cfg.train.microbatches > 0, "train.microbatches must be positive")
+    data, model = mesh_shape(cfg, num_devices)
+
+    m = cfg.model
+    _require(m.remat in REMAT_POLICIES, f"model.remat='{m.remat}' is unknown; use one of {sorted(REMAT_POLICIES)}")
+    _require(
+        not (m.remat == "offload" and platform == "cpu"),
+        "model.remat=offload needs host offload, which the CPU backend lacks; use model.remat=full or dots",
+    )
+    _require(m.attention in BACKENDS, f"model.attention='{m.attention}' is unknown; use one of {sorted(BACKENDS)}")
+    _require(
+        not (m.attention == "cudnn" and platform != "gpu"),
+        f"model.attention=cudnn needs an NVIDIA GPU (this is {platform}); use model.attention=xla",
+    )
+    _require(m.dtype in ("float32", "bfloat16", "float16"), f"model.dtype='{m.dtype}' must be float32, bfloat16 or float16")
+    for key in ("num_layers", "embed_dim", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "vocab_size", "max_seq_len"):
+        _require(getattr(m, key) > 0, f"model.{key} must be positive")
+    _require(m.head_dim % 2 == 0, f"model.head_dim={m.head_dim} must be even for rotary embeddings")
+    _require(
+        m.num_heads % m.num_kv_heads == 0,
+        f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}",
+    )
+    for key in ("num_heads", "mlp_dim", "vocab_size"):
+        _require(
+            getattr(m, key) % model == 0,
+            f"model.{key}={getattr(m, key)} is not divisible by the model axis ({model}); "
+            f"change model.{key} or mesh.model",
+        )
+    _require(
+        m.num_kv_heads < model or m.num_kv_heads % model == 0,
+        f"model.num_kv_heads={m.num_kv_heads} is not divisible by the model axis ({model}); "
+        "use a multiple of it, or fewer kv heads than it (they are then replicated)",
+    )
+    _require(
+        m.embed_dim % data == 0,
+        f"model.embed_dim={m.embed_dim} is not divisible by the data axis ({data}), which shards parameters (FSDP)",
+    )
+    _require(
+        cfg.data.seq_len <= m.max_seq_len,
+        f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower data.seq_len",
+    )
+    _require(cfg.data.seq_len > 0, "data.seq_len must be positive")
+    _require(cfg.data.source in ("stdlib", "synthetic"), f"data.source='{cfg.data.source}' is unknown; use stdlib or synthetic")
+    per_step = data * cfg.train.microbatches
+    _require(
+        cfg.train.global_batch % per_step == 0,
+        f"train.global_batch={cfg.train.global_batch} is not divisible by the data axis x microbatches "
+        f"({data} x {cfg.train.microbatches} = {per_step}); change train.global_batch",
+    )
+    for i, g in enumerate(cfg.optim.groups):
+        try:
+            re.compile(g.pattern)
+        except re.error as e:
+            raise ConfigError(f"optim.groups[{i}].pattern '{g.pattern}' is not a valid regex: {e}") from None
+    return data, model

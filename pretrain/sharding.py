@@ -1,0 +1,53 @@
+"""The device mesh and the one table that maps logical axis names to mesh axes."""
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "model")
+
+# Parameters are sharded FSDP-style along `data` (their `embed` dimension) and
+# tensor-parallel along `model`; activations put `batch` on `data`. Activations leave
+# their embed dimension unnamed, so `batch` and `embed` never claim `data` together.
+LOGICAL_RULES = (
+    ("batch", "data"),
+    ("length", None),
+    ("embed", "data"),
+    ("vocab", "model"),
+    ("heads", "model"),
+    ("kv_heads", "model"),
+    ("head_dim", None),
+    ("mlp", "model"),
+    ("layers", None),
+    ("norm", None),
+)
+
+
+def axis_rules(num_kv_heads: int, model_axis: int):
+    """LOGICAL_RULES, with K/V heads replicated when there are fewer of them than `model` devices."""
+    if num_kv_heads % model_axis == 0:
+        return LOGICAL_RULES
+    return tuple((name, None if name == "kv_heads" else axis) for name, axis in LOGICAL_RULES)
+
+
+def make_mesh(shape: tuple[int, int]) -> jax.sharding.Mesh:
+    # Auto axes: the compiler propagates shardings from the annotated parameters and the
+    # constraints in the models; shard_map marks the places where we want explicit collectives.
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_spec(names, rules) -> PartitionSpec:
+    table = dict(rules)
+    return PartitionSpec(*(table[n] if n is not None else None for n in names))
+
+
+def state_shardings(abstract_state, mesh):
+    """NamedShardings for an nnx.State from the logical names on its Variables (rules must be active)."""
+    return nnx.get_named_sharding(abstract_state, mesh)
+
+
+def global_batch(local: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Array]:
+    """Assemble each process's slice of the batch into global arrays sharded along `batch`."""
+    sharding = NamedSharding(mesh, logical_spec(("batch",), rules))
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}

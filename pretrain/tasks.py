@@ -1,0 +1,75 @@
+"""What a model family brings to the shared trainer: its model, loss, data and FLOP count.
+
+The trainer owns everything else (mesh, optimizer, train step, logging); a task is the
+only place the language model and the diffusion model differ.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+
+from data import corpus, text, tokenizer
+from models.transformer import Transformer
+from pretrain.config import Config, ConfigError
+from pretrain.loss import cross_entropy
+
+
+class LanguageModelTask:
+    unit = "tokens"  # what throughput counts
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self._rows = None
+
+    def build_model(self, rngs):
+        return Transformer(self.cfg.model, rngs=rngs)
+
+    def loss(self, model, batch, mesh, rules):
+        """(summed loss, number of target tokens, summed metrics) over a batch."""
+        hidden = model(batch["inputs"], batch["segment_ids"], batch["positions"])
+        ce, log_z = cross_entropy(model.logits(hidden), batch["targets"], mesh, rules)
+        weight = (batch["segment_ids"] > 0).astype(jnp.float32)
+        ce_sum = jnp.sum(ce * weight)
+        z_sum = jnp.sum(jnp.square(log_z) * weight)
+        return ce_sum + self.cfg.optim.z_loss * z_sum, jnp.sum(weight), {"loss": ce_sum, "z_loss": z_sum}
+
+    def units_per_step(self) -> int:
+        return self.cfg.train.global_batch * self.cfg.data.seq_len
+
+    def flops_per_step(self) -> float:
+        return self.cfg.model.flops_per_token(self.cfg.data.seq_len) * self.units_per_step()
+
+    def batch_shapes(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        shape = (self.cfg.train.global_batch, self.cfg.data.seq_len)
+        return {k: (shape, np.dtype(np.int32)) for k in ("inputs", "targets", "segment_ids", "positions")}
+
+    def _packed(self):
+        """Train and validation rows of the embedded corpus, tokenised with a tokenizer trained on it."""
+        if self._rows is None:
+            d = self.cfg.data
+            train_docs, val_docs = corpus.stdlib_documents(int(d.max_corpus_mb * 2**20), d.val_fraction)
+            sp = tokenizer.train(train_docs, self.cfg.model.vocab_size, d.cache_dir)
+            if sp.vocab_size() != self.cfg.model.vocab_size:
+                raise ConfigError(
+                    f"the tokenizer has {sp.vocab_size()} pieces but model.vocab_size={self.cfg.model.vocab_size}; "
+                    "set model.vocab_size to match"
+                )
+            self._rows = {
+                "train": text.pack(sp.encode(train_docs), d.seq_len),
+                "validation": text.pack(sp.encode(val_docs), d.seq_len) if val_docs else None,
+            }
+        return self._rows
+
+    def batches(self, split: str, process_index: int, process_count: int):
+        """Endless iterator of this process's slice of each global batch; None if the split is empty."""
+        cfg = self.cfg
+        local = cfg.train.global_batch // process_count
+        if cfg.data.source == "synthetic":
+            return text.synthetic(cfg.model.vocab_size, cfg.data.seq_len, local, cfg.run.seed + process_index)
+        rows = self._packed()[split]
+        if rows is None:
+            return None
+        seed = cfg.run.seed if split == "train" else 0
+        return iter(text.Batches(rows, cfg.train.global_batch, seed, process_index, process_count))
+
+
+TASKS = {"llm": LanguageModelTask}

@@ -1,0 +1,174 @@
+"""The shared trainer: sharded state creation, the jitted train and eval steps, the loop.
+
+State is a flat nnx.State of (model, optimizer) and travels through jax.jit as a pure
+pytree with explicit shardings and donated buffers; the graph is split once, not per step.
+"""
+
+import contextlib
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from pretrain import optim
+from pretrain.config import Config
+from pretrain.metrics import MetricsLogger, total_peak_flops
+from pretrain.sharding import global_batch, logical_spec, state_shardings
+
+
+class Trainer:
+    def __init__(self, cfg: Config, task, mesh, rules):
+        self.cfg, self.task, self.mesh, self.rules = cfg, task, mesh, rules
+        self.tx = optim.make(cfg.optim, cfg.run.steps)
+        self.lr = optim.schedule(cfg.optim, cfg.run.steps)
+        with self.context():
+            abstract = nnx.eval_shape(self._create)
+            self.graphdef, self.abstract_state = nnx.split(abstract)
+            self.state_shardings = state_shardings(self.abstract_state, mesh)
+        batch_sharding = NamedSharding(mesh, logical_spec(("batch",), rules))
+        self.batch_spec = {
+            k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding) for k, (shape, dtype) in task.batch_shapes().items()
+        }
+        self._train_step = jax.jit(
+            self.train_step,
+            in_shardings=(self.state_shardings, batch_sharding),
+            out_shardings=(self.state_shardings, None),
+            donate_argnums=0,
+        )
+        self._eval_step = jax.jit(self.eval_step, in_shardings=(self.state_shardings, batch_sharding))
+
+    @contextlib.contextmanager
+    def context(self):
+        """Mesh and logical-axis rules, active wherever models are traced."""
+        with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
+            yield
+
+    def _create(self):
+        model = self.task.build_model(nnx.Rngs(self.cfg.run.seed))
+        return model, nnx.Optimizer(model, self.tx, wrt=nnx.Param)
+
+    def init_state(self) -> nnx.State:
+        """Parameters and optimizer state, created by one jitted call straight into their shardings."""
+        with self.context():
+            return jax.jit(lambda: nnx.split(self._create())[1], out_shardings=self.state_shardings)()
+
+    # --- the steps ------------------------------------------------------------------------
+
+    def _grads(self, params_graphdef, params, batch):
+        def loss_fn(p):
+            total, weight, sums = self.task.loss(nnx.merge(params_graphdef, p), batch, self.mesh, self.rules)
+            return total, (weight, sums)
+
+        (_, (weight, sums)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return grads, weight, sums
+
+    def train_step(self, state, batch):
+        model, optimizer = nnx.merge(self.graphdef, state)
+        params_graphdef, params = nnx.split(model)
+        k = self.cfg.train.microbatches
+        if k == 1:
+            grads, weight, sums = self._grads(params_graphdef, params, batch)
+        else:
+            # Microbatch i takes rows i, i+k, i+2k, ...: every device keeps its share of every microbatch.
+            batch_sharding = NamedSharding(self.mesh, logical_spec(("batch",), self.rules))
+            micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
+
+            def accumulate(carry, mb):
+                mb = jax.lax.with_sharding_constraint(mb, batch_sharding)
+                return jax.tree.map(jnp.add, carry, self._grads(params_graphdef, params, mb)), None
+
+            zero = jax.eval_shape(lambda: self._grads(params_graphdef, params, jax.tree.map(lambda x: x[0], micro)))
+            zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
+            (grads, weight, sums), _ = jax.lax.scan(accumulate, zero, micro)
+        # Losses are sums over tokens; one division makes the step independent of how the batch was split.
+        weight = jnp.maximum(weight, 1.0)
+        grads = jax.tree.map(lambda g: g / weight, grads)
+        metrics = {name: value / weight for name, value in sums.items()}
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["lr"] = self.lr(optimizer.step[...])
+        optimizer.update(model, grads)
+        return nnx.state((model, optimizer)), metrics
+
+    def eval_step(self, state, batch):
+        model, _ = nnx.merge(self.graphdef, state)
+        total, weight, sums = self.task.loss(model, batch, self.mesh, self.rules)
+        return sums["loss"], weight
+
+    def compile(self):
+        """Ahead-of-time compile of the train step; returns (executable, seconds)."""
+        start = time.perf_counter()
+        with self.context():
+            compiled = self._train_step.lower(self.abstract_state_with_shardings(), self.batch_spec).compile()
+        return compiled, time.perf_counter() - start
+
+    def abstract_state_with_shardings(self):
+        return jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract_state, self.state_shardings
+        )
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def evaluate(self, state, batches) -> float:
+        total, count = 0.0, 0.0
+        with self.context():
+            for _ in range(self.cfg.train.eval_batches):
+                loss_sum, weight = self._eval_step(state, self.place_batch(next(batches)))
+                total, count = total + float(loss_sum), count + float(weight)
+        return total / max(count, 1.0)
+
+    def place_batch(self, local_batch):
+        return global_batch(local_batch, self.mesh, self.rules)
+
+    def fit(self) -> dict:
+        cfg, task = self.cfg, self.task
+        pid, nproc = jax.process_index(), jax.process_count()
+        train_batches = task.batches("train", pid, nproc)
+        eval_batches = task.batches("validation", pid, nproc)
+        compiled, compile_s = self._compile_logged()
+        peak = total_peak_flops(cfg.runtime.peak_flops_per_device)
+        state = self.init_state()
+        logger = MetricsLogger(cfg.run.output_dir, cfg.run.steps, task.unit)
+        units, flops = task.units_per_step(), task.flops_per_step()
+        history = {"train_loss": [], "eval_loss": []}
+        run_start = window_start = time.perf_counter()
+        window_steps = 0
+        for step in range(1, cfg.run.steps + 1):
+            with self.context():
+                state, metrics = compiled(state, self.place_batch(next(train_batches)))
+            window_steps += 1
+            if step % cfg.train.log_every == 0 or step == cfg.run.steps:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
+                elapsed = time.perf_counter() - window_start
+                step_time = elapsed / window_steps
+                row = {"step": step, **metrics, "step_time_s": step_time, f"{task.unit}_per_sec": units / step_time}
+                row["mfu"] = flops / step_time / peak
+                row["eta_s"] = step_time * (cfg.run.steps - step)
+                logger.write(row)
+                history["train_loss"].append(metrics["loss"])
+                window_start, window_steps = time.perf_counter(), 0
+            else:
+                logger.progress(step, (time.perf_counter() - window_start) / window_steps * (cfg.run.steps - step))
+            last = step == cfg.run.steps
+            if eval_batches is not None and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or last):
+                eval_loss = self.evaluate(state, eval_batches)
+                logger.write({"step": step, "eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))})
+                history["eval_loss"].append(eval_loss)
+                window_start = time.perf_counter()  # eval time is not step time
+        logger.close()
+        wall = time.perf_counter() - run_start
+        if pid == 0:
+            print(f"done: {cfg.run.steps} steps in {wall:.1f} s (+ compile {compile_s:.1f} s); output in {cfg.run.output_dir}")
+        return {"state": state, "compile_s": compile_s, "wall_s": wall, **history}
+
+    def _compile_logged(self):
+        if jax.process_index() == 0:
+            print(f"compiling the train step ({self.cfg.task}, mesh data={self.mesh.shape['data']} x model={self.mesh.shape['model']}) ...", flush=True)
+        compiled, seconds = self.compile()
+        if jax.process_index() == 0:
+            print(f"compiled in {seconds:.1f} s", flush=True)
+        return compiled, seconds
+

@@ -1,0 +1,62 @@
+import pytest
+
+from pretrain import config as config_lib
+from pretrain.config import ConfigError
+
+PRESETS = {"smoke": 8, "125m": 8, "1b": 64, "8b": 256, "70b": 1024}
+
+
+def test_overrides_are_typed():
+    cfg = config_lib.load(
+        config_lib.preset_path("llm", "smoke"),
+        ["run.steps=7", "optim.lr=1e-3", "model.scan_layers=false", "run.name=x", "optim.groups=[{pattern: norm, lr_mult: 2}]"],
+    )
+    assert cfg.run.steps == 7 and isinstance(cfg.run.steps, int)
+    assert cfg.optim.lr == 1e-3
+    assert cfg.model.scan_layers is False
+    assert cfg.optim.groups[0].pattern == "norm" and cfg.optim.groups[0].lr_mult == 2.0
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.num_layer=3", "unknown config key 'model.num_layer'; did you mean 'model.num_layers'?"),
+        ("optim.weight_deacy=1", "did you mean 'optim.weight_decay'?"),
+        ("run.steps=ten", "config key 'run.steps' wants int, got 'ten'"),
+        ("run.steps=1.5", "config key 'run.steps' wants int"),
+        ("model.scan_layers=maybe", "config key 'model.scan_layers' wants bool"),
+        ("optim.lr=fast", "config key 'optim.lr' wants float"),
+        ("steps", "override 'steps' is not key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("?", r"\?").replace("[", r"\[")):
+        config_lib.load(config_lib.preset_path("llm", "smoke"), [override])
+
+
+@pytest.mark.parametrize("name, devices", PRESETS.items())
+def test_presets_load_and_validate(name, devices):
+    cfg = config_lib.load(config_lib.preset_path("llm", name))
+    data, model = config_lib.validate(cfg, devices, "tpu")
+    assert data * model == devices
+
+
+def test_8b_preset_has_llama3_8b_shape():
+    m = config_lib.load(config_lib.preset_path("llm", "8b")).model
+    assert (m.num_layers, m.embed_dim, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim, m.vocab_size) == (
+        32, 4096, 32, 8, 128, 14336, 128256,
+    )
+    assert m.rope_theta == 500000.0
+    assert abs(m.num_params() - 8.03e9) < 0.01e9
+
+
+def test_mesh_minus_one_infers(tiny):
+    cfg = tiny("mesh.data=-1", "mesh.model=2")
+    assert config_lib.mesh_shape(cfg, 8) == (4, 2)
+
+
+def test_yaml_round_trip(tiny, tmp_path):
+    cfg = tiny("run.steps=11")
+    path = tmp_path / "c.yaml"
+    path.write_text(config_lib.to_yaml(cfg))
+    assert config_lib.load(path) == cfg

@@ -1,0 +1,138 @@
+"""The decoder against unsharded references: sharding, packing, remat and scan."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from models.attention import BACKENDS, fused_attention
+from models.transformer import Transformer
+from pretrain.loss import cross_entropy
+
+from conftest import tiny_config
+
+
+def batch(cfg, seed=0):
+    rng = np.random.default_rng(seed)
+    b, l = cfg.train.global_batch, cfg.data.seq_len
+    tokens = rng.integers(4, cfg.model.vocab_size, (b, l + 1), dtype=np.int32)
+    # Two documents per row, split at a different point in each row.
+    cut = rng.integers(2, l - 2, b)[:, None]
+    idx = np.arange(l)[None]
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "segment_ids": np.where(idx < cut, 1, 2).astype(np.int32),
+        "positions": np.where(idx < cut, idx, idx - cut).astype(np.int32),
+    }
+
+
+def test_parameters_are_sharded_by_the_rules_table(trainer):
+    state = trainer.init_state()
+    model_state = state[0]
+    table = dict(trainer.rules)
+    checked = 0
+    for path, var in nnx.to_flat_state(model_state):
+        names = var.get_metadata()["out_sharding"]
+        expected = tuple(table[n] for n in names)
+        actual = tuple(var[...].sharding.spec) + (None,) * (len(names) - len(var[...].sharding.spec))
+        assert actual == expected, (path, names, actual)
+        checked += 1
+    assert checked == 12
+    # kv_heads (2) fewer than the model axis (4): replicated, as the rules say.
+    assert table["kv_heads"] is None and table["heads"] == "model"
+    # Optimizer moments shard like their parameters.
+    wq = model_state["layers"]["wq"][...]
+    mu = state[1]["opt_state"][1]["mu"]["layers"]["wq"][...]
+    assert mu.sharding == wq.sharding
+
+
+def test_init_never_holds_a_whole_model_on_one_device(trainer):
+    """The compiled init's per-device footprint is a fraction of the whole state."""
+    with trainer.context():
+        init = jax.jit(lambda: nnx.split(trainer._create())[1], out_shardings=trainer.state_shardings)
+        memory = init.lower().compile().memory_analysis()
+    whole = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(trainer.abstract_state))
+    assert memory.output_size_in_bytes < whole / 3
+    assert memory.temp_size_in_bytes < whole / 3
+
+
+def unsharded_loss(model, b):
+    """Plain single-device reference: full logits and optax's cross-entropy."""
+    logits = model.logits(model(b["inputs"], b["segment_ids"], b["positions"]))
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), b["targets"])
+    return jnp.mean(ce), logits
+
+
+def test_sharded_forward_and_loss_equal_unsharded(trainer):
+    cfg, b = trainer.cfg, batch(trainer.cfg)
+    state = trainer.init_state()
+    with trainer.context():
+        sharded_loss = jax.jit(trainer.eval_step)(state, trainer.place_batch(b))
+        model, _ = nnx.merge(trainer.graphdef, state)
+        logits = jax.jit(lambda m, x: m.logits(m(x["inputs"], x["segment_ids"], x["positions"])))(
+            model, trainer.place_batch(b)
+        )
+    host_state = jax.device_get(state)
+    ref_model, _ = nnx.merge(trainer.graphdef, host_state)
+    ref_loss, ref_logits = jax.jit(unsharded_loss)(ref_model, b)  # numpy inputs: one device
+    assert len(logits.sharding.device_set) == 8
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(float(sharded_loss[0] / sharded_loss[1]), float(ref_loss), rtol=1e-5)
+
+
+def test_shard_map_cross_entropy_equals_optax(trainer):
+    logits = jax.random.normal(jax.random.key(0), (8, 16, 256)) * 4
+    labels = jax.random.randint(jax.random.key(1), (8, 16), 0, 256)
+    with trainer.context():
+        fn = jax.jit(lambda lg, lb: cross_entropy(lg, lb, trainer.mesh, trainer.rules))
+        loss, log_z = fn(logits, labels)
+        assert "all-gather" not in fn.lower(logits, labels).compile().as_text()
+    np.testing.assert_allclose(loss, optax.softmax_cross_entropy_with_integer_labels(logits, labels), atol=1e-5)
+    np.testing.assert_allclose(log_z, jax.nn.logsumexp(logits, axis=-1), atol=1e-5)
+
+
+def test_packed_rows_equal_documents_run_one_by_one():
+    cfg = tiny_config().model
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(4, cfg.vocab_size, n) for n in (5, 7, 4)]
+    packed = jnp.asarray(np.concatenate(docs))[None]
+    segments = jnp.asarray(np.concatenate([np.full(len(d), i + 1) for i, d in enumerate(docs)]))[None]
+    positions = jnp.asarray(np.concatenate([np.arange(len(d)) for d in docs]))[None]
+    packed_logits = model.logits(model(packed, segments, positions))[0]
+    alone = [
+        model.logits(model(jnp.asarray(d)[None], jnp.ones((1, len(d)), jnp.int32), jnp.arange(len(d))[None]))[0]
+        for d in docs
+    ]
+    np.testing.assert_allclose(packed_logits, jnp.concatenate(alone), atol=1e-5)
+
+
+def test_remat_and_scan_do_not_change_loss_or_gradients():
+    cfg = tiny_config()
+    b = jax.tree.map(jnp.asarray, batch(cfg))
+    results = []
+    for scan in (True, False):
+        for policy in ("none", "full", "dots", "dots_no_batch"):
+            model = Transformer(dataclasses.replace(cfg.model, scan_layers=scan, remat=policy), rngs=nnx.Rngs(0))
+            graphdef, params = nnx.split(model)
+            loss_and_grads = jax.jit(jax.value_and_grad(lambda p: unsharded_loss(nnx.merge(graphdef, p), b)[0]))
+            results.append(loss_and_grads(params))
+    ref_loss, ref_grads = results[0]
+    for loss, grads in results[1:]:
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+        jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, atol=1e-6, rtol=1e-5), grads, ref_grads)
+
+
+def test_fused_attention_backend_matches_xla():
+    """The jax.nn.dot_product_attention route (cuDNN on GPU) gives the einsum backend's result."""
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (2, 12, 4, 8))
+    k, v = (jax.random.normal(key, (2, 12, 2, 8)) for key in keys[1:])
+    segments = jnp.asarray([[1] * 5 + [2] * 7, [1] * 12])
+    np.testing.assert_allclose(
+        fused_attention("xla")(q, k, v, segments), BACKENDS["xla"](q, k, v, segments), atol=1e-5
+    )
