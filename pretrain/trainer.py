@@ -112,12 +112,15 @@ class Trainer:
 
     # --- the loop -------------------------------------------------------------------------
 
-    def evaluate(self, state, batches) -> float:
+    def evaluate(self, state) -> float | None:
+        """Mean loss over the same held-out batches every time; None without held-out data."""
+        batches = self.task.batches("validation", jax.process_index(), jax.process_count())
+        if batches is None:
+            return None
         total, count = 0.0, 0.0
-        with self.context():
-            for _ in range(self.cfg.train.eval_batches):
-                loss_sum, weight = self._eval_step(state, self.place_batch(next(batches)))
-                total, count = total + float(loss_sum), count + float(weight)
+        for _ in range(self.cfg.train.eval_batches):
+            loss_sum, weight = self._eval_step(state, self.place_batch(next(batches)))
+            total, count = total + float(loss_sum), count + float(weight)
         return total / max(count, 1.0)
 
     def place_batch(self, local_batch):
@@ -125,9 +128,7 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg, task = self.cfg, self.task
-        pid, nproc = jax.process_index(), jax.process_count()
-        train_batches = task.batches("train", pid, nproc)
-        eval_batches = task.batches("validation", pid, nproc)
+        train_batches = task.batches("train", jax.process_index(), jax.process_count())
         compiled, compile_s = self._compile_logged()
         peak = total_peak_flops(cfg.runtime.peak_flops_per_device)
         state = self.init_state()
@@ -136,31 +137,30 @@ class Trainer:
         history = {"train_loss": [], "eval_loss": []}
         run_start = window_start = time.perf_counter()
         window_steps = 0
-        for step in range(1, cfg.run.steps + 1):
-            with self.context():
+        with self.context():
+            for step in range(1, cfg.run.steps + 1):
                 state, metrics = compiled(state, self.place_batch(next(train_batches)))
-            window_steps += 1
-            if step % cfg.train.log_every == 0 or step == cfg.run.steps:
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
-                elapsed = time.perf_counter() - window_start
-                step_time = elapsed / window_steps
-                row = {"step": step, **metrics, "step_time_s": step_time, f"{task.unit}_per_sec": units / step_time}
-                row["mfu"] = flops / step_time / peak
-                row["eta_s"] = step_time * (cfg.run.steps - step)
-                logger.write(row)
-                history["train_loss"].append(metrics["loss"])
-                window_start, window_steps = time.perf_counter(), 0
-            else:
-                logger.progress(step, (time.perf_counter() - window_start) / window_steps * (cfg.run.steps - step))
-            last = step == cfg.run.steps
-            if eval_batches is not None and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or last):
-                eval_loss = self.evaluate(state, eval_batches)
-                logger.write({"step": step, "eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))})
-                history["eval_loss"].append(eval_loss)
-                window_start = time.perf_counter()  # eval time is not step time
+                window_steps += 1
+                if step % cfg.train.log_every == 0 or step == cfg.run.steps:
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
+                    step_time = (time.perf_counter() - window_start) / window_steps
+                    row = {"step": step, **metrics, "step_time_s": step_time, f"{task.unit}_per_sec": units / step_time}
+                    row["mfu"] = flops / step_time / peak
+                    row["eta_s"] = step_time * (cfg.run.steps - step)
+                    logger.write(row)
+                    history["train_loss"].append(metrics["loss"])
+                    window_start, window_steps = time.perf_counter(), 0
+                else:
+                    logger.progress(step, (time.perf_counter() - window_start) / window_steps * (cfg.run.steps - step))
+                if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.run.steps:
+                    eval_loss = self.evaluate(state)
+                    if eval_loss is not None:
+                        logger.write({"step": step, "eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))})
+                        history["eval_loss"].append(eval_loss)
+                    window_start = time.perf_counter()  # eval time is not step time
         logger.close()
         wall = time.perf_counter() - run_start
-        if pid == 0:
+        if jax.process_index() == 0:
             print(f"done: {cfg.run.steps} steps in {wall:.1f} s (+ compile {compile_s:.1f} s); output in {cfg.run.output_dir}")
         return {"state": state, "compile_s": compile_s, "wall_s": wall, **history}
 
