@@ -21,7 +21,9 @@ def build(cfg: config_lib.Config) -> Trainer:
     shape = config_lib.validate(cfg, jax.device_count(), jax.default_backend())
     mesh = sharding.make_mesh(shape)
     rules = sharding.axis_rules(cfg.model.num_kv_heads, shape[1])
-    return Trainer(cfg, TASKS[cfg.task](cfg), mesh, rules)
+    task = TASKS[cfg.task](cfg)
+    task.prepare()
+    return Trainer(cfg, task, mesh, rules)
 
 
 def train(cfg_path, overrides) -> dict:

@@ -7,6 +7,7 @@ import time
 import jax
 import jax.numpy as jnp
 from etils import epath
+from tensorboardX import SummaryWriter
 
 # Dense bfloat16 peak FLOP/s per chip, by device_kind prefix.
 PEAK_FLOPS = {
@@ -69,8 +70,6 @@ class MetricsLogger:
         out = epath.Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.jsonl = (out / "metrics.jsonl").open("w")
-        from tensorboardX import SummaryWriter
-
         self.tb = SummaryWriter(str(out / "tensorboard"))
 
     def write(self, row: dict):

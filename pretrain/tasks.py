@@ -42,22 +42,24 @@ class LanguageModelTask:
         shape = (self.cfg.train.global_batch, self.cfg.data.seq_len)
         return {k: (shape, np.dtype(np.int32)) for k in ("inputs", "targets", "segment_ids", "positions")}
 
-    def _packed(self):
-        """Train and validation rows of the embedded corpus, tokenised with a tokenizer trained on it."""
-        if self._rows is None:
-            d = self.cfg.data
-            train_docs, val_docs = corpus.stdlib_documents(int(d.max_corpus_mb * 2**20), d.val_fraction)
+    def prepare(self):
+        """Tokenise and pack the corpus (a tokenizer is trained on it and cached). Bad data
+        settings raise ConfigError here, before the run writes anything."""
+        d = self.cfg.data
+        if d.source == "synthetic" or self._rows is not None:
+            return
+        train_docs, val_docs = corpus.stdlib_documents(int(d.max_corpus_mb * 2**20), d.val_fraction)
+        try:
             sp = tokenizer.train(train_docs, self.cfg.model.vocab_size, d.cache_dir)
-            if sp.vocab_size() != self.cfg.model.vocab_size:
-                raise ConfigError(
-                    f"the tokenizer has {sp.vocab_size()} pieces but model.vocab_size={self.cfg.model.vocab_size}; "
-                    "set model.vocab_size to match"
-                )
-            self._rows = {
-                "train": text.pack(sp.encode(train_docs), d.seq_len),
-                "validation": text.pack(sp.encode(val_docs), d.seq_len) if val_docs else None,
-            }
-        return self._rows
+        except RuntimeError as e:  # SentencePiece refuses a vocabulary the corpus cannot fill
+            raise ConfigError(
+                f"cannot train a {self.cfg.model.vocab_size}-piece tokenizer on the corpus ({str(e).strip()}); "
+                "change model.vocab_size or data.max_corpus_mb"
+            ) from None
+        self._rows = {
+            "train": text.pack(sp.encode(train_docs), d.seq_len),
+            "validation": text.pack(sp.encode(val_docs), d.seq_len) if val_docs else None,
+        }
 
     def batches(self, split: str, process_index: int, process_count: int):
         """Endless iterator of this process's slice of each global batch; None if the split is empty."""
@@ -65,7 +67,8 @@ class LanguageModelTask:
         local = cfg.train.global_batch // process_count
         if cfg.data.source == "synthetic":
             return text.synthetic(cfg.model.vocab_size, cfg.data.seq_len, local, cfg.run.seed + process_index)
-        rows = self._packed()[split]
+        self.prepare()
+        rows = self._rows[split]
         if rows is None:
             return None
         seed = cfg.run.seed if split == "train" else 0
