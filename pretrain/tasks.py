@@ -7,7 +7,7 @@ only place the language model and the diffusion model differ.
 import jax.numpy as jnp
 import numpy as np
 
-from data import corpus, text, tokenizer
+from data import corpus, pipeline, tokenizer
 from models.transformer import Transformer
 from pretrain.config import Config, ConfigError
 from pretrain.loss import cross_entropy
@@ -18,7 +18,7 @@ class LanguageModelTask:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self._rows = None
+        self._pieces = None
 
     def build_model(self, rngs):
         return Transformer(self.cfg.model, rngs=rngs)
@@ -46,7 +46,7 @@ class LanguageModelTask:
         """Tokenise and pack the corpus (a tokenizer is trained on it and cached). Bad data
         settings raise ConfigError here, before the run writes anything."""
         d = self.cfg.data
-        if d.source == "synthetic" or self._rows is not None:
+        if d.source == "synthetic" or self._pieces is not None:
             return
         train_docs, val_docs = corpus.stdlib_documents(int(d.max_corpus_mb * 2**20), d.val_fraction)
         try:
@@ -56,9 +56,9 @@ class LanguageModelTask:
                 f"cannot train a {self.cfg.model.vocab_size}-piece tokenizer on the corpus ({str(e).strip()}); "
                 "change model.vocab_size or data.max_corpus_mb"
             ) from None
-        self._rows = {
-            "train": text.pack(sp.encode(train_docs), d.seq_len),
-            "validation": text.pack(sp.encode(val_docs), d.seq_len) if val_docs else None,
+        self._pieces = {
+            "train": pipeline.split_documents(sp.encode(train_docs), d.seq_len),
+            "validation": pipeline.split_documents(sp.encode(val_docs), d.seq_len),
         }
 
     def batches(self, split: str, process_index: int, process_count: int):
@@ -66,13 +66,18 @@ class LanguageModelTask:
         cfg = self.cfg
         local = cfg.train.global_batch // process_count
         if cfg.data.source == "synthetic":
-            return text.synthetic(cfg.model.vocab_size, cfg.data.seq_len, local, cfg.run.seed + process_index)
+            return pipeline.synthetic(cfg.model.vocab_size, cfg.data.seq_len, local, cfg.run.seed + process_index)
         self.prepare()
-        rows = self._rows[split]
-        if rows is None:
+        pieces = self._pieces[split]
+        if not pieces:
             return None
         seed = cfg.run.seed if split == "train" else 0
-        return iter(text.Batches(rows, cfg.train.global_batch, seed, process_index, process_count))
+        return iter(
+            pipeline.text_pipeline(
+                pieces, seq_len=cfg.data.seq_len, batch_size=local, seed=seed,
+                process_index=process_index, process_count=process_count,
+            )
+        )
 
 
 TASKS = {"llm": LanguageModelTask}
