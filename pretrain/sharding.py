@@ -2,7 +2,6 @@
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "model")
@@ -42,12 +41,6 @@ def logical_spec(names, rules) -> PartitionSpec:
     return PartitionSpec(*(table[n] if n is not None else None for n in names))
 
 
-def state_shardings(abstract_state, mesh):
-    """NamedShardings for an nnx.State from the logical names on its Variables (rules must be active)."""
-    return nnx.get_named_sharding(abstract_state, mesh)
-
-
-def global_batch(local: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Array]:
-    """Assemble each process's slice of the batch into global arrays sharded along `batch`."""
-    sharding = NamedSharding(mesh, logical_spec(("batch",), rules))
+def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Assemble each process's slice of the batch into global arrays with the batch sharding."""
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}

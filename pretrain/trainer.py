@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding
 from pretrain import optim
 from pretrain.config import Config
 from pretrain.metrics import MetricsLogger, total_peak_flops
-from pretrain.sharding import global_batch, logical_spec, state_shardings
+from pretrain.sharding import global_batch, logical_spec
 
 
 class Trainer:
@@ -28,18 +28,19 @@ class Trainer:
         with self.context():
             abstract = nnx.eval_shape(self._create)
             self.graphdef, self.abstract_state = nnx.split(abstract)
-            self.state_shardings = state_shardings(self.abstract_state, mesh)
-        batch_sharding = NamedSharding(mesh, logical_spec(("batch",), rules))
+            self.state_shardings = nnx.get_named_sharding(self.abstract_state, mesh)
+        self.batch_sharding = NamedSharding(mesh, logical_spec(("batch",), rules))
         self.batch_spec = {
-            k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding) for k, (shape, dtype) in task.batch_shapes().items()
+            k: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_sharding)
+            for k, (shape, dtype) in task.batch_shapes().items()
         }
         self._train_step = jax.jit(
             self.train_step,
-            in_shardings=(self.state_shardings, batch_sharding),
+            in_shardings=(self.state_shardings, self.batch_sharding),
             out_shardings=(self.state_shardings, None),
             donate_argnums=0,
         )
-        self._eval_step = jax.jit(self.eval_step, in_shardings=(self.state_shardings, batch_sharding))
+        self._eval_step = jax.jit(self.eval_step, in_shardings=(self.state_shardings, self.batch_sharding))
 
     @contextlib.contextmanager
     def context(self):
@@ -74,11 +75,10 @@ class Trainer:
             grads, weight, sums = self._grads(params_graphdef, params, batch)
         else:
             # Microbatch i takes rows i, i+k, i+2k, ...: every device keeps its share of every microbatch.
-            batch_sharding = NamedSharding(self.mesh, logical_spec(("batch",), self.rules))
             micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
 
             def accumulate(carry, mb):
-                mb = jax.lax.with_sharding_constraint(mb, batch_sharding)
+                mb = jax.lax.with_sharding_constraint(mb, self.batch_sharding)
                 return jax.tree.map(jnp.add, carry, self._grads(params_graphdef, params, mb)), None
 
             zero = jax.eval_shape(lambda: self._grads(params_graphdef, params, jax.tree.map(lambda x: x[0], micro)))
@@ -117,14 +117,12 @@ class Trainer:
         batches = self.task.batches("validation", jax.process_index(), jax.process_count())
         if batches is None:
             return None
-        total, count = 0.0, 0.0
-        for _ in range(self.cfg.train.eval_batches):
-            loss_sum, weight = self._eval_step(state, self.place_batch(next(batches)))
-            total, count = total + float(loss_sum), count + float(weight)
-        return total / max(count, 1.0)
+        sums = [self._eval_step(state, self.place_batch(next(batches))) for _ in range(self.cfg.train.eval_batches)]
+        total, count = jax.device_get(jax.tree.map(lambda *x: sum(x), *sums))  # one host sync for the whole eval
+        return float(total) / max(float(count), 1.0)
 
     def place_batch(self, local_batch):
-        return global_batch(local_batch, self.mesh, self.rules)
+        return global_batch(local_batch, self.batch_sharding)
 
     def fit(self) -> dict:
         cfg, task = self.cfg, self.task
