@@ -1,41 +1,48 @@
 """The embedded default corpus: the Python standard library's own sources.
 
 Every machine with Python has it, so the smoke run needs no download. Each file is a
-document; duplicates are dropped, and the train/validation split is decided by a hash
-of the file's path, so it is the same on every machine and every run.
+document. It is prepared like any other text (data/prepare.py: tokenizer, dedupe,
+content-hash train/validation split, ArrayRecord shards) once per setting, into the
+cache directory.
 """
 
 import hashlib
+import json
+import sys
 import sysconfig
 from pathlib import Path
 
+from data import prepare
+from data.records import MANIFEST
 
-def stdlib_files() -> list[Path]:
+
+def stdlib_files(max_bytes: int) -> list[Path]:
+    """UTF-8 .py files of the standard library (tests and vendored code left out), up to max_bytes."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    skip = ("site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__")
-    return sorted(p for p in root.rglob("*.py") if not set(p.relative_to(root).parts) & set(skip))
-
-
-def _bucket(name: str) -> float:
-    return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-
-
-def stdlib_documents(max_bytes: int, val_fraction: float) -> tuple[list[str], list[str]]:
-    """(train, validation) documents, at most max_bytes of text in all, deterministic."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    train, val, seen, total = [], [], set(), 0
-    for path in stdlib_files():
+    skip = {"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
+    files, total = [], 0
+    for path in sorted(root.rglob("*.py")):
+        if set(path.relative_to(root).parts) & skip:
+            continue
         try:
-            text = path.read_text(encoding="utf-8")
+            size = len(path.read_bytes().decode("utf-8"))
         except (UnicodeDecodeError, OSError):
             continue
-        digest = hashlib.sha256(text.encode()).digest()
-        if not text.strip() or digest in seen:
-            continue
-        seen.add(digest)
-        name = path.relative_to(root).as_posix()
-        (val if _bucket(name) < val_fraction else train).append(text)
-        total += len(text)
+        files.append(path)
+        total += size
         if total >= max_bytes:
             break
-    return train, val
+    return files
+
+
+def stdlib_dataset(cache_dir: str, *, vocab_size: int, seq_len: int, max_bytes: int, val_fraction: float) -> Path:
+    """The prepared directory for these settings, built on first use."""
+    files = stdlib_files(max_bytes)
+    key = json.dumps([sys.version, vocab_size, seq_len, val_fraction, [(f.name, f.stat().st_size) for f in files]])
+    out = Path(cache_dir).expanduser() / "datasets" / f"stdlib-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    if not (out / MANIFEST).exists():
+        prepare.prepare_text(
+            [str(f) for f in files], str(out), vocab_size=vocab_size, seq_len=seq_len,
+            val_fraction=val_fraction, overwrite=out.exists(),  # only an incomplete one is replaced
+        )
+    return out

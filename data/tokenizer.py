@@ -1,32 +1,28 @@
-"""SentencePiece tokenizer: trained on a corpus once and cached, or loaded from a .model file.
+"""SentencePiece tokenizer: trained on a corpus, or loaded from a .model file.
 
 Settings suit source code as well as prose: no normalisation (newlines and indentation
 survive), byte fallback (no unknown tokens), and fixed ids for the special tokens.
 """
 
-import hashlib
 import io
 import os
-import tempfile
-from pathlib import Path
 
 import sentencepiece as spm
 
+from data.records import DataError
+
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+MODEL_TYPES = ("bpe", "unigram")
 
 
-def train(texts: list[str], vocab_size: int, cache_dir: Path) -> spm.SentencePieceProcessor:
-    """A BPE model of `vocab_size` pieces for these texts, cached by content and size."""
-    key = hashlib.sha256()
-    for t in texts:
-        key.update(hashlib.sha256(t.encode()).digest())
-    path = Path(cache_dir).expanduser() / "tokenizers" / f"bpe{vocab_size}-{key.hexdigest()[:16]}.model"
-    if not path.exists():
-        model = io.BytesIO()
+def train(texts, vocab_size: int, model_type: str = "bpe") -> bytes:
+    """The serialized model: `vocab_size` pieces learnt from these texts."""
+    model = io.BytesIO()
+    try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(line for t in texts for line in t.splitlines(keepends=True) if line.strip()),
             model_writer=model,
-            model_type="bpe",
+            model_type=model_type,
             vocab_size=vocab_size,
             byte_fallback=True,
             normalization_rule_name="identity",
@@ -41,9 +37,22 @@ def train(texts: list[str], vocab_size: int, cache_dir: Path) -> spm.SentencePie
             num_threads=os.cpu_count() or 1,
             minloglevel=2,
         )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Write then rename: concurrent runs never read a half-written model.
-        with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as f:
-            f.write(model.getvalue())
-        os.replace(f.name, path)
-    return spm.SentencePieceProcessor(model_file=str(path))
+    except RuntimeError as e:  # e.g. a vocabulary the corpus cannot fill
+        raise DataError(
+            f"cannot train a {vocab_size}-piece tokenizer on this corpus ({str(e).strip()}); "
+            "lower the vocab size or add text"
+        ) from None
+    return model.getvalue()
+
+
+def load(model: bytes, name: str) -> spm.SentencePieceProcessor:
+    """A processor for serialized model bytes; `name` is the file they came from, for errors."""
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.load_from_serialized_proto(model)
+    except (RuntimeError, OSError):
+        raise DataError(f"{name} is not a SentencePiece model; pass a .model file written by SentencePiece") from None
+    specials = (sp.pad_id(), sp.bos_id(), sp.eos_id())
+    if sp.bos_id() < 0 or sp.eos_id() < 0:
+        raise DataError(f"{name} has no BOS/EOS pieces (pad, bos, eos ids are {specials}); train it with bos_id and eos_id set")
+    return sp

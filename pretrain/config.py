@@ -47,11 +47,14 @@ class MeshConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    source: str = "stdlib"  # stdlib: the Python standard library's sources; synthetic: random ids
+    # stdlib: the Python standard library's sources, prepared on first use; synthetic: random
+    # ids of the right shape; anything else: a directory (local or gs://) from `pretrain prepare`.
+    source: str = "stdlib"
     seq_len: int = 128
-    cache_dir: str = "~/.cache/pretrain"
-    max_corpus_mb: float = 8.0  # how much of the corpus to read
-    val_fraction: float = 0.02
+    workers: int = 0  # Grain worker processes that decode and pack (0: in the training process)
+    cache_dir: str = "~/.cache/pretrain"  # prepared stdlib corpus, local copies of gs:// datasets
+    max_corpus_mb: float = 8.0  # stdlib: how much of it to read
+    val_fraction: float = 0.02  # stdlib: share of documents held out
 
 
 @dataclasses.dataclass
@@ -285,7 +288,7 @@ def validate(cfg: Config, num_devices: int, platform: str) -> tuple[int, int]:
         f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower data.seq_len",
     )
     _require(cfg.data.seq_len > 0, "data.seq_len must be positive")
-    _require(cfg.data.source in ("stdlib", "synthetic"), f"data.source='{cfg.data.source}' is unknown; use stdlib or synthetic")
+    _require(cfg.data.workers >= 0, f"data.workers={cfg.data.workers} must be >= 0")
     per_step = data * cfg.train.microbatches
     _require(
         cfg.train.global_batch % per_step == 0,

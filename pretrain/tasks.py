@@ -7,7 +7,7 @@ only place the language model and the diffusion model differ.
 import jax.numpy as jnp
 import numpy as np
 
-from data import corpus, pipeline, tokenizer
+from data import corpus, pipeline, records
 from models.transformer import Transformer
 from pretrain.config import Config, ConfigError
 from pretrain.loss import cross_entropy
@@ -18,7 +18,7 @@ class LanguageModelTask:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self._pieces = None
+        self.manifest, self.sources = None, None
 
     def build_model(self, rngs):
         return Transformer(self.cfg.model, rngs=rngs)
@@ -42,40 +42,55 @@ class LanguageModelTask:
         shape = (self.cfg.train.global_batch, self.cfg.data.seq_len)
         return {k: (shape, np.dtype(np.int32)) for k in ("inputs", "targets", "segment_ids", "positions")}
 
-    def prepare(self):
-        """Tokenise and pack the corpus (a tokenizer is trained on it and cached). Bad data
-        settings raise ConfigError here, before the run writes anything."""
-        d = self.cfg.data
-        if d.source == "synthetic" or self._pieces is not None:
+    def prepare(self, model_axis: int):
+        """Open (and for the embedded corpus, build once) the prepared dataset and check it against
+        the model. Bad data raises ConfigError or DataError here, before the run writes anything."""
+        d, m = self.cfg.data, self.cfg.model
+        if d.source == "synthetic" or self.sources is not None:
             return
-        train_docs, val_docs = corpus.stdlib_documents(int(d.max_corpus_mb * 2**20), d.val_fraction)
-        try:
-            sp = tokenizer.train(train_docs, self.cfg.model.vocab_size, d.cache_dir)
-        except RuntimeError as e:  # SentencePiece refuses a vocabulary the corpus cannot fill
+        if d.source == "stdlib":
+            directory = corpus.stdlib_dataset(
+                d.cache_dir, vocab_size=m.vocab_size, seq_len=d.seq_len,
+                max_bytes=int(d.max_corpus_mb * 2**20), val_fraction=d.val_fraction,
+            )
+        else:
+            directory = records.local_copy(d.source, d.cache_dir)
+        manifest = records.read_manifest(directory, "text")
+        vocab = manifest["vocab_size"]
+        padded = -(-vocab // model_axis) * model_axis
+        if m.vocab_size not in (vocab, padded):
+            pad_note = f" (its {vocab} pieces padded to a multiple of the model axis, {model_axis})" if padded != vocab else ""
             raise ConfigError(
-                f"cannot train a {self.cfg.model.vocab_size}-piece tokenizer on the corpus ({str(e).strip()}); "
-                "change model.vocab_size or data.max_corpus_mb"
-            ) from None
-        self._pieces = {
-            "train": pipeline.split_documents(sp.encode(train_docs), d.seq_len),
-            "validation": pipeline.split_documents(sp.encode(val_docs), d.seq_len),
-        }
+                f"model.vocab_size={m.vocab_size} does not match the tokenizer of {d.source}; set model.vocab_size={padded}{pad_note}"
+            )
+        if manifest["seq_len"] > d.seq_len:
+            raise ConfigError(
+                f"data.seq_len={d.seq_len} is shorter than the pieces prepared in {d.source} (up to {manifest['seq_len']} "
+                f"tokens), which cannot be packed into rows; set data.seq_len>={manifest['seq_len']} or prepare again "
+                f"with --seq-len {d.seq_len}"
+            )
+        sources = {split: records.open_split(directory, manifest, split) for split in ("train", "validation")}
+        if sources["train"] is None:
+            raise ConfigError(f"data.source={d.source} has no training records; prepare it with more text")
+        self.manifest, self.sources = manifest, sources
 
     def batches(self, split: str, process_index: int, process_count: int):
-        """Endless iterator of this process's slice of each global batch; None if the split is empty."""
+        """Endless iterator of this process's slice of each global batch; None if the split is empty.
+
+        The training iterator is a Grain iterator whose get_state()/set_state() checkpoint it."""
         cfg = self.cfg
         local = cfg.train.global_batch // process_count
         if cfg.data.source == "synthetic":
             return pipeline.synthetic(cfg.model.vocab_size, cfg.data.seq_len, local, cfg.run.seed + process_index)
-        self.prepare()
-        pieces = self._pieces[split]
-        if not pieces:
+        if self.sources is None:
+            raise RuntimeError("LanguageModelTask.prepare() must run before batches()")
+        if self.sources[split] is None:
             return None
-        seed = cfg.run.seed if split == "train" else 0
+        train = split == "train"
         return iter(
             pipeline.text_pipeline(
-                pieces, seq_len=cfg.data.seq_len, batch_size=local, seed=seed,
-                process_index=process_index, process_count=process_count,
+                self.sources[split], seq_len=cfg.data.seq_len, batch_size=local, seed=cfg.run.seed if train else 0,
+                process_index=process_index, process_count=process_count, workers=cfg.data.workers if train else 0,
             )
         )
 

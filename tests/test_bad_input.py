@@ -1,8 +1,11 @@
 """Each bad input: exit code 2, one line on stderr naming the problem, nothing written."""
 
 import re
+import shutil
 
 import pytest
+
+from data import corpus, prepare
 
 from pretrain import cli
 
@@ -45,3 +48,80 @@ def test_bad_input_exits_2_with_one_line(overrides, message, tmp_path, capsys):
 def test_missing_config_file(tmp_path, capsys):
     assert cli.main(["train", str(tmp_path / "nope.yaml")]) == 2
     assert "config file" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A small prepared text dataset: 510 tokenizer pieces (padded to 512 for a 4-way model axis), pieces of 16."""
+    root = tmp_path_factory.mktemp("data")
+    files = [str(f) for f in corpus.stdlib_files(300_000)]
+    prepare.prepare_text(files, str(root / "ds"), vocab_size=510, seq_len=16, val_fraction=0.1, workers=1)
+    return root / "ds"
+
+
+def one_line_error(capsys, message):
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert re.search(message, err), err
+
+
+def test_a_prepared_dataset_trains_with_its_vocab_padded_to_the_model_axis(prepared, tmp_path):
+    rc = cli.main(["train", SMOKE, *TINY, f"data.source={prepared}", "model.vocab_size=512", "run.steps=2",
+                   f"run.output_dir={tmp_path / 'run'}"])
+    assert rc == 0
+
+
+def corrupt(prepared, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(prepared, bad)
+    shard = bad / "train-00000.array_record"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    return bad
+
+
+TRAIN_DATA_CASES = {
+    "no such dataset": (lambda p, t: t / "nothing", [], "holds no manifest.json"),
+    "corrupt shard": (corrupt, ["model.vocab_size=512"], r"train-00000.array_record is not a readable ArrayRecord shard"),
+    "vocab mismatch": (lambda p, t: p, ["model.vocab_size=256"], r"set model.vocab_size=512 \(its 510 pieces padded"),
+    "seq_len shorter than pieces": (lambda p, t: p, ["model.vocab_size=512", "data.seq_len=8"], "data.seq_len=8 is shorter"),
+}
+
+
+@pytest.mark.parametrize("make, overrides, message", TRAIN_DATA_CASES.values(), ids=TRAIN_DATA_CASES.keys())
+def test_bad_training_data_exits_2(make, overrides, message, prepared, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = cli.main(["train", SMOKE, *TINY, f"data.source={make(prepared, tmp_path)}", *overrides, f"run.output_dir={out}"])
+    assert rc == 2
+    one_line_error(capsys, message)
+    assert not out.exists()
+
+
+def write_files(root):
+    root.mkdir()
+    (root / "blank.txt").write_text("  \n\n")
+    (root / "notes.jsonl").write_text('{"body": "no text field"}\n')
+    (root / "fake.model").write_text("not a tokenizer")
+    (root / "out").mkdir()
+    (root / "out" / "keep.txt").write_text("mine")
+    return root
+
+
+PREPARE_CASES = {
+    "missing input": (["--input", "{r}/nope.txt"], "input .*nope.txt does not exist"),
+    "glob matches nothing": (["--input", "{r}/*.parquet"], r"matches no files"),
+    "blank input": (["--input", "{r}/blank.txt"], "hold no text"),
+    "jsonl without text": (["--input", "{r}/notes.jsonl"], r"notes.jsonl:1 is not a JSON object with a 'text' field"),
+    "not a tokenizer": (["--input", "{r}/blank.txt", "--tokenizer", "{r}/fake.model"], "fake.model is not a SentencePiece model"),
+    "output not empty": (["--input", "{r}/blank.txt", "--out", "{r}/out"], "output directory .*out is not empty; pass --overwrite"),
+}
+
+
+@pytest.mark.parametrize("args, message", PREPARE_CASES.values(), ids=PREPARE_CASES.keys())
+def test_bad_prepare_input_exits_2(args, message, tmp_path, capsys):
+    root = write_files(tmp_path / "in")
+    args = [a.format(r=root) for a in args]
+    out = [] if "--out" in args else ["--out", str(tmp_path / "new")]
+    assert cli.main(["prepare", "text", *args, *out, "--vocab-size", "300"]) == 2
+    one_line_error(capsys, message)
+    assert not (tmp_path / "new").exists()
+    assert sorted(p.name for p in (root / "out").iterdir()) == ["keep.txt"]

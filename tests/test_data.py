@@ -1,26 +1,38 @@
+"""Preparation (tokenizer, ArrayRecord shards, manifest) and the Grain pipelines."""
+
+import hashlib
+import json
+
 import numpy as np
+import pytest
+from PIL import Image
 
-from data import corpus, pipeline, tokenizer
+from data import corpus, images, pipeline, prepare, records, tokenizer
+from data.tokenizer import BOS_ID, EOS_ID
+
+SEQ = 16
+DOCS = [list(np.random.default_rng(0).integers(4, 100, n)) for n in (3, 40, 9, 1, 17, 12, 5, 30)]  # 40 > SEQ
 
 
-def epoch(pieces, **kw):
-    """Every batch of one epoch, stacked: dict of [rows, seq_len]."""
-    batches = list(pipeline.text_pipeline(pieces, seq_len=16, batch_size=2, seed=3, num_epochs=1, **kw))
+def as_records(docs):
+    return [p.tobytes() for ids in docs for p in prepare.split_pieces(np.asarray(ids), SEQ, BOS_ID, EOS_ID)]
+
+
+def epoch(source, **kw):
+    """Every batch of one epoch, stacked: dict of [rows, SEQ]."""
+    batches = list(pipeline.text_pipeline(source, seq_len=SEQ, batch_size=2, seed=3, num_epochs=1, **kw))
     return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
 
-DOCS = [list(np.random.default_rng(0).integers(4, 100, n)) for n in (3, 40, 9, 1, 17, 12, 5, 30)]  # 40 > seq_len
-
-
 def test_packing_keeps_every_token_once_and_restarts_segments():
-    rows = epoch(pipeline.split_documents(DOCS, 16))
-    assert rows["inputs"].shape[1] == 16
+    rows = epoch(as_records(DOCS))
+    assert rows["inputs"].shape[1] == SEQ
     real = rows["segment_ids"] > 0
     # Every document token is a target exactly once, each document ends with EOS; BOS is only an input.
     targets = rows["targets"][real]
     assert sorted(targets[targets > 3]) == sorted(t for d in DOCS for t in d)
-    assert (targets == tokenizer.EOS_ID).sum() == len(DOCS)
-    assert (rows["inputs"][real] == tokenizer.BOS_ID).sum() == len(DOCS)
+    assert (targets == EOS_ID).sum() == len(DOCS)
+    assert (rows["inputs"][real] == BOS_ID).sum() == len(DOCS)
     for r in range(len(rows["inputs"])):
         seg, pos = rows["segment_ids"][r], rows["positions"][r]
         for s in set(seg[seg > 0]):
@@ -31,21 +43,23 @@ def test_packing_keeps_every_token_once_and_restarts_segments():
 
 def test_processes_read_disjoint_slices_that_cover_the_data():
     docs = [list(range(start, start + n)) for start, n in ((4, 20), (30, 7), (40, 33), (80, 3), (90, 11))]
-    pieces = pipeline.split_documents(docs, 16)  # every token id occurs once in the data
-    parts = [epoch(pieces, process_index=i, process_count=2) for i in range(2)]
+    source = as_records(docs)  # every token id occurs once in the data
+    parts = [epoch(source, process_index=i, process_count=2) for i in range(2)]
     read = [set(p["targets"][(p["segment_ids"] > 0) & (p["targets"] > 3)].tolist()) for p in parts]
     assert read[0] and read[1] and not read[0] & read[1]
     assert read[0] | read[1] == {t for d in docs for t in d}
 
 
-def test_iterator_state_resumes_exactly():
-    pieces = pipeline.split_documents(DOCS * 5, 16)
-    it = iter(pipeline.text_pipeline(pieces, seq_len=16, batch_size=2, seed=0))
+@pytest.mark.parametrize("workers", [0, 2])
+def test_iterator_state_resumes_exactly(workers):
+    source = as_records(DOCS * 5)
+    make = lambda: iter(pipeline.text_pipeline(source, seq_len=SEQ, batch_size=2, seed=0, workers=workers))
+    it = make()
     for _ in range(3):
         next(it)
     state = it.get_state()
     expected = [next(it) for _ in range(6)]
-    resumed = iter(pipeline.text_pipeline(pieces, seq_len=16, batch_size=2, seed=0))
+    resumed = make()
     resumed.set_state(state)
     for want in expected:
         got = next(resumed)
@@ -53,11 +67,107 @@ def test_iterator_state_resumes_exactly():
             np.testing.assert_array_equal(got[k], want[k])
 
 
-def test_tokenizer_round_trips_code_and_has_fixed_special_ids(tmp_path):
-    train, val = corpus.stdlib_documents(1_000_000, val_fraction=0.2)
-    assert train and val and not set(train) & set(val)
-    sp = tokenizer.train(train, 512, tmp_path)
+def test_tokenizer_round_trips_code_and_has_fixed_special_ids():
+    texts = [f.read_text() for f in corpus.stdlib_files(1_000_000)]
+    sp = tokenizer.load(tokenizer.train(texts, 512), "test")
     sample = "def f(x):\n\tif x:\n        return 'é'  # ünïcode\n"
     assert sp.decode(sp.encode(sample)) == sample
     assert (sp.pad_id(), sp.bos_id(), sp.eos_id(), sp.unk_id()) == (0, 1, 2, 3)
     assert sp.vocab_size() == 512
+
+
+def write_inputs(root):
+    """The same kinds of input a user brings: plain text, JSONL and Parquet, with a duplicate and long documents."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(1)
+    words = ["alpha", "beta", "gamma", "delta", "def", "return", "(", ")", "\n", "    "]
+    docs = [" ".join(rng.choice(words, rng.integers(1, 60))) for _ in range(60)]
+    root.mkdir()
+    (root / "a.txt").write_text(docs[0])
+    (root / "b.jsonl").write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs[1:30])))
+    pq.write_table(pa.table({"text": docs[30:] + [docs[5]]}), root / "c.parquet")  # docs[5] again: a duplicate
+    return docs
+
+
+def read_records(directory, manifest, split):
+    source = records.open_split(directory, manifest, split)
+    return [np.frombuffer(source[i], np.int32) for i in range(len(source))] if source else []
+
+
+def test_prepared_shards_hold_exactly_the_documents(tmp_path):
+    docs = write_inputs(tmp_path / "in")
+    sp_model = tokenizer.train(docs, 320)
+    (tmp_path / "sp.model").write_bytes(sp_model)
+    out = tmp_path / "prepared"
+    manifest = prepare.prepare_text(
+        [str(tmp_path / "in" / "*")], str(out), tokenizer=str(tmp_path / "sp.model"), seq_len=SEQ, val_fraction=0.2, workers=2
+    )
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    sp = tokenizer.load(sp_model, "sp")
+    expected = sorted([BOS_ID, *sp.encode(d), EOS_ID] for d in docs)  # every document once, duplicate dropped
+    got, total_split = [], 0
+    for split in ("train", "validation"):
+        pieces = read_records(out, manifest, split)
+        assert all(len(p) <= SEQ + 1 for p in pieces)
+        info = manifest["splits"][split]
+        assert info["records"] == len(pieces) and pieces
+        assert info["tokens_sha256"] == hashlib.sha256(b"".join(p.tobytes() for p in pieces)).hexdigest()
+        # Rebuild documents: each starts with BOS, and consecutive pieces overlap by one token.
+        split_docs = []
+        for p in pieces:
+            if p[0] == BOS_ID:
+                split_docs.append(list(p))
+            else:
+                split_docs[-1] += list(p[1:])
+        assert info["documents"] == len(split_docs)
+        assert info["tokens"] == sum(len(d) for d in split_docs)
+        total_split += info["split_documents"]
+        got += split_docs
+    assert sorted(got) == expected
+    assert total_split == sum(len(d) > SEQ + 1 for d in expected) > 0
+    assert manifest["duplicate_documents"] == 1 and manifest["input_files"] == 3
+
+
+def make_images(root, sizes):
+    """Class subdirectories of PNGs with distinct random pixels; returns {path: (pixels, label)}."""
+    rng, made = np.random.default_rng(0), {}
+    for label, name in enumerate(["cat", "dog"]):
+        (root / name).mkdir(parents=True)
+        for i, (w, h) in enumerate(sizes):
+            pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            path = root / name / f"{i}.png"
+            Image.fromarray(pixels).save(path)
+            made[path] = (pixels, label)
+    return made
+
+
+def test_image_pipeline_crops_flips_and_scales(tmp_path):
+    made = make_images(tmp_path / "img", [(16, 24), (24, 16), (16, 16)])  # only crops, no resize at size 16
+    manifest = prepare.prepare_images([str(tmp_path / "img")], str(tmp_path / "prep"), val_fraction=0.0, workers=1)
+    assert manifest["classes"] == ["cat", "dog"] and manifest["splits"]["train"]["records"] == 6
+    source = records.open_split(tmp_path / "prep", manifest, "train")
+    batches = list(pipeline.image_pipeline(source, size=16, channels=3, batch_size=3, seed=0, num_epochs=1))
+    assert len(batches) == 2
+    got = np.concatenate([b["images"] for b in batches])
+    labels = np.concatenate([b["labels"] for b in batches])
+    assert got.shape == (6, 16, 16, 3) and got.dtype == np.float32 and got.min() >= -1 and got.max() <= 1
+    expected = []  # NumPy reference: centre crop, then [-1, 1]
+    for pixels, label in made.values():
+        h, w = pixels.shape[:2]
+        crop = pixels[(h - 16) // 2 : (h - 16) // 2 + 16, (w - 16) // 2 : (w - 16) // 2 + 16] / 127.5 - 1
+        expected.append((crop, label))
+    flipped = 0
+    for image, label in zip(got, labels):
+        match = [(np.allclose(image, e, atol=1e-6), np.allclose(image, e[:, ::-1], atol=1e-6)) for e, l in expected if l == label]
+        assert any(a or b for a, b in match)
+        flipped += any(b and not a for a, b in match)
+    assert 0 < flipped < 6  # the flip is random, seeded per image
+    # A plain directory reads the same images as its prepared shards.
+    files = sorted(made)
+    classes, dir_labels = images.labels_from_directories(files)
+    direct = images.FileSource(files, dir_labels)
+    again = list(pipeline.image_pipeline(direct, size=16, channels=3, batch_size=3, seed=0, num_epochs=1))
+    np.testing.assert_array_equal(np.concatenate([b["images"] for b in again]), got)
+    assert classes == manifest["classes"]

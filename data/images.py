@@ -1,0 +1,64 @@
+"""Image records and the per-image transforms of the image pipeline.
+
+A record is a little-endian int32 label (-1: unlabelled) followed by the encoded PNG/JPEG
+bytes. Decoding resizes the shorter side to `size`, centre-crops to size x size and
+scales to [-1, 1]; the random flip is the only augmentation, seeded per element by Grain.
+"""
+
+import io
+import struct
+
+import numpy as np
+from PIL import Image
+
+SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def encode_record(label: int, content: bytes) -> bytes:
+    return struct.pack("<i", label) + content
+
+
+def decode(content: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(content))
+    image.load()
+    return image
+
+
+def labels_from_directories(files) -> tuple[list[str], list[int]]:
+    """(class names, label per file): the parent directory names, or no classes if all share one."""
+    parents = [f.parent.name for f in files]
+    if len(set(parents)) < 2:
+        return [], [-1] * len(files)
+    classes = sorted(set(parents))
+    return classes, [classes.index(p) for p in parents]
+
+
+def to_array(record: bytes, size: int, channels: int) -> dict:
+    """{"images": float32 [size, size, channels] in [-1, 1], "labels": int32} from a record."""
+    (label,) = struct.unpack_from("<i", record)
+    image = decode(record[4:]).convert("L" if channels == 1 else "RGB")
+    scale = size / min(image.size)
+    w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+    image = image.resize((w, h), Image.Resampling.BICUBIC)
+    left, top = (w - size) // 2, (h - size) // 2
+    pixels = np.asarray(image.crop((left, top, left + size, top + size)), np.float32).reshape(size, size, channels)
+    return {"images": pixels / 127.5 - 1.0, "labels": np.int32(label)}
+
+
+def random_flip(example: dict, rng: np.random.Generator) -> dict:
+    if rng.random() < 0.5:
+        example = {**example, "images": example["images"][:, ::-1]}
+    return example
+
+
+class FileSource:
+    """Image files as a random-access source of records, for training straight from a directory."""
+
+    def __init__(self, files, labels):
+        self.files, self.labels = list(files), list(labels)
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        return encode_record(self.labels[index], self.files[index].read_bytes())

@@ -1,0 +1,115 @@
+"""Prepared datasets on disk: ArrayRecord shards plus a manifest.json that describes them.
+
+A prepared directory holds `<split>-NNNNN.array_record` shards, `manifest.json` (written
+last, so a directory without one is incomplete) and, for text, `tokenizer.model`. It may
+live on local disk or under gs://; ArrayRecord reads only local files, so a gs://
+dataset is copied once into the local cache before training (for datasets larger than
+the local disk, mount the bucket with gcsfuse and point at the mount).
+"""
+
+import hashlib
+import json
+import os
+import shutil
+
+import grain
+from array_record.python.array_record_module import ArrayRecordWriter
+from etils import epath
+
+MANIFEST = "manifest.json"
+SHARD_SUFFIX = ".array_record"
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and the fix."""
+
+
+class ShardWriter:
+    """Writes records into `<prefix>-00000.array_record`, ... of at most max_bytes each."""
+
+    def __init__(self, directory: epath.Path, prefix: str, max_bytes: int):
+        self.directory, self.prefix, self.max_bytes = directory, prefix, max_bytes
+        self.files: list[str] = []
+        self._writer, self._bytes = None, 0
+
+    def write(self, record: bytes):
+        if self._writer is None or self._bytes >= self.max_bytes:
+            self._close_shard()
+            self.files.append(f"{self.prefix}-{len(self.files):05d}{SHARD_SUFFIX}")
+            # group_size:1 keeps every record individually addressable for random access.
+            self._writer = ArrayRecordWriter(str(self.directory / self.files[-1]), "group_size:1")
+            self._bytes = 0
+        self._writer.write(record)
+        self._bytes += len(record)
+
+    def _close_shard(self):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def close(self) -> list[str]:
+        self._close_shard()
+        return self.files
+
+
+def write_manifest(directory: epath.Path, manifest: dict):
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def read_manifest(directory: epath.Path, kind: str) -> dict:
+    path = epath.Path(directory) / MANIFEST
+    if not path.exists():
+        raise DataError(
+            f"{directory} holds no {MANIFEST}; prepare it with `pretrain prepare {kind} --out {directory}` "
+            "(an interrupted prepare leaves none)"
+        )
+    manifest = json.loads(path.read_text())
+    if manifest.get("kind") != kind:
+        raise DataError(f"{path} describes a {manifest.get('kind')} dataset, not {kind}; point data.source at a {kind} dataset")
+    return manifest
+
+
+def open_split(directory, manifest: dict, split: str) -> grain.sources.ArrayRecordDataSource | None:
+    """A random-access source over one split's records, checked against the manifest; None if empty."""
+    info = manifest["splits"].get(split)
+    if not info or not info["records"]:
+        return None
+    paths = [str(epath.Path(directory) / f) for f in info["shards"]]
+    for p in paths:
+        if not os.path.isfile(p):
+            raise DataError(f"shard {p} listed in the manifest is missing; prepare the dataset again")
+        try:  # the index and the first and last chunks: truncation and most damage show up here, cheaply
+            shard = grain.sources.ArrayRecordDataSource([p])
+            shard[0], shard[len(shard) - 1]
+        except Exception:  # noqa: BLE001 - the reader raises several types for broken files
+            raise DataError(f"{p} is not a readable ArrayRecord shard (truncated or corrupt); prepare the dataset again") from None
+    source = grain.sources.ArrayRecordDataSource(paths)
+    count = len(source)
+    if count != info["records"]:
+        raise DataError(f"{directory}: {split} shards hold {count} records, the manifest says {info['records']}; prepare it again")
+    return source
+
+
+def local_copy(directory: str, cache_dir: str) -> epath.Path:
+    """The dataset itself if local, else a copy in the cache (reused while the manifest is unchanged)."""
+    src = epath.Path(directory)
+    if not str(directory).startswith("gs://"):
+        return src
+    manifest = (src / MANIFEST)
+    if not manifest.exists():
+        raise DataError(f"{directory} holds no {MANIFEST}; prepare it with `pretrain prepare ... --out {directory}`")
+    text = manifest.read_text()
+    key = hashlib.sha256((str(directory) + text).encode()).hexdigest()[:16]
+    dest = epath.Path(cache_dir).expanduser() / "datasets" / f"gcs-{key}"
+    if not (dest / MANIFEST).exists():
+        staging = dest.parent / f"{dest.name}.tmp-{os.getpid()}"
+        staging.mkdir(parents=True, exist_ok=True)
+        listed = json.loads(text)
+        names = [f for s in listed["splits"].values() for f in s["shards"]] + listed.get("files", [])
+        for name in names:
+            (src / name).copy(staging / name, overwrite=True)
+        (staging / MANIFEST).write_text(text)
+        if dest.exists():
+            shutil.rmtree(dest)
+        staging.rename(dest)
+    return dest
