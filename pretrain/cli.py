@@ -11,7 +11,7 @@ from data.records import DataError
 from data.tokenizer import MODEL_TYPES
 
 from pretrain import config as config_lib
-from pretrain import runtime, sharding
+from pretrain import checkpoint, runtime, sharding
 from pretrain.config import ConfigError
 from pretrain.tasks import TASKS
 from pretrain.trainer import Trainer
@@ -31,14 +31,18 @@ def build(cfg: config_lib.Config) -> Trainer:
 
 
 def train(cfg_path, overrides) -> dict:
-    """Load and validate first; only then write anything, and train."""
+    """Load and validate first (data, output dir, what to resume from); only then write anything, and train."""
     cfg = config_lib.load(cfg_path, overrides)
     trainer = build(cfg)
+    checkpoint.check_output_dir(cfg)
+    plan = checkpoint.resume_plan(cfg)
     if jax.process_index() == 0:
+        if cfg.checkpoint.overwrite:
+            checkpoint.clear_output_dir(cfg)
         out = epath.Path(cfg.run.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_lib.to_yaml(cfg))
-    return trainer.fit()
+    return trainer.fit(plan)
 
 
 def run_prepare(args):

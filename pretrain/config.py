@@ -6,6 +6,7 @@ CLI turns into one line on stderr and exit code 2 before anything is compiled or
 
 import dataclasses
 import difflib
+import keyword
 import re
 import types
 import typing
@@ -91,6 +92,19 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
+class CheckpointConfig:
+    every: int = 0  # save every N steps; 0: only at the end (and on preemption)
+    keep: int = 3  # most recent checkpoints kept; 0: all
+    keep_every: int = 0  # also keep every Nth step for good; 0: none
+    async_: bool = True  # `checkpoint.async`: write in the background while training goes on
+    # "": resume from the latest checkpoint in run.output_dir, if any; a step number: that step;
+    # a path (a run dir, its checkpoints/ dir or one step's dir, local or gs://): start from
+    # those parameters with a fresh optimizer and data position.
+    resume_from: str = ""
+    overwrite: bool = False  # replace the checkpoints of another run or model in run.output_dir
+
+
+@dataclasses.dataclass
 class Config:
     task: str = "llm"
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
@@ -100,9 +114,19 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
 
 
 # --- building a config from YAML and overrides --------------------------------------------
+
+
+def _key(field_name: str) -> str:
+    """The config key of a field: a Python keyword (`async`) is spelt with a trailing _ in code."""
+    return field_name[:-1] if keyword.iskeyword(field_name[:-1]) else field_name
+
+
+def _field(key: str) -> str:
+    return key + "_" if keyword.iskeyword(key) else key
 
 
 def _all_keys(cls, prefix=""):
@@ -111,7 +135,7 @@ def _all_keys(cls, prefix=""):
         if dataclasses.is_dataclass(hint):
             yield from _all_keys(hint, f"{prefix}{f.name}.")
         else:
-            yield f"{prefix}{f.name}"
+            yield f"{prefix}{_key(f.name)}"
 
 
 def _unknown(key: str) -> ConfigError:
@@ -165,10 +189,11 @@ def _convert(key: str, hint, value):
 def _build(cls, values: dict, prefix: str = ""):
     hints = typing.get_type_hints(cls)
     kwargs = {}
-    for name, value in values.items():
+    for key, value in values.items():
+        name = _field(key)
         if name not in hints:
-            raise _unknown(prefix + name)
-        kwargs[name] = _convert(prefix + name, hints[name], value)
+            raise _unknown(prefix + key)
+        kwargs[name] = _convert(prefix + key, hints[name], value)
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required field is missing
@@ -206,8 +231,21 @@ def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
     return _build(Config, tree)
 
 
+def to_dict(cfg) -> dict:
+    """The config as plain data under its key names (the inverse of loading it)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            value = to_dict(value)
+        elif isinstance(value, list):
+            value = [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value]
+        out[_key(f.name)] = value
+    return out
+
+
 def to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
 # --- validation ----------------------------------------------------------------------------
@@ -289,6 +327,8 @@ def validate(cfg: Config, num_devices: int, platform: str) -> tuple[int, int]:
     )
     _require(cfg.data.seq_len > 0, "data.seq_len must be positive")
     _require(cfg.data.workers >= 0, f"data.workers={cfg.data.workers} must be >= 0")
+    for key in ("every", "keep", "keep_every"):
+        _require(getattr(cfg.checkpoint, key) >= 0, f"checkpoint.{key}={getattr(cfg.checkpoint, key)} must be >= 0")
     per_step = data * cfg.train.microbatches
     _require(
         cfg.train.global_batch % per_step == 0,

@@ -58,10 +58,14 @@ def _fmt_duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+UPLOAD_EVERY_S = 30  # how stale metrics.jsonl on gs:// may get between checkpoints
+
+
 class MetricsLogger:
     """Writes every logged row to stdout, metrics.jsonl and TensorBoard (process 0 only)."""
 
-    def __init__(self, output_dir: str, total_steps: int, unit: str):
+    def __init__(self, output_dir: str, total_steps: int, unit: str, resume_step: int = 0):
+        """A resumed run keeps the rows up to its checkpoint and drops those of steps it will redo."""
         self.total_steps, self.unit = total_steps, unit
         self.enabled = jax.process_index() == 0
         self.tty = sys.stdout.isatty()
@@ -69,14 +73,27 @@ class MetricsLogger:
             return
         out = epath.Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.jsonl = (out / "metrics.jsonl").open("w")
+        self.path = out / "metrics.jsonl"
+        self.lines = []
+        if resume_step and self.path.exists():
+            self.lines = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+        # GCS objects cannot be appended to: there the whole file is rewritten now and then.
+        self.remote, self.uploaded_at = str(out).startswith("gs://"), time.monotonic()
+        self.path.write_text("".join(line + "\n" for line in self.lines))
+        self.jsonl = None if self.remote else self.path.open("a")
         self.tb = SummaryWriter(str(out / "tensorboard"))
 
     def write(self, row: dict):
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps(row) + "\n")
-        self.jsonl.flush()
+        line = json.dumps(row)
+        if self.remote:
+            self.lines.append(line)
+            if time.monotonic() - self.uploaded_at > UPLOAD_EVERY_S:
+                self.flush()
+        else:
+            self.jsonl.write(line + "\n")
+            self.jsonl.flush()
         for key, value in row.items():
             if key != "step" and isinstance(value, (int, float)):
                 self.tb.add_scalar(key, value, row["step"])
@@ -102,7 +119,18 @@ class MetricsLogger:
             bar = "#" * done + "." * (width - done)
             print(f"\r\033[K[{bar}] {step}/{self.total_steps} eta {_fmt_duration(eta_s)}", end="", flush=True)
 
+    def note(self, text: str):
+        if self.enabled:
+            print(("\r\033[K" if self.tty else "") + text, flush=True)
+
+    def flush(self):
+        if self.enabled and self.remote:
+            self.path.write_text("".join(line + "\n" for line in self.lines))
+            self.uploaded_at = time.monotonic()
+
     def close(self):
         if self.enabled:
-            self.jsonl.close()
+            self.flush()
+            if self.jsonl:
+                self.jsonl.close()
             self.tb.close()

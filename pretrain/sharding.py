@@ -30,10 +30,10 @@ def axis_rules(num_kv_heads: int, model_axis: int):
     return tuple((name, None if name == "kv_heads" else axis) for name, axis in LOGICAL_RULES)
 
 
-def make_mesh(shape: tuple[int, int]) -> jax.sharding.Mesh:
+def make_mesh(shape: tuple[int, int], devices=None) -> jax.sharding.Mesh:
     # Auto axes: the compiler propagates shardings from the annotated parameters and the
     # constraints in the models; shard_map marks the places where we want explicit collectives.
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def logical_spec(names, rules) -> PartitionSpec:

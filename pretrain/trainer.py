@@ -6,6 +6,8 @@ pytree with explicit shardings and donated buffers; the graph is split once, not
 
 import contextlib
 import math
+import signal
+import threading
 import time
 
 import jax
@@ -15,9 +17,27 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from pretrain import optim
+from pretrain.checkpoint import Checkpointer, restore_params
 from pretrain.config import Config
 from pretrain.metrics import MetricsLogger, total_peak_flops
 from pretrain.sharding import global_batch, logical_spec
+
+
+class _SigtermFlag:
+    """Notes SIGTERM (what TPU VMs and GKE send before preemption) instead of dying on it."""
+
+    def __enter__(self):
+        self.received, self._previous = False, None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 class Trainer:
@@ -124,19 +144,41 @@ class Trainer:
     def place_batch(self, local_batch):
         return global_batch(local_batch, self.batch_sharding)
 
-    def fit(self) -> dict:
+    def initial_state(self, plan, checkpointer: Checkpointer, data_iterator):
+        """(state, step) to start from: fresh, a checkpoint of this run (data position included), or
+        another checkpoint's parameters with a fresh optimizer (checkpoint.resume_plan)."""
+        if plan is None:
+            return self.init_state(), 0
+        kind, where = plan
+        abstract = self.abstract_state_with_shardings()
+        if kind == "full":
+            params, optimizer = checkpointer.restore(where, abstract, data_iterator)
+            step = where
+        else:
+            params, _ = restore_params(where, abstract[0])
+            optimizer, step = self.init_state()[1], 0
+        if jax.process_index() == 0:
+            print(f"resumed from step {where}" if kind == "full" else f"starting from the parameters in {where}")
+        # Back into the exact pytree the step was compiled for (restored subtrees may be plain dicts).
+        leaves = jax.tree.leaves(params) + jax.tree.leaves(optimizer)
+        return jax.tree.unflatten(jax.tree.structure(self.abstract_state), leaves), step
+
+    def fit(self, plan=None) -> dict:
+        """Train to run.steps from `plan` (checkpoint.resume_plan), checkpointing as configured.
+        SIGTERM (or, multi-host, JAX's preemption sync point) ends the run after a checkpoint."""
         cfg, task = self.cfg, self.task
         train_batches = task.batches("train", jax.process_index(), jax.process_count())
         compiled, compile_s = self._compile_logged()
         peak = total_peak_flops(cfg.runtime.peak_flops_per_device)
-        state = self.init_state()
-        logger = MetricsLogger(cfg.run.output_dir, cfg.run.steps, task.unit)
+        checkpointer = Checkpointer(cfg)
+        state, start = self.initial_state(plan, checkpointer, train_batches)
+        logger = MetricsLogger(cfg.run.output_dir, cfg.run.steps, task.unit, resume_step=start)
         units, flops = task.units_per_step(), task.flops_per_step()
-        history = {"train_loss": [], "eval_loss": []}
+        history = {"train_loss": [], "eval_loss": [], "preempted": False}
         run_start = window_start = time.perf_counter()
         window_steps = 0
-        with self.context():
-            for step in range(1, cfg.run.steps + 1):
+        with self.context(), _SigtermFlag() as sigterm:
+            for step in range(start + 1, cfg.run.steps + 1):
                 state, metrics = compiled(state, self.place_batch(next(train_batches)))
                 window_steps += 1
                 if step % cfg.train.log_every == 0 or step == cfg.run.steps:
@@ -155,11 +197,26 @@ class Trainer:
                     if eval_loss is not None:
                         logger.write({"step": step, "eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))})
                         history["eval_loss"].append(eval_loss)
-                    window_start = time.perf_counter()  # eval time is not step time
+                preempted = sigterm.received or checkpointer.reached_preemption(step)
+                every = cfg.checkpoint.every
+                if preempted or step == cfg.run.steps or (every and step % every == 0):
+                    logger.flush()  # metrics up to this step are stored before the checkpoint that covers them
+                    blocked = checkpointer.save(step, state, train_batches)
+                    logger.note(f"checkpoint {step}: the loop was blocked {blocked:.2f} s; writing in the background")
+                    window_start = time.perf_counter()  # eval and checkpoint time are not step time
+                if preempted:
+                    history["preempted"] = True
+                    break
+        waited = checkpointer.wait()
+        checkpointer.close()
         logger.close()
         wall = time.perf_counter() - run_start
-        if jax.process_index() == 0:
-            print(f"done: {cfg.run.steps} steps in {wall:.1f} s (+ compile {compile_s:.1f} s); output in {cfg.run.output_dir}")
+        if history["preempted"]:
+            logger.note(f"preempted: checkpoint {step} committed (waited {waited:.1f} s); run the same command to resume")
+        elif start >= cfg.run.steps:
+            logger.note(f"nothing to do: the checkpoint in {cfg.run.output_dir} is already at step {start} of {cfg.run.steps}")
+        else:
+            logger.note(f"done: {cfg.run.steps - start} steps in {wall:.1f} s (+ compile {compile_s:.1f} s); output in {cfg.run.output_dir}")
         return {"state": state, "compile_s": compile_s, "wall_s": wall, **history}
 
     def _compile_logged(self):

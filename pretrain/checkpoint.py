@@ -1,0 +1,162 @@
+"""Asynchronous Orbax checkpoints under run.output_dir/checkpoints/<step>/, local or gs://.
+
+Each step holds four items: `params` (the model), `optimizer` (its state and step count),
+`data` (the Grain iterator's position, one file per process) and `config` (the resolved
+config as JSON). Params are a separate item so that a run can start from another run's
+(or an imported model's) weights with a fresh optimizer. Orbax writes each step into a
+temporary directory and commits it only when complete, so a kill mid-save leaves the
+previous steps intact and the partial one invisible to `latest_step()`.
+"""
+
+import time
+
+import grain
+import yaml
+import orbax.checkpoint as ocp
+from etils import epath
+
+from pretrain import config as config_lib
+from pretrain.config import Config, ConfigError
+
+
+def _manager(directory: epath.Path, cfg: Config) -> ocp.CheckpointManager:
+    c = cfg.checkpoint
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=c.keep or None,
+        keep_period=c.keep_every or None,
+        enable_async_checkpointing=c.async_,
+        cleanup_tmp_directories=True,  # partial saves of a killed run are removed, never read
+    )
+    return ocp.CheckpointManager(directory, options=options)
+
+
+def committed_steps(directory: epath.Path) -> list[int]:
+    """The committed steps in a checkpoints directory (partial saves are not among them)."""
+    return sorted(ocp.path.step.checkpoint_steps(directory)) if directory.exists() else []
+
+
+def _checkpoints_dir(path: str) -> tuple[epath.Path, int | None]:
+    """(checkpoints directory, step or None) for a run dir, its checkpoints/ dir, or one step's dir."""
+    path = epath.Path(path)
+    if path.name.isdigit():
+        return path.parent, int(path.name)
+    return (path / "checkpoints" if (path / "checkpoints").exists() else path), None
+
+
+class Checkpointer:
+    """Saves the run's state every `checkpoint.every` steps and finds what to resume from."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.manager = _manager(epath.Path(cfg.run.output_dir) / "checkpoints", cfg)
+
+    def save(self, step: int, state, data_iterator) -> float:
+        """Start saving `step`; returns the seconds the loop was blocked (the device-to-host copy)."""
+        start = time.perf_counter()
+        items = {
+            "params": ocp.args.StandardSave(state[0]),
+            "optimizer": ocp.args.StandardSave(state[1]),
+            "config": ocp.args.JsonSave(config_lib.to_dict(self.cfg)),
+        }
+        if hasattr(data_iterator, "get_state"):  # synthetic batches have no position to keep
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        return time.perf_counter() - start
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore(self, step: int, abstract_state, data_iterator):
+        """The full state of `step`, placed straight into the shardings of `abstract_state`; the
+        data iterator is moved to where it was."""
+        items = {
+            "params": ocp.args.StandardRestore(abstract_state[0]),
+            "optimizer": ocp.args.StandardRestore(abstract_state[1]),
+        }
+        if hasattr(data_iterator, "set_state") and "data" in self._items(step):
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return restored["params"], restored["optimizer"]
+
+    def _items(self, step: int) -> set[str]:
+        return {p.name for p in (self.manager.directory / str(step)).iterdir()}
+
+    def reached_preemption(self, step: int) -> bool:
+        """True on every host at the same step once any host got a preemption notice (multi-host)."""
+        return self.manager.reached_preemption(step)
+
+    def wait(self) -> float:
+        start = time.perf_counter()
+        self.manager.wait_until_finished()
+        return time.perf_counter() - start
+
+    def close(self):
+        self.manager.close()
+
+
+def restore_params(path: str, abstract_params):
+    """Only the model parameters of a checkpoint (the latest step unless the path names one), into
+    the shardings of `abstract_params`. Returns (params, step)."""
+    directory, step = _checkpoints_dir(path)
+    step = max(committed_steps(directory)) if step is None else step
+    params = ocp.StandardCheckpointer().restore(directory / str(step) / "params", abstract_params)
+    return params, step
+
+
+# --- before a run writes anything ---------------------------------------------------------
+
+EXECUTION_KEYS = {"dtype", "remat", "scan_layers", "attention"}  # how the model runs, not what it holds
+
+
+def check_output_dir(cfg: Config):
+    """Refuse a run.output_dir that holds another run or another model, unless checkpoint.overwrite."""
+    out = epath.Path(cfg.run.output_dir)
+    saved_path = out / "config.yaml"
+    if cfg.checkpoint.overwrite or not saved_path.exists():
+        return
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    fix = "choose another run.output_dir, or pass checkpoint.overwrite=true to replace it"
+    saved_name = saved.get("run", {}).get("name")
+    if saved_name != cfg.run.name or saved.get("task") != cfg.task:
+        raise ConfigError(f"run.output_dir={out} holds run '{saved_name}' ({saved.get('task')}), not '{cfg.run.name}'; {fix}")
+    current, before = config_lib.to_dict(cfg)["model"], saved.get("model", {})
+    changed = [k for k in current if k not in EXECUTION_KEYS and before.get(k) != current[k]]
+    if changed:
+        was = ", ".join(f"model.{k}={before.get(k)}" for k in changed)
+        raise ConfigError(f"run.output_dir={out} holds a model with {was}; {fix}")
+
+
+def resume_plan(cfg: Config) -> tuple[str, int | str] | None:
+    """What the run starts from: ("full", step) of its own checkpoints, ("params", path) of another
+    checkpoint, or None (fresh). Checked before anything is written."""
+    wanted = cfg.checkpoint.resume_from
+    own = [] if cfg.checkpoint.overwrite else committed_steps(epath.Path(cfg.run.output_dir) / "checkpoints")
+    if wanted.isdigit():
+        if int(wanted) not in own:
+            raise ConfigError(f"checkpoint.resume_from={wanted}: no such step in {cfg.run.output_dir}/checkpoints "
+                              f"(it has {own or 'none'})")
+        later = [s for s in own if s > int(wanted)]
+        if later:  # they would be overwritten as the run goes on
+            raise ConfigError(f"checkpoint.resume_from={wanted}: later steps {later} exist in {cfg.run.output_dir}; "
+                              f"start a new run.output_dir with checkpoint.resume_from={cfg.run.output_dir}/checkpoints/{wanted}")
+        return "full", int(wanted)
+    if own:  # a preempted run continues from its own latest step, also when it began from another's params
+        return "full", max(own)
+    if wanted:
+        directory, step = _checkpoints_dir(wanted)
+        found = committed_steps(directory)
+        if not found or (step is not None and step not in found):
+            raise ConfigError(f"checkpoint.resume_from={wanted} holds no {'step ' + str(step) if step is not None else 'checkpoint'}; "
+                              "point it at a run directory, its checkpoints/ or one step's directory")
+        return "params", wanted
+    return None
+
+
+def clear_output_dir(cfg: Config):
+    """checkpoint.overwrite=true: remove what an earlier run left, so its steps are never mistaken for ours."""
+    out = epath.Path(cfg.run.output_dir)
+    for name in ("checkpoints", "tensorboard"):
+        if (out / name).exists():
+            (out / name).rmtree()
+    if (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").unlink()

@@ -1,0 +1,199 @@
+"""Checkpoints: exact resume, preemption, kills mid-save, another mesh, GCS, refusing foreign run dirs."""
+
+import hashlib
+import json
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from urllib.request import urlopen
+
+import jax
+import numpy as np
+import pytest
+
+from data import corpus
+from pretrain import checkpoint, cli, sharding
+from pretrain.tasks import LanguageModelTask
+from pretrain.trainer import Trainer
+
+from conftest import REAL_DATA, ROOT, TINY, tiny_config
+from test_trainer import SMOKE
+
+STEPS = 60
+RUN = [*TINY, *REAL_DATA, f"run.steps={STEPS}", "train.log_every=1", "train.eval_every=0",
+       "checkpoint.every=20", "checkpoint.keep=0"]
+
+
+def losses(out) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def tree_digest(path) -> str:
+    """A hash of every file name and content under path: proof that nothing changed."""
+    digest = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        digest.update(str(p.relative_to(path)).encode() + (p.read_bytes() if p.is_file() else b""))
+    return digest.hexdigest()
+
+
+def resumable_copy(reference, tmp_path, keep_up_to: int):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    for step in checkpoint.committed_steps(out / "checkpoints"):
+        if step > keep_up_to:
+            shutil.rmtree(out / "checkpoints" / str(step))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run on real text with checkpoints at 20, 40 and 60."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    assert cli.main(["train", SMOKE, *RUN, f"run.output_dir={out}"]) == 0
+    assert checkpoint.committed_steps(out / "checkpoints") == [20, 40, 60]
+    return out
+
+
+def test_resume_equals_uninterrupted_bitwise(reference, tmp_path, capsys):
+    out = resumable_copy(reference, tmp_path, keep_up_to=20)
+    assert cli.main(["train", SMOKE, *RUN, f"run.output_dir={out}"]) == 0
+    assert "resumed from step 20" in capsys.readouterr().out
+    # Bitwise: same parameters, optimizer state and data position as the run that never stopped.
+    assert losses(out) == losses(reference) and len(losses(out)) == STEPS
+
+
+def start(args, env=None):
+    return subprocess.Popen([sys.executable, "-m", "pretrain", "train", SMOKE, *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def signal_at_step(proc, step: int, signum) -> str:
+    """Read the run's log until it reports `step`, then send `signum`; returns all it printed."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(f"step {step:>2}/"):
+            proc.send_signal(signum)
+            break
+    lines += proc.stdout.readlines()
+    proc.wait(timeout=120)
+    return "".join(lines)
+
+
+def test_sigterm_saves_exits_0_and_resumes_exactly(reference, tmp_path):
+    out, step = tmp_path / "run", random.randint(3, 30)
+    proc = start([*RUN, "checkpoint.every=0", f"run.output_dir={out}"])
+    printed = signal_at_step(proc, step, signal.SIGTERM)
+    assert proc.returncode == 0, printed[-2000:]
+    assert "preempted: checkpoint" in printed, printed[-2000:]
+    (saved,) = checkpoint.committed_steps(out / "checkpoints")
+    assert step <= saved < STEPS, (step, saved)
+    assert cli.main(["train", SMOKE, *RUN, "checkpoint.every=0", f"run.output_dir={out}"]) == 0
+    assert losses(out) == losses(reference), f"SIGTERM at step {step}"
+
+
+def test_sigkill_during_saves_leaves_earlier_checkpoints_usable(reference, tmp_path, capsys):
+    out, step = tmp_path / "run", random.randint(5, 30)
+    proc = start([*RUN, "checkpoint.every=1", "checkpoint.keep=2", f"run.output_dir={out}"])  # a save is always in flight
+    signal_at_step(proc, step, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    committed = checkpoint.committed_steps(out / "checkpoints")
+    assert committed, "the saves before the kill were committed"
+    # Whatever the kill interrupted, plus a partial save planted for certain, must be ignored.
+    partial = out / "checkpoints" / f"{committed[-1] + 1}.orbax-checkpoint-tmp-1"
+    shutil.copytree(out / "checkpoints" / str(committed[-1]) / "params", partial / "params", dirs_exist_ok=True)
+    assert cli.main(["train", SMOKE, *RUN, f"run.output_dir={out}"]) == 0
+    assert f"resumed from step {committed[-1]}" in capsys.readouterr().out
+    assert not partial.exists()
+    assert losses(out) == losses(reference), f"SIGKILL at step {step}"
+
+
+@pytest.mark.parametrize("shape", [(4, 2), (2, 2)], ids=["mesh 4x2", "4 devices"])
+def test_restore_onto_another_mesh(reference, tmp_path, shape):
+    out = resumable_copy(reference, tmp_path, keep_up_to=40)
+    cfg = tiny_config(*RUN, f"mesh.data={shape[0]}", f"mesh.model={shape[1]}", f"run.output_dir={out}")
+    mesh = sharding.make_mesh(shape, jax.devices()[: shape[0] * shape[1]])
+    task = LanguageModelTask(cfg)
+    task.prepare(shape[1])
+    trainer = Trainer(cfg, task, mesh, sharding.axis_rules(cfg.model.num_kv_heads, shape[1]))
+    result = trainer.fit(checkpoint.resume_plan(cfg))
+    for array, want in zip(jax.tree.leaves(result["state"]), jax.tree.leaves(trainer.state_shardings)):
+        assert array.sharding.is_equivalent_to(want, array.ndim)  # restored straight into the new layout
+    got, expected = losses(out), losses(reference)
+    assert sorted(got) == sorted(expected)
+    np.testing.assert_allclose([got[s] for s in range(41, STEPS + 1)], [expected[s] for s in range(41, STEPS + 1)], rtol=2e-5)
+
+
+FOREIGN = {
+    "another model": (["model.num_layers=3"], "holds a model with model.num_layers=2"),
+    "another run": (["run.name=other"], "holds run 'smoke-llm' .*not 'other'"),
+    "no such step": (["checkpoint.resume_from=7"], r"checkpoint.resume_from=7: no such step .*\[20, 40, 60\]"),
+    "earlier step": (["checkpoint.resume_from=20"], r"later steps \[40, 60\] exist"),
+}
+
+
+@pytest.mark.parametrize("overrides, message", FOREIGN.values(), ids=FOREIGN.keys())
+def test_a_foreign_output_dir_is_refused_and_untouched(reference, overrides, message, capsys):
+    before = tree_digest(reference)
+    assert cli.main(["train", SMOKE, *RUN, *overrides, f"run.output_dir={reference}"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
+    assert tree_digest(reference) == before
+
+
+def test_overwrite_replaces_and_resume_from_starts_from_other_params(reference, tmp_path, capsys):
+    out = resumable_copy(reference, tmp_path, keep_up_to=STEPS)
+    short = ["run.steps=4", "checkpoint.every=0"]
+    assert cli.main(["train", SMOKE, *RUN, *short, "model.num_layers=3", "checkpoint.overwrite=true", f"run.output_dir={out}"]) == 0
+    assert checkpoint.committed_steps(out / "checkpoints") == [4] and sorted(losses(out)) == [1, 2, 3, 4]
+    # A new run that starts from the reference's step-60 weights: a fresh optimizer, and a loss
+    # far below a fresh model's.
+    warm = tmp_path / "warm"
+    assert cli.main(["train", SMOKE, *RUN, *short, f"checkpoint.resume_from={reference}", f"run.output_dir={warm}"]) == 0
+    assert f"starting from the parameters in {reference}" in capsys.readouterr().out
+    assert losses(warm)[1] < losses(reference)[1] - 1.0
+    assert abs(losses(warm)[1] - losses(reference)[STEPS]) < 0.5
+
+
+def gs_ls(env, prefix):
+    listing = json.load(urlopen(f"{env['STORAGE_EMULATOR_HOST']}/storage/v1/b/test-bucket/o?prefix={prefix}"))
+    return {item["name"] for item in listing.get("items", [])}
+
+
+def test_the_whole_cycle_on_gcs(gcs, reference, tmp_path):
+    """Prepare a dataset into the bucket, train from it into the bucket, get killed, resume from the bucket."""
+    text = tmp_path / "text"
+    text.mkdir()
+    for f in corpus.stdlib_files(300_000):
+        shutil.copy(f, text / f.name)
+    data = "gs://test-bucket/data"
+    prep = subprocess.run(
+        [sys.executable, "-m", "pretrain", "prepare", "text", "--input", str(text), "--out", data,
+         "--vocab-size", "512", "--seq-len", "16", "--workers", "1"],
+        cwd=ROOT, env=gcs, capture_output=True, text=True, timeout=300,
+    )
+    assert prep.returncode == 0, prep.stderr[-2000:]
+    assert {"data/manifest.json", "data/tokenizer.model"} <= gs_ls(gcs, "data/")
+    run = [*TINY, "model.vocab_size=512", f"data.source={data}", f"data.cache_dir={tmp_path / 'cache'}",
+           f"run.steps={STEPS}", "train.log_every=1", "train.eval_every=0", "checkpoint.every=5", "run.output_dir=gs://test-bucket/run"]
+    proc = start(run, env=gcs)
+    printed = signal_at_step(proc, random.randint(20, 45), signal.SIGKILL)  # after some saves committed
+    assert proc.returncode == -signal.SIGKILL, printed[-2000:]
+    resumed = subprocess.run([sys.executable, "-m", "pretrain", "train", SMOKE, *run], cwd=ROOT, env=gcs,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert "resumed from step" in resumed.stdout
+    names = gs_ls(gcs, "run/")
+    assert {"run/config.yaml", "run/metrics.jsonl", f"run/checkpoints/{STEPS}/commit_success.txt"} <= names
+    assert any(n.startswith("run/tensorboard/") for n in names)
+    # The resumed run's losses equal an uninterrupted local run on the same data.
+    local = tmp_path / "local"
+    assert cli.main(["train", SMOKE, *run[:-1], f"run.output_dir={local}"]) == 0
+    (tmp_path / "from-gcs").mkdir()
+    (tmp_path / "from-gcs" / "metrics.jsonl").write_bytes(urlopen(
+        f"{gcs['STORAGE_EMULATOR_HOST']}/storage/v1/b/test-bucket/o/run%2Fmetrics.jsonl?alt=media").read())
+    assert losses(tmp_path / "from-gcs") == losses(local)
