@@ -214,7 +214,8 @@ class Trainer:
         if history["preempted"]:
             logger.note(f"preempted: checkpoint {step} committed (waited {waited:.1f} s); run the same command to resume")
         elif start >= cfg.run.steps:
-            logger.note(f"nothing to do: the checkpoint in {cfg.run.output_dir} is already at step {start} of {cfg.run.steps}")
+            logger.note(f"nothing to do: the checkpoint in {cfg.run.output_dir} is already at step {start} of {cfg.run.steps}; "
+                        "raise run.steps to continue, or train again with another run.output_dir or checkpoint.overwrite=true")
         else:
             logger.note(f"done: {cfg.run.steps - start} steps in {wall:.1f} s (+ compile {compile_s:.1f} s); output in {cfg.run.output_dir}")
         return {"state": state, "compile_s": compile_s, "wall_s": wall, **history}
