@@ -8,7 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from urllib.request import urlopen
+from urllib.request import Request, urlopen
 
 import jax
 import numpy as np
@@ -159,12 +159,21 @@ def test_overwrite_replaces_and_resume_from_starts_from_other_params(reference, 
     assert abs(losses(warm)[1] - losses(reference)[STEPS]) < 0.5
 
 
+def gs_get(env, name) -> bytes:
+    return urlopen(f"{env['STORAGE_EMULATOR_HOST']}/storage/v1/b/test-bucket/o/{name.replace('/', '%2F')}?alt=media").read()
+
+
+def gs_put(env, name, content: bytes):
+    urlopen(Request(f"{env['STORAGE_EMULATOR_HOST']}/upload/storage/v1/b/test-bucket/o?uploadType=media&name={name}",
+                    data=content, method="POST")).read()
+
+
 def gs_ls(env, prefix):
     listing = json.load(urlopen(f"{env['STORAGE_EMULATOR_HOST']}/storage/v1/b/test-bucket/o?prefix={prefix}"))
     return {item["name"] for item in listing.get("items", [])}
 
 
-def test_the_whole_cycle_on_gcs(gcs, reference, tmp_path):
+def test_the_whole_cycle_on_gcs(gcs, tmp_path):
     """Prepare a dataset into the bucket, train from it into the bucket, get killed, resume from the bucket."""
     text = tmp_path / "text"
     text.mkdir()
@@ -178,6 +187,18 @@ def test_the_whole_cycle_on_gcs(gcs, reference, tmp_path):
     )
     assert prep.returncode == 0, prep.stderr[-2000:]
     assert {"data/manifest.json", "data/tokenizer.model"} <= gs_ls(gcs, "data/")
+    # Inputs can come from the bucket too.
+    files = sorted(text.iterdir())[:2]
+    for f in files:
+        gs_put(gcs, f"text/{f.name}", f.read_bytes())
+    (tmp_path / "sp.model").write_bytes(gs_get(gcs, "data/tokenizer.model"))
+    from_gcs = subprocess.run(
+        [sys.executable, "-m", "pretrain", "prepare", "text", "--input", "gs://test-bucket/text/*.py", "--out",
+         str(tmp_path / "from-bucket"), "--tokenizer", str(tmp_path / "sp.model"), "--workers", "1"],
+        cwd=ROOT, env=gcs, capture_output=True, text=True, timeout=300,
+    )
+    assert from_gcs.returncode == 0, from_gcs.stderr[-2000:]
+    assert json.loads((tmp_path / "from-bucket" / "manifest.json").read_text())["input_files"] == 2
     run = [*TINY, "model.vocab_size=512", f"data.source={data}", f"data.cache_dir={tmp_path / 'cache'}",
            f"run.steps={STEPS}", "train.log_every=1", "train.eval_every=0", "checkpoint.every=5", "run.output_dir=gs://test-bucket/run"]
     proc = start(run, env=gcs)
@@ -194,6 +215,5 @@ def test_the_whole_cycle_on_gcs(gcs, reference, tmp_path):
     local = tmp_path / "local"
     assert cli.main(["train", SMOKE, *run[:-1], f"run.output_dir={local}"]) == 0
     (tmp_path / "from-gcs").mkdir()
-    (tmp_path / "from-gcs" / "metrics.jsonl").write_bytes(urlopen(
-        f"{gcs['STORAGE_EMULATOR_HOST']}/storage/v1/b/test-bucket/o/run%2Fmetrics.jsonl?alt=media").read())
+    (tmp_path / "from-gcs" / "metrics.jsonl").write_bytes(gs_get(gcs, "run/metrics.jsonl"))
     assert losses(tmp_path / "from-gcs") == losses(local)
