@@ -5,14 +5,14 @@ Each step holds four items: `params` (the model), `optimizer` (its state and ste
 config as JSON). Params are a separate item so that a run can start from another run's
 (or an imported model's) weights with a fresh optimizer. Orbax writes each step into a
 temporary directory and commits it only when complete, so a kill mid-save leaves the
-previous steps intact and the partial one invisible to `latest_step()`.
+previous steps intact and the partial one invisible to a resume (`committed_steps`).
 """
 
 import time
 
 import grain
-import yaml
 import orbax.checkpoint as ocp
+import yaml
 from etils import epath
 
 from pretrain import config as config_lib
@@ -44,7 +44,7 @@ def _checkpoints_dir(path: str) -> tuple[epath.Path, int | None]:
 
 
 class Checkpointer:
-    """Saves the run's state every `checkpoint.every` steps and finds what to resume from."""
+    """Saves the run's state (async) and restores it, under run.output_dir/checkpoints."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -62,9 +62,6 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         return time.perf_counter() - start
-
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
 
     def restore(self, step: int, abstract_state, data_iterator):
         """The full state of `step`, placed straight into the shardings of `abstract_state`; the
@@ -96,11 +93,10 @@ class Checkpointer:
 
 def restore_params(path: str, abstract_params):
     """Only the model parameters of a checkpoint (the latest step unless the path names one), into
-    the shardings of `abstract_params`. Returns (params, step)."""
+    the shardings of `abstract_params`."""
     directory, step = _checkpoints_dir(path)
     step = max(committed_steps(directory)) if step is None else step
-    params = ocp.StandardCheckpointer().restore(directory / str(step) / "params", abstract_params)
-    return params, step
+    return ocp.StandardCheckpointer().restore(directory / str(step) / "params", abstract_params)
 
 
 # --- before a run writes anything ---------------------------------------------------------

@@ -8,7 +8,6 @@ never gathered onto one device.
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 from pretrain.sharding import logical_spec
 

@@ -155,7 +155,7 @@ class Trainer:
             params, optimizer = checkpointer.restore(where, abstract, data_iterator)
             step = where
         else:
-            params, _ = restore_params(where, abstract[0])
+            params = restore_params(where, abstract[0])
             optimizer, step = self.init_state()[1], 0
         if jax.process_index() == 0:
             print(f"resumed from step {where}" if kind == "full" else f"starting from the parameters in {where}")

@@ -68,7 +68,7 @@ def unsharded_loss(model, b):
 
 
 def test_sharded_forward_and_loss_equal_unsharded(trainer):
-    cfg, b = trainer.cfg, batch(trainer.cfg)
+    b = batch(trainer.cfg)
     state = trainer.init_state()
     with trainer.context():
         sharded_loss = jax.jit(trainer.eval_step)(state, trainer.place_batch(b))
