@@ -12,7 +12,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from data import prepare
+from data import prepare, tokenizer
 from data.records import MANIFEST
 
 
@@ -38,7 +38,7 @@ def stdlib_files(max_bytes: int) -> list[Path]:
 def stdlib_dataset(cache_dir: str, *, vocab_size: int, seq_len: int, max_bytes: int, val_fraction: float) -> Path:
     """The prepared directory for these settings, built on first use."""
     files = stdlib_files(max_bytes)
-    key = json.dumps([sys.version, vocab_size, seq_len, val_fraction, [(f.name, f.stat().st_size) for f in files]])
+    key = json.dumps([sys.version, tokenizer.VERSION, vocab_size, seq_len, val_fraction, [(f.name, f.stat().st_size) for f in files]])
     out = Path(cache_dir).expanduser() / "datasets" / f"stdlib-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
     if not (out / MANIFEST).exists():
         prepare.prepare_text(

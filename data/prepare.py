@@ -30,7 +30,7 @@ from etils import epath
 
 from data import images
 from data import tokenizer as tokenizer_lib
-from data.records import DataError, ShardWriter, write_manifest
+from data.records import MANIFEST, DataError, ShardWriter, write_manifest
 
 SPLITS = ("train", "validation")
 TOKENIZER_FILE = "tokenizer.model"
@@ -163,8 +163,9 @@ def check_output(out: epath.Path, overwrite: bool):
 
 
 @contextlib.contextmanager
-def staged(out: epath.Path, overwrite: bool):
-    """A local directory to build the dataset in; moved or uploaded to `out` only on success."""
+def staged(out: epath.Path, overwrite: bool, last: str = MANIFEST):
+    """A local directory to build an output in; moved or uploaded to `out` only on success, the
+    file `last` uploaded last so that its presence marks a complete directory."""
     check_output(out, overwrite)
     remote = str(out).startswith("gs://")
     if remote:
@@ -179,7 +180,7 @@ def staged(out: epath.Path, overwrite: bool):
         if remote:
             out.mkdir(parents=True, exist_ok=True)
             names = sorted(p.name for p in stage.iterdir())
-            for name in sorted(names, key=lambda n: n == "manifest.json"):  # the manifest last marks it complete
+            for name in sorted(names, key=lambda n: n == last):
                 (stage / name).copy(out / name)
         else:
             stage.rename(out)

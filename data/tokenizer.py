@@ -1,18 +1,22 @@
 """SentencePiece tokenizer: trained on a corpus, or loaded from a .model file.
 
 Settings suit source code as well as prose: no normalisation (newlines and indentation
-survive), byte fallback (no unknown tokens), and fixed ids for the special tokens.
+survive), byte fallback (no unknown tokens), no dummy prefix space, and fixed ids for the
+special tokens. With these settings the Hugging Face conversion of a BPE model (Llama's
+tokenizer class, add_prefix_space=False) gives exactly the same ids.
 """
 
 import io
 import os
 
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 
 from data.records import DataError
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 MODEL_TYPES = ("bpe", "unigram")
+VERSION = 2  # of the settings below; part of the cache key of prepared corpora
 
 
 def train(texts, vocab_size: int, model_type: str = "bpe") -> bytes:
@@ -28,7 +32,8 @@ def train(texts, vocab_size: int, model_type: str = "bpe") -> bytes:
             normalization_rule_name="identity",
             remove_extra_whitespaces=False,
             split_by_whitespace=False,
-            user_defined_symbols=["\n", "\t", "    "],
+            add_dummy_prefix=False,
+            user_defined_symbols=["\n", "\t"],
             pad_id=PAD_ID,
             bos_id=BOS_ID,
             eos_id=EOS_ID,
@@ -56,3 +61,12 @@ def load(model: bytes, name: str) -> spm.SentencePieceProcessor:
     if sp.bos_id() < 0 or sp.eos_id() < 0:
         raise DataError(f"{name} has no BOS/EOS pieces (pad, bos, eos ids are {specials}); train it with bos_id and eos_id set")
     return sp
+
+
+def settings(model: bytes) -> dict:
+    """What a converter to another tokenizer library needs to know: model type and prefix space."""
+    proto = sentencepiece_model_pb2.ModelProto.FromString(model)
+    return {
+        "model_type": sentencepiece_model_pb2.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type).lower(),
+        "add_dummy_prefix": proto.normalizer_spec.add_dummy_prefix,
+    }

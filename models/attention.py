@@ -19,18 +19,29 @@ def segment_mask(segment_ids):
     return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
 
 
-def xla_attention(q, k, v, segment_ids):
+def masked_attention(q, k, v, mask):
+    """Plain-einsum attention; mask [B, 1, L, S] says which keys each query sees."""
     groups = q.shape[2] // k.shape[2]
     # Repeating K/V to all heads keeps every tensor sharded on `heads`, however few K/V heads there are.
     k = constrain(jnp.repeat(k, groups, axis=2), ("batch", "length", "heads", None))
     v = constrain(jnp.repeat(v, groups, axis=2), ("batch", "length", "heads", None))
     scores = jnp.einsum("blhd,bshd->bhls", q, k, preferred_element_type=jnp.float32)
-    scores = scores * q.shape[-1] ** -0.5
-    length = q.shape[1]
-    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
-    scores = jnp.where(causal & segment_mask(segment_ids), scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(mask, scores * q.shape[-1] ** -0.5, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bhls,bshd->blhd", probs, v)
+
+
+def xla_attention(q, k, v, segment_ids):
+    length = q.shape[1]
+    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+    return masked_attention(q, k, v, causal & segment_mask(segment_ids))
+
+
+def cached_attention(q, k_cache, v_cache, positions):
+    """Decoding: q [B, T, H, D] at `positions` [B, T] attends to the cache's slots up to its own
+    position (slot i holds position i; later slots are empty or stale)."""
+    visible = jnp.arange(k_cache.shape[1])[None, None, :] <= positions[:, :, None]
+    return masked_attention(q, k_cache, v_cache, visible[:, None])
 
 
 def fused_attention(implementation):

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention import BACKENDS
+from models.attention import BACKENDS, cached_attention
 from models.layers import RMSNorm, constrain, fan_in_init, param, remat
 
 
@@ -71,23 +71,37 @@ class DecoderLayer(nnx.Module):
         self.w_up = param(rngs, fan_in_init(), (e, m), ("embed", "mlp"))
         self.w_down = param(rngs, fan_in_init(), (m, e), ("mlp", "embed"))
 
-    def __call__(self, x, segment_ids, positions):
+    def _qkv(self, x, positions):
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
-        heads = ("batch", "length", "heads", None)
         y = self.attn_norm(x)
-        q = constrain(jnp.einsum("ble,ehd->blhd", y, self.wq[...].astype(dtype)), heads)
+        q = constrain(jnp.einsum("ble,ehd->blhd", y, self.wq[...].astype(dtype)), ("batch", "length", "heads", None))
         k = jnp.einsum("ble,ekd->blkd", y, self.wk[...].astype(dtype))
         v = jnp.einsum("ble,ekd->blkd", y, self.wv[...].astype(dtype))
-        q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
-        attn = constrain(BACKENDS[cfg.attention](q, k, v, segment_ids), heads)
-        x = x + constrain(jnp.einsum("blhd,hde->ble", attn, self.wo[...].astype(dtype)), ("batch", "length", None))
+        return rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta), v
 
+    def _finish(self, x, attn):
+        """Output projection, residual, then the SwiGLU MLP block."""
+        dtype = jnp.dtype(self.cfg.dtype)
+        attn = constrain(attn, ("batch", "length", "heads", None))
+        x = x + constrain(jnp.einsum("blhd,hde->ble", attn, self.wo[...].astype(dtype)), ("batch", "length", None))
         y = self.mlp_norm(x)
         mlp = ("batch", "length", "mlp")
         gate = constrain(jnp.einsum("ble,em->blm", y, self.w_gate[...].astype(dtype)), mlp)
         up = constrain(jnp.einsum("ble,em->blm", y, self.w_up[...].astype(dtype)), mlp)
         down = jnp.einsum("blm,me->ble", jax.nn.silu(gate) * up, self.w_down[...].astype(dtype))
         return x + constrain(down, ("batch", "length", None))
+
+    def __call__(self, x, segment_ids, positions):
+        q, k, v = self._qkv(x, positions)
+        return self._finish(x, BACKENDS[self.cfg.attention](q, k, v, segment_ids))
+
+    def decode(self, x, positions, cache):
+        """New tokens x [B, T, E] at `positions` (consecutive, the same in every row); their keys and
+        values go into cache (k, v) [B, S, K, D] at those slots. Returns (x, cache)."""
+        q, k, v = self._qkv(x, positions)
+        start = (0, positions[0, 0], 0, 0)
+        cache = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), start) for c, new in zip(cache, (k, v)))
+        return self._finish(x, cached_attention(q, *cache, positions)), cache
 
 
 class Transformer(nnx.Module):
@@ -123,6 +137,25 @@ class Transformer(nnx.Module):
             for i in range(cfg.num_layers):
                 x, _ = block(x, jax.tree.map(lambda p: p[i], stacked))
         return self.final_norm(x)
+
+    def init_cache(self, batch: int, length: int):
+        """Empty key/value cache for `length` positions: (k, v), each [layers, B, length, K, D]."""
+        c = self.cfg
+        shape = (c.num_layers, batch, length, c.num_kv_heads, c.head_dim)
+        return jnp.zeros(shape, c.dtype), jnp.zeros(shape, c.dtype)
+
+    def decode(self, tokens, positions, cache):
+        """Final hidden states of new tokens [B, T] at `positions`, given the cache of the earlier
+        ones; returns (hidden, cache with the new tokens' keys and values)."""
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(jnp.dtype(self.cfg.dtype))
+        graphdef, stacked = nnx.split(self.layers)
+
+        def block(x, layer):
+            params, layer_cache = layer
+            return nnx.merge(graphdef, params).decode(x, positions, layer_cache)
+
+        x, cache = jax.lax.scan(block, x, (stacked, cache))
+        return self.final_norm(x), cache
 
     def logits(self, hidden):
         """[B, L, V] logits, sharded along `vocab`; never gathered whole by the trainer."""

@@ -91,12 +91,41 @@ class Checkpointer:
         self.manager.close()
 
 
-def restore_params(path: str, abstract_params):
-    """Only the model parameters of a checkpoint (the latest step unless the path names one), into
-    the shardings of `abstract_params`."""
-    directory, step = _checkpoints_dir(path)
-    step = max(committed_steps(directory)) if step is None else step
+def locate(path: str, step: int | None = None) -> tuple[epath.Path, int]:
+    """(checkpoints directory, step) for a run dir, its checkpoints/ dir or one step's dir: the given
+    step, else the one the path names, else the latest."""
+    directory, named = _checkpoints_dir(path)
+    steps = committed_steps(directory)
+    if not steps:
+        raise ConfigError(f"{path} holds no checkpoint; point at a run directory (run.output_dir), its checkpoints/ "
+                          "or one step's directory")
+    step = step if step is not None else named if named is not None else max(steps)
+    if step not in steps:
+        raise ConfigError(f"{path} has no checkpoint of step {step}; it has steps {steps}")
+    return directory, step
+
+
+def saved_config(directory: epath.Path, step: int) -> Config:
+    """The resolved config stored with a checkpoint."""
+    tree = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(directory / str(step) / "config")
+    return config_lib.from_dict(tree)
+
+
+def restore_params(path: str, abstract_params, step: int | None = None):
+    """Only the model parameters of a checkpoint (see `locate` for which step), into the shardings
+    of `abstract_params`."""
+    directory, step = locate(path, step)
     return ocp.StandardCheckpointer().restore(directory / str(step) / "params", abstract_params)
+
+
+def save_params(cfg: Config, params):
+    """A checkpoint of parameters alone (step 0, no optimizer or data position) under
+    run.output_dir, such as an imported model that training can start from."""
+    manager = _manager(epath.Path(cfg.run.output_dir) / "checkpoints", cfg)
+    items = {"params": ocp.args.StandardSave(params), "config": ocp.args.JsonSave(config_lib.to_dict(cfg))}
+    manager.save(0, args=ocp.args.Composite(**items), force=True)
+    manager.wait_until_finished()
+    manager.close()
 
 
 # --- before a run writes anything ---------------------------------------------------------
@@ -115,11 +144,16 @@ def check_output_dir(cfg: Config):
     saved_name = saved.get("run", {}).get("name")
     if saved_name != cfg.run.name or saved.get("task") != cfg.task:
         raise ConfigError(f"run.output_dir={out} holds run '{saved_name}' ({saved.get('task')}), not '{cfg.run.name}'; {fix}")
-    current, before = config_lib.to_dict(cfg)["model"], saved.get("model", {})
-    changed = [k for k in current if k not in EXECUTION_KEYS and before.get(k) != current[k]]
-    if changed:
-        was = ", ".join(f"model.{k}={before.get(k)}" for k in changed)
+    was = _model_differences(cfg, saved.get("model", {}))
+    if was:
         raise ConfigError(f"run.output_dir={out} holds a model with {was}; {fix}")
+
+
+def _model_differences(cfg: Config, saved_model: dict) -> str:
+    """The saved model's settings that differ from cfg.model in what the parameters hold, or ''."""
+    current = config_lib.to_dict(cfg)["model"]
+    changed = [k for k in current if k not in EXECUTION_KEYS and saved_model.get(k) != current[k]]
+    return ", ".join(f"model.{k}={saved_model.get(k)}" for k in changed)
 
 
 def resume_plan(cfg: Config) -> tuple[str, int | str] | None:
@@ -139,11 +173,13 @@ def resume_plan(cfg: Config) -> tuple[str, int | str] | None:
     if own:  # a preempted run continues from its own latest step, also when it began from another's params
         return "full", max(own)
     if wanted:
-        directory, step = _checkpoints_dir(wanted)
-        found = committed_steps(directory)
-        if not found or (step is not None and step not in found):
-            raise ConfigError(f"checkpoint.resume_from={wanted} holds no {'step ' + str(step) if step is not None else 'checkpoint'}; "
-                              "point it at a run directory, its checkpoints/ or one step's directory")
+        try:
+            directory, step = locate(wanted)
+        except ConfigError as e:
+            raise ConfigError(f"checkpoint.resume_from: {e}") from None
+        was = _model_differences(cfg, config_lib.to_dict(saved_config(directory, step))["model"])
+        if was:
+            raise ConfigError(f"checkpoint.resume_from={wanted} holds a model with {was}; set the model keys to match it")
         return "params", wanted
     return None
 

@@ -1,6 +1,7 @@
-"""`pretrain` command line: train, smoke, prepare."""
+"""`pretrain` command line: train, smoke, prepare, export, import-hf, sample."""
 
 import argparse
+import json
 import sys
 
 import jax
@@ -11,7 +12,7 @@ from data.records import DataError
 from data.tokenizer import MODEL_TYPES
 
 from pretrain import config as config_lib
-from pretrain import checkpoint, runtime, sharding
+from pretrain import checkpoint, export, hf, runtime, sample, sharding
 from pretrain.config import ConfigError
 from pretrain.tasks import TASKS
 from pretrain.trainer import Trainer
@@ -42,6 +43,8 @@ def train(cfg_path, overrides) -> dict:
         out = epath.Path(cfg.run.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_lib.to_yaml(cfg))
+        if trainer.task.tokenizer is not None:  # export and sample find it here
+            (out / export.TOKENIZER).write_bytes(trainer.task.tokenizer)
     return trainer.fit(plan)
 
 
@@ -78,6 +81,43 @@ def _prepare_parser(sub):
     text.add_argument("--seq-len", type=int, default=2048, help="longer documents are split into pieces of this many tokens")
 
 
+def _serving_parsers(sub):
+    p = sub.add_parser("export", help="write a checkpoint's weights as a Hugging Face Llama directory")
+    p.add_argument("checkpoint", help="run directory, its checkpoints/ or one step's directory; local or gs://")
+    p.add_argument("--out", help="output directory, local or gs:// (default: <run dir>/export)")
+    p.add_argument("--step", type=int, help="which step (default: the latest)")
+    p.add_argument("--dtype", choices=sorted(hf.DTYPES), default="bfloat16", help="dtype of the written weights")
+    p.add_argument("--max-shard-mb", type=float, default=5 * 1024, help="split the weights into files of at most this size")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p = sub.add_parser("import-hf", help="turn a Hugging Face Llama directory into a checkpoint to train from")
+    p.add_argument("hf_dir", help="directory with config.json and safetensors weights; local or gs://")
+    p.add_argument("--out", required=True, help="new run directory; train from it with checkpoint.resume_from=OUT")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p = sub.add_parser("sample", help="generate text from a checkpoint or an exported directory")
+    p.add_argument("checkpoint", help="run directory, checkpoints/ or step directory, or an exported directory")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step", type=int, help="which checkpoint step (default: the latest)")
+    p.add_argument("--json", action="store_true", help='print one line {"prompt_ids": [...], "ids": [...], "text": "..."}')
+
+
+def run_serving(args):
+    if args.command == "export":
+        r = export.export(args.checkpoint, args.out, step=args.step, dtype=args.dtype, overwrite=args.overwrite,
+                          max_shard_bytes=int(args.max_shard_mb * 2**20))
+        print(f"exported step {r['step']} to {r['out']}: {r['bytes'] / 2**20:,.1f} MiB of weights in {r['seconds']:.1f} s")
+    elif args.command == "import-hf":
+        r = export.import_hf(args.hf_dir, args.out, overwrite=args.overwrite)
+        print(f"imported {r['params']:,} parameters into {r['out']} in {r['seconds']:.1f} s; train from them with "
+              f"`pretrain train {r['out']}/config.yaml checkpoint.resume_from={r['out']} run.output_dir=RUN data.source=DATA`")
+    else:
+        r = sample.sample_text(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature, seed=args.seed, step=args.step)
+        print(json.dumps(r) if args.json else args.prompt + r["text"])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="pretrain", description="Pretrain language and diffusion models with JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,14 +128,17 @@ def main(argv=None) -> int:
     p.add_argument("family", nargs="?", default="llm", choices=sorted(SMOKE_OVERRIDES))
     p.add_argument("overrides", nargs="*", metavar="key=value")
     _prepare_parser(sub)
+    _serving_parsers(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
             train(args.config, args.overrides)
         elif args.command == "smoke":
             train(config_lib.preset_path(args.family, "smoke"), SMOKE_OVERRIDES[args.family] + args.overrides)
-        else:
+        elif args.command == "prepare":
             run_prepare(args)
+        else:
+            run_serving(args)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

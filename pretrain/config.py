@@ -228,6 +228,11 @@ def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
         if not sep or not key:
             raise ConfigError(f"override '{item}' is not key=value, e.g. run.steps=100")
         _set(tree, key.strip(), value)
+    return from_dict(tree)
+
+
+def from_dict(tree: dict) -> Config:
+    """A typed Config from plain data (YAML or a checkpoint's JSON), every value checked."""
     return _build(Config, tree)
 
 

@@ -19,6 +19,7 @@ class LanguageModelTask:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.manifest, self.sources = None, None
+        self.tokenizer = None  # the SentencePiece model's bytes, once prepared (none for synthetic data)
 
     def build_model(self, rngs):
         return Transformer(self.cfg.model, rngs=rngs)
@@ -73,6 +74,7 @@ class LanguageModelTask:
         if sources["train"] is None:
             raise ConfigError(f"data.source={d.source} has no training records; prepare it with more text")
         self.manifest, self.sources = manifest, sources
+        self.tokenizer = (directory / "tokenizer.model").read_bytes()
 
     def batches(self, split: str, process_index: int, process_count: int):
         """Endless iterator of this process's slice of each global batch; None if the split is empty.

@@ -150,13 +150,12 @@ def test_overwrite_replaces_and_resume_from_starts_from_other_params(reference, 
     short = ["run.steps=4", "checkpoint.every=0"]
     assert cli.main(["train", SMOKE, *RUN, *short, "model.num_layers=3", "checkpoint.overwrite=true", f"run.output_dir={out}"]) == 0
     assert checkpoint.committed_steps(out / "checkpoints") == [4] and sorted(losses(out)) == [1, 2, 3, 4]
-    # A new run that starts from the reference's step-60 weights: a fresh optimizer, and a loss
-    # far below a fresh model's.
+    # A new run that starts from the reference's step-60 weights (with a fresh optimizer): its first
+    # loss is far below a fresh model's. test_export checks that the weights arrive bit for bit.
     warm = tmp_path / "warm"
     assert cli.main(["train", SMOKE, *RUN, *short, f"checkpoint.resume_from={reference}", f"run.output_dir={warm}"]) == 0
     assert f"starting from the parameters in {reference}" in capsys.readouterr().out
     assert losses(warm)[1] < losses(reference)[1] - 1.0
-    assert abs(losses(warm)[1] - losses(reference)[STEPS]) < 0.5
 
 
 def gs_get(env, name) -> bytes:

@@ -1,0 +1,136 @@
+"""Weights for serving and back: `pretrain export` (a checkpoint's parameters -> a Hugging Face
+Llama directory), `pretrain import-hf` (such a directory -> a checkpoint training can start
+from), and loading a model from either for sampling.
+
+Only parameters are read (no optimizer state, no data), onto one host device: export needs
+neither the training data nor the training mesh.
+"""
+
+import json
+import time
+
+import jax
+import numpy as np
+from etils import epath
+from flax import nnx, traverse_util
+
+from data import prepare
+from data import tokenizer as tokenizer_lib
+from models.transformer import Transformer, TransformerConfig
+from pretrain import checkpoint, hf
+from pretrain import config as config_lib
+from pretrain.config import Config, ConfigError, RunConfig
+
+TOKENIZER = "tokenizer.model"  # kept beside config.yaml in a run dir, and in an export
+
+
+def _abstract_state(m: TransformerConfig):
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(m, rngs=nnx.Rngs(0))))
+    return graphdef, state
+
+
+def _flat(state) -> dict:
+    return traverse_util.flatten_dict(nnx.to_pure_dict(state), sep="/")
+
+
+def _model(m: TransformerConfig, flat: dict) -> Transformer:
+    graphdef, state = _abstract_state(m)
+    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(flat, sep="/"))
+    return nnx.merge(graphdef, state)
+
+
+def run_dir(directory: epath.Path) -> epath.Path:
+    """The run directory of a checkpoints directory."""
+    return directory.parent if directory.name == "checkpoints" else directory
+
+
+def from_checkpoint(path: str, step: int | None = None, device=None):
+    """(config, flat {path: array} of parameters on `device`, tokenizer bytes or None) of a checkpoint."""
+    directory, step = checkpoint.locate(path, step)
+    cfg = checkpoint.saved_config(directory, step)
+    if cfg.task != "llm":
+        raise ConfigError(f"{path} holds a '{cfg.task}' model; this command handles language models (task llm)")
+    sharding = jax.sharding.SingleDeviceSharding(device or jax.devices("cpu")[0])
+    _, state = _abstract_state(cfg.model)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), state)
+    restored = checkpoint.restore_params(str(directory), abstract, step)
+    state = jax.tree.unflatten(jax.tree.structure(abstract), jax.tree.leaves(restored))  # may come back as dicts
+    tokenizer = run_dir(directory) / TOKENIZER
+    return cfg, _flat(state), tokenizer.read_bytes() if tokenizer.exists() else None
+
+
+def hf_model_config(src: epath.Path) -> TransformerConfig:
+    if not (src / "config.json").exists():
+        raise ConfigError(f"{src} has no config.json; point at a Hugging Face model directory")
+    return hf.model_config(json.loads((src / "config.json").read_text()), src)
+
+
+def from_hf(path: str):
+    """(model config, flat {path: float32 array} of parameters, tokenizer bytes or None) of a
+    Hugging Face Llama directory."""
+    src = epath.Path(path)
+    m = hf_model_config(src)
+    with hf.open_weights(src) as read:
+        flat = hf.params_from_hf(m, read)
+    tokenizer = src / TOKENIZER
+    return m, flat, tokenizer.read_bytes() if tokenizer.exists() else None
+
+
+def load_model(path: str, step: int | None = None):
+    """(model, tokenizer bytes or None) from a checkpoint or an exported directory, on the default device."""
+    device = jax.devices()[0]
+    if (epath.Path(path) / "config.json").exists():
+        m, flat, tokenizer = from_hf(path)
+        flat = jax.device_put(flat, device)
+    else:
+        cfg, flat, tokenizer = from_checkpoint(path, step, device)
+        m = cfg.model
+    return _model(m, flat), tokenizer
+
+
+def export(path: str, out: str | None = None, *, step: int | None = None, dtype: str = "bfloat16",
+           overwrite: bool = False, max_shard_bytes: int = 5 * 2**30) -> dict:
+    """Write a checkpoint's parameters as a Hugging Face Llama directory (default: <run dir>/export)."""
+    start = time.perf_counter()
+    directory, step = checkpoint.locate(path, step)
+    out = epath.Path(out) if out else run_dir(directory) / "export"
+    prepare.check_output(out, overwrite)
+    cfg, flat, tokenizer = from_checkpoint(str(directory), step)
+    m = cfg.model
+    if m.embed_dim % m.num_heads:
+        raise ConfigError(f"model.embed_dim={m.embed_dim} is not divisible by model.num_heads={m.num_heads}, "
+                          "which transformers' LlamaConfig requires")
+    if tokenizer is None:
+        print(f"note: no {TOKENIZER} in {run_dir(directory)}; the export has no tokenizer")
+        special = {"bos_token_id": tokenizer_lib.BOS_ID, "eos_token_id": tokenizer_lib.EOS_ID}
+    else:
+        sp = tokenizer_lib.load(tokenizer, TOKENIZER)
+        special = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": sp.pad_id()}
+    with prepare.staged(out, overwrite, last="config.json") as stage:
+        size = hf.write_weights(stage, hf.hf_tensors(m, flat), dtype, max_shard_bytes)
+        (stage / "generation_config.json").write_text(json.dumps(special, indent=2))
+        for name, content in (hf.tokenizer_files(tokenizer, m.max_seq_len) if tokenizer else {}).items():
+            (stage / name).write_bytes(content)
+        (stage / "config.json").write_text(json.dumps(hf.llama_config(m, dtype, special), indent=2))
+    return {"out": str(out), "step": step, "bytes": size, "seconds": time.perf_counter() - start}
+
+
+def import_hf(path: str, out: str, *, overwrite: bool = False) -> dict:
+    """Turn a Hugging Face Llama directory into a checkpoint (step 0, parameters only) in `out`, with
+    the config.yaml and tokenizer to train on from there (checkpoint.resume_from=OUT)."""
+    start = time.perf_counter()
+    src = epath.Path(path)
+    hf_model_config(src)  # other architectures are refused before any weight is read
+    prepare.check_output(epath.Path(out), overwrite)
+    m, flat, tokenizer = from_hf(path)
+    cfg = Config(task="llm", run=RunConfig(name=src.name or "imported", steps=1, output_dir=str(out)), model=m)
+    if overwrite:
+        checkpoint.clear_output_dir(cfg)
+    _, state = _abstract_state(m)
+    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(flat, sep="/"))
+    checkpoint.save_params(cfg, state)
+    if tokenizer is not None:
+        (epath.Path(out) / TOKENIZER).write_bytes(tokenizer)
+    (epath.Path(out) / "config.yaml").write_text(config_lib.to_yaml(cfg))
+    params = sum(int(np.prod(v.shape)) for v in flat.values())
+    return {"out": out, "params": params, "seconds": time.perf_counter() - start}

@@ -1,0 +1,236 @@
+"""The Hugging Face Llama layout, both ways: what vLLM, TGI, SGLang and `transformers` read.
+
+A directory holds `config.json`, the weights as safetensors (`model.safetensors`, or numbered
+files plus `model.safetensors.index.json` above a size), `generation_config.json`, and the
+SentencePiece tokenizer (`tokenizer.model` + `tokenizer_config.json`).
+
+The names and layouts of the weights are one table (`_layer_table`): Hugging Face keeps each
+projection as a [out, in] matrix per layer, this stack a stacked [layers, in, ...heads] array.
+Both rotate split halves in RoPE, so no q/k permutation is needed.
+"""
+
+import contextlib
+import json
+import tempfile
+
+import jax
+import ml_dtypes
+import numpy as np
+from etils import epath
+from safetensors import safe_open
+
+from data import tokenizer as tokenizer_lib
+from models.transformer import TransformerConfig
+from pretrain.config import ConfigError
+
+WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
+DTYPES = {"float32": (np.float32, "F32"), "bfloat16": (ml_dtypes.bfloat16, "BF16"), "float16": (np.float16, "F16")}
+ARCHITECTURE = "LlamaForCausalLM"
+
+
+# --- config ----------------------------------------------------------------------------------
+
+
+def llama_config(m: TransformerConfig, dtype: str, special: dict[str, int]) -> dict:
+    return {
+        "architectures": [ARCHITECTURE],
+        "model_type": "llama",
+        "vocab_size": m.vocab_size,
+        "hidden_size": m.embed_dim,
+        "intermediate_size": m.mlp_dim,
+        "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_heads,
+        "num_key_value_heads": m.num_kv_heads,
+        "head_dim": m.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": m.max_seq_len,
+        "rms_norm_eps": m.norm_eps,
+        "rope_theta": m.rope_theta,  # older readers
+        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},  # transformers 5
+        "tie_word_embeddings": m.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "dtype": dtype,
+        **special,
+    }
+
+
+def model_config(hf: dict, where) -> TransformerConfig:
+    """Our model settings for a Llama config.json; anything this model cannot represent is refused."""
+    arch = hf.get("architectures") or [hf.get("model_type")]
+    if ARCHITECTURE not in arch:
+        raise ConfigError(f"{where} holds a {', '.join(map(str, arch))} model; import-hf reads {ARCHITECTURE} directories only")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    unsupported = {
+        "rope scaling": rope.get("rope_type", rope.get("type", "default")) != "default",
+        "attention_bias": hf.get("attention_bias", False),
+        "mlp_bias": hf.get("mlp_bias", False),
+        f"hidden_act={hf.get('hidden_act')}": hf.get("hidden_act", "silu") != "silu",
+    }
+    if any(unsupported.values()):
+        raise ConfigError(f"{where}: {', '.join(k for k, v in unsupported.items() if v)} is not supported by this model")
+    heads = hf["num_attention_heads"]
+    return TransformerConfig(
+        vocab_size=hf["vocab_size"],
+        num_layers=hf["num_hidden_layers"],
+        embed_dim=hf["hidden_size"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        mlp_dim=hf["intermediate_size"],
+        max_seq_len=hf["max_position_embeddings"],
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+    )
+
+
+def tokenizer_files(model: bytes, max_len: int) -> dict[str, bytes]:
+    """tokenizer.model plus a tokenizer_config.json under which `transformers` gives the same ids.
+    A BPE model maps onto Llama's tokenizer class; a unigram one onto the generic converter."""
+    sp = tokenizer_lib.load(model, "tokenizer.model")
+    settings = tokenizer_lib.settings(model)
+    config = {
+        "tokenizer_class": "LlamaTokenizer" if settings["model_type"] == "bpe" else "TokenizersBackend",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "add_prefix_space": settings["add_dummy_prefix"],
+        "legacy": False,
+        "bos_token": sp.id_to_piece(sp.bos_id()),
+        "eos_token": sp.id_to_piece(sp.eos_id()),
+        "unk_token": sp.id_to_piece(sp.unk_id()),
+        "model_max_length": max_len,
+        "clean_up_tokenization_spaces": False,
+    }
+    if sp.pad_id() >= 0:
+        config["pad_token"] = sp.id_to_piece(sp.pad_id())
+    return {"tokenizer.model": model, "tokenizer_config.json": json.dumps(config, indent=2).encode()}
+
+
+# --- weights ---------------------------------------------------------------------------------
+
+
+SAME = (lambda x: x, lambda w: w)
+TRANSPOSE = (lambda x: x.T, lambda w: w.T)
+
+
+def _layer_table(m: TransformerConfig):
+    """Our per-layer parameter -> (Hugging Face name, our array -> theirs, theirs -> ours)."""
+    e, h, k, d = m.embed_dim, m.num_heads, m.num_kv_heads, m.head_dim
+    return {
+        "wq": ("self_attn.q_proj.weight", lambda x: x.reshape(e, h * d).T, lambda w: w.T.reshape(e, h, d)),
+        "wk": ("self_attn.k_proj.weight", lambda x: x.reshape(e, k * d).T, lambda w: w.T.reshape(e, k, d)),
+        "wv": ("self_attn.v_proj.weight", lambda x: x.reshape(e, k * d).T, lambda w: w.T.reshape(e, k, d)),
+        "wo": ("self_attn.o_proj.weight", lambda x: x.reshape(h * d, e).T, lambda w: w.T.reshape(h, d, e)),
+        "w_gate": ("mlp.gate_proj.weight", *TRANSPOSE),
+        "w_up": ("mlp.up_proj.weight", *TRANSPOSE),
+        "w_down": ("mlp.down_proj.weight", *TRANSPOSE),
+        "attn_norm/scale": ("input_layernorm.weight", *SAME),
+        "mlp_norm/scale": ("post_attention_layernorm.weight", *SAME),
+    }
+
+
+def _top_table(m: TransformerConfig):
+    table = {"embed": ("model.embed_tokens.weight", *SAME), "final_norm/scale": ("model.norm.weight", *SAME)}
+    if not m.tie_embeddings:
+        table["lm_head"] = ("lm_head.weight", *TRANSPOSE)
+    return table
+
+
+def hf_tensors(m: TransformerConfig, params: dict):
+    """[(name, shape, thunk)] of every Hugging Face tensor; each thunk pulls one tensor to host memory
+    (one layer's slice of a stacked parameter), so writing never holds the whole model twice."""
+
+    def entry(name, fn, source, layer=None):
+        shape = source.shape if layer is None else source.shape[1:]
+        out_shape = jax.eval_shape(fn, jax.ShapeDtypeStruct(shape, np.float32)).shape
+        return name, out_shape, lambda: fn(np.asarray(source if layer is None else source[layer]))
+
+    out = [entry(name, fn, params[key]) for key, (name, fn, _) in _top_table(m).items()]
+    for i in range(m.num_layers):
+        out += [entry(f"model.layers.{i}.{name}", fn, params[f"layers/{key}"], i) for key, (name, fn, _) in _layer_table(m).items()]
+    return out
+
+
+def params_from_hf(m: TransformerConfig, read) -> dict:
+    """Our flat {path: float32 array} from `read(name)`, which returns one Hugging Face tensor."""
+    params = {key: fn(read(name)).astype(np.float32) for key, (name, _, fn) in _top_table(m).items()}
+    for key, (name, _, fn) in _layer_table(m).items():
+        params[f"layers/{key}"] = np.stack([fn(read(f"model.layers.{i}.{name}")) for i in range(m.num_layers)]).astype(np.float32)
+    return params
+
+
+def _write_safetensors(path: epath.Path, entries, dtype: str):
+    """One safetensors file written tensor by tensor (the safetensors library wants every tensor in
+    memory at once). entries: [(name, shape, thunk)]."""
+    np_dtype, code = DTYPES[dtype]
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, _ in entries:
+        size = int(np.prod(shape)) * np.dtype(np_dtype).itemsize
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with path.open("wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        for _, shape, thunk in entries:
+            array = np.ascontiguousarray(thunk(), dtype=np_dtype)
+            assert array.shape == tuple(shape), (array.shape, shape)
+            f.write(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+
+
+def write_weights(out: epath.Path, tensors, dtype: str, max_shard_bytes: int) -> int:
+    """Safetensors files of at most max_shard_bytes each (a larger tensor gets a file of its own),
+    with an index when there is more than one. tensors: [(name, shape, thunk)]. Returns the total
+    bytes of tensor data."""
+    itemsize = np.dtype(DTYPES[dtype][0]).itemsize
+    shards, size, total = [[]], 0, 0
+    for entry in tensors:
+        nbytes = int(np.prod(entry[1])) * itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+        total += nbytes
+    if len(shards) == 1:
+        _write_safetensors(out / WEIGHTS, shards[0], dtype)
+        return total
+    weight_map = {}
+    for i, entries in enumerate(shards):
+        filename = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        _write_safetensors(out / filename, entries, dtype)
+        weight_map.update({name: filename for name, _, _ in entries})
+    (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return total
+
+
+@contextlib.contextmanager
+def open_weights(directory: epath.Path):
+    """Yields read(name) -> one tensor as a NumPy array, from a directory's safetensors files
+    (memory-mapped, each opened when first needed). safetensors reads local files only, so a
+    gs:// file is first downloaded into a temporary directory."""
+    if (directory / INDEX).exists():
+        files = json.loads((directory / INDEX).read_text())["weight_map"]
+    elif (directory / WEIGHTS).exists():
+        files = None  # one file holds every tensor
+    else:
+        raise ConfigError(f"{directory} has neither {WEIGHTS} nor {INDEX}; export it again")
+    with tempfile.TemporaryDirectory(prefix="pretrain-hf-") as tmp, contextlib.ExitStack() as stack:
+        opened = {}
+
+        def read(name: str) -> np.ndarray:
+            filename = WEIGHTS if files is None else files.get(name)
+            if filename is None:
+                raise ConfigError(f"{directory} lacks the tensor {name}; is it a complete export?")
+            if filename not in opened:
+                local = directory / filename
+                if str(local).startswith("gs://"):
+                    local = epath.Path(tmp) / filename
+                    (directory / filename).copy(local)
+                opened[filename] = stack.enter_context(safe_open(str(local), framework="numpy"))
+            if name not in opened[filename].keys():
+                raise ConfigError(f"{directory} lacks the tensor {name}; is it a complete export?")
+            return opened[filename].get_tensor(name)
+
+        yield read
