@@ -20,6 +20,13 @@ LOGICAL_RULES = (
     ("mlp", "model"),
     ("layers", None),
     ("norm", None),
+    # UNet: kernels FSDP along `data` on their input channels, tensor-parallel on their output
+    # channels; activations keep spatial dimensions whole and channels sharded along `model`.
+    ("conv_in", "data"),
+    ("conv_out", "model"),
+    ("channels", "model"),
+    ("height", None),
+    ("width", None),
 )
 
 

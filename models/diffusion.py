@@ -1,0 +1,118 @@
+"""The diffusion process: noise schedules, training targets and loss weights, and samplers.
+
+Discrete time t = 0 .. T-1 with alpha_bar[t] = prod(1 - beta). Forward noising is
+x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps. The model predicts `eps` or
+`v` = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho). Sampling walks a subsequence
+of the timesteps with the DDIM update; eta=0 is DDIM (deterministic), eta=1 is DDPM's ancestral
+sampler on that subsequence (Song et al., 2021). The loop is one lax.scan.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SCHEDULES = ("linear", "cosine")
+TARGETS = ("eps", "v")
+SAMPLERS = {"ddim": 0.0, "ddpm": 1.0}  # sampler -> eta
+
+
+@dataclasses.dataclass
+class DiffusionConfig:
+    schedule: str = "cosine"
+    timesteps: int = 1000
+    target: str = "eps"
+    min_snr_gamma: float = 0.0  # > 0: weight the loss by min(SNR, gamma) / SNR-ish (Hang et al., 2023)
+
+
+def alpha_bar(schedule: str, timesteps: int) -> np.ndarray:
+    """[T] cumulative signal fractions, float64 for accuracy, decreasing from ~1 towards 0."""
+    if schedule == "linear":  # DDPM's betas, scaled so that other T keep the same endpoints
+        scale = 1000 / timesteps
+        betas = np.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=np.float64)
+    elif schedule == "cosine":  # Nichol & Dhariwal, 2021
+        s, steps = 0.008, np.arange(timesteps + 1, dtype=np.float64) / timesteps
+        f = np.cos((steps + s) / (1 + s) * np.pi / 2) ** 2
+        betas = np.clip(1 - f[1:] / f[:-1], 0, 0.999)
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}; use one of {SCHEDULES}")
+    return np.cumprod(1 - betas)
+
+
+def _coefficients(abar, t, ndim: int):
+    a = jnp.asarray(abar, jnp.float32)[t].reshape((-1,) + (1,) * (ndim - 1))
+    return jnp.sqrt(a), jnp.sqrt(1 - a)
+
+
+def noise(x0, t, eps, abar):
+    """x_t for clean images x0 [B, ...], timesteps t [B] and noise eps."""
+    signal, sigma = _coefficients(abar, t, x0.ndim)
+    return signal * x0 + sigma * eps
+
+
+def target(kind: str, x0, eps, t, abar):
+    """What the model learns to output at x_t."""
+    if kind == "eps":
+        return eps
+    signal, sigma = _coefficients(abar, t, x0.ndim)
+    return signal * eps - sigma * x0
+
+
+def loss_weight(kind: str, t, abar, gamma: float):
+    """Per-example weight of the squared error: min-SNR-gamma expressed for the eps or v target;
+    all ones when gamma is 0."""
+    if gamma <= 0:
+        return jnp.ones(jnp.shape(t), jnp.float32)
+    snr = jnp.asarray(abar / (1 - abar), jnp.float32)[t]  # from the float64 table: 1 - abar is tiny near t=0
+    return jnp.minimum(snr, gamma) / (snr if kind == "eps" else snr + 1)
+
+
+def predict_x0_eps(kind: str, output, x_t, t, abar):
+    """(x0, eps) implied by the model's output at x_t."""
+    signal, sigma = _coefficients(abar, t, x_t.ndim)
+    if kind == "eps":
+        return (x_t - sigma * output) / signal, output
+    return signal * x_t - sigma * output, sigma * x_t + signal * output
+
+
+def sample(model_fn, kind: str, abar, x_T, key, *, steps: int, eta: float, clip: bool = True):
+    """Images from noise x_T by `steps` updates over evenly spaced timesteps, T-1 down to 0.
+
+    model_fn(x_t, t [B]) -> output; eta 0 is deterministic DDIM, eta 1 is DDPM. With clip,
+    predicted x0 is kept in the data range [-1, 1] at each step."""
+    timesteps = len(abar)
+    ts = np.linspace(timesteps - 1, 0, steps).round().astype(np.int32)
+    abar_ext = jnp.asarray(np.append(abar, 1.0), jnp.float32)  # index T: alpha_bar of clean data
+    pairs = jnp.asarray(np.stack([ts, np.append(ts[1:], timesteps)], axis=1))
+    batch = x_T.shape[0]
+
+    def step(x, inputs):
+        (t, t_prev), key = inputs
+        output = model_fn(x, jnp.full((batch,), t))
+        x0, eps = predict_x0_eps(kind, output, x, jnp.full((batch,), t), abar)
+        if clip:
+            x0 = jnp.clip(x0, -1.0, 1.0)
+            signal, sigma = _coefficients(abar, jnp.full((batch,), t), x.ndim)
+            eps = (x - signal * x0) / sigma  # the noise consistent with the clipped x0
+        a, a_prev = abar_ext[t], abar_ext[t_prev]
+        sigma_t = eta * jnp.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+        direction = jnp.sqrt(jnp.maximum(1 - a_prev - sigma_t**2, 0.0)) * eps
+        x = jnp.sqrt(a_prev) * x0 + direction + sigma_t * jax.random.normal(key, x.shape)
+        return x, None
+
+    x, _ = jax.lax.scan(step, x_T, (pairs, jax.random.split(key, steps)))
+    return x
+
+
+def guided(model, labels, guidance: float, null_label: int):
+    """model_fn for `sample` with classifier-free guidance: out_uncond + w * (out_cond - out_uncond),
+    both halves in one batched call. guidance 1 is the plain conditional model."""
+
+    def model_fn(x, t):
+        both = model(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                     jnp.concatenate([labels, jnp.full_like(labels, null_label)]))
+        cond, uncond = jnp.split(both, 2)
+        return uncond + guidance * (cond - uncond)
+
+    return model_fn

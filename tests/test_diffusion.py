@@ -1,0 +1,107 @@
+"""The diffusion UNet and process against references: unsharded forward, NumPy closed forms, an
+oracle model for the sampler."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models import diffusion
+from models.unet import UNet, UNetConfig
+from pretrain import sharding
+
+SMALL = dict(base_channels=16, groups=4, num_heads=2)
+PRESETS = {
+    "digits 16x16, class-conditional": UNetConfig(image_size=16, channels=1, channel_mults=[1, 2], attention_resolutions=[8],
+                                                   num_classes=10, **SMALL),
+    "rgb 32x32, three levels, attention at two": UNetConfig(image_size=32, channels=3, channel_mults=[1, 2, 2],
+                                                             blocks_per_resolution=2, attention_resolutions=[16, 8], **SMALL),
+}
+
+
+def inputs(cfg, batch=8, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, cfg.image_size, cfg.image_size, cfg.channels)).astype(np.float32)
+    t = rng.integers(0, 1000, batch).astype(np.int32)
+    labels = rng.integers(0, cfg.num_classes + 1, batch).astype(np.int32) if cfg.num_classes else None
+    return x, t, labels
+
+
+def randomized(model):
+    """Zero-initialised output layers make a fresh UNet output 0: fill every parameter with noise."""
+    graphdef, state = nnx.split(model)
+    leaves, tree = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    return nnx.merge(graphdef, jax.tree.unflatten(tree, [0.2 * jax.random.normal(k, l.shape) for k, l in zip(keys, leaves)]))
+
+
+@pytest.mark.parametrize("cfg", PRESETS.values(), ids=PRESETS.keys())
+def test_unet_output_has_the_input_shape(cfg):
+    model = randomized(UNet(cfg, rngs=nnx.Rngs(0)))
+    x, t, labels = inputs(cfg, batch=2)
+    out = model(x, t, labels)
+    assert out.shape == x.shape and bool(jnp.all(jnp.isfinite(out))) and float(jnp.std(out)) > 1e-3
+
+
+def test_sharded_unet_equals_unsharded():
+    cfg = PRESETS["digits 16x16, class-conditional"]
+    model = randomized(UNet(cfg, rngs=nnx.Rngs(0)))
+    x, t, labels = inputs(cfg)
+    reference = np.asarray(model(x, t, labels))
+
+    mesh = sharding.make_mesh((2, 4))
+    graphdef, state = nnx.split(model)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.LOGICAL_RULES):
+        shardings = nnx.get_named_sharding(state, mesh)
+        state = jax.device_put(state, shardings)
+        kernel = state["down"][0]["conv1"]["kernel"][...]
+        assert tuple(kernel.sharding.spec) == (None, None, "data", "model")  # conv_in on data, conv_out on model
+        batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        forward = jax.jit(lambda s, x, t, y: nnx.merge(graphdef, s)(x, t, y))
+        out = forward(state, *(jax.device_put(a, batch) for a in (x, t, labels)))
+    np.testing.assert_allclose(np.asarray(out), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_schedules_noising_and_targets_match_closed_forms():
+    T = 1000
+    betas = np.linspace(1e-4, 0.02, T)
+    np.testing.assert_allclose(diffusion.alpha_bar("linear", T), np.array([np.prod(1 - betas[: i + 1]) for i in range(T)]), rtol=1e-12)
+    s = 0.008
+    f = lambda t: np.cos((t / T + s) / (1 + s) * np.pi / 2) ** 2
+    cosine = diffusion.alpha_bar("cosine", T)
+    np.testing.assert_allclose(cosine[:-1], f(np.arange(1, T)) / f(0), rtol=1e-6)  # the last beta is clipped at 0.999
+
+    rng = np.random.default_rng(0)
+    x0, eps = rng.uniform(-1, 1, (4, 8, 8, 3)), rng.standard_normal((4, 8, 8, 3))
+    t = np.array([0, 10, 500, 999])
+    a = cosine[t][:, None, None, None]
+    x_t = np.sqrt(a) * x0 + np.sqrt(1 - a) * eps
+    np.testing.assert_allclose(diffusion.noise(x0, t, eps, cosine), x_t, atol=1e-5)
+    np.testing.assert_allclose(diffusion.target("eps", x0, eps, t, cosine), eps, atol=1e-6)
+    np.testing.assert_allclose(diffusion.target("v", x0, eps, t, cosine), np.sqrt(a) * eps - np.sqrt(1 - a) * x0, atol=1e-5)
+    snr = cosine[t] / (1 - cosine[t])
+    np.testing.assert_allclose(diffusion.loss_weight("eps", t, cosine, 5.0), np.minimum(snr, 5) / snr, rtol=1e-4)
+    np.testing.assert_allclose(diffusion.loss_weight("v", t, cosine, 5.0), np.minimum(snr, 5) / (snr + 1), rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind, schedule", [("eps", "linear"), ("v", "cosine")])
+def test_ddim_with_an_oracle_model_recovers_x0_exactly(kind, schedule):
+    abar = diffusion.alpha_bar(schedule, 1000)
+    rng = np.random.default_rng(0)
+    x0 = jnp.asarray(rng.uniform(-1, 1, (4, 8, 8, 1)), jnp.float32)
+    eps = jnp.asarray(rng.standard_normal((4, 8, 8, 1)), jnp.float32)
+    t_last = jnp.full((4,), 999)
+    x_T = diffusion.noise(x0, t_last, eps, abar)
+    oracle = lambda x, t: diffusion.target(kind, x0, eps, t, abar)  # the true noise, as a perfect model would predict
+    out = jax.jit(lambda x: diffusion.sample(oracle, kind, abar, x, jax.random.key(0), steps=50, eta=0.0, clip=False))(x_T)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(x0), atol=1e-4)
+
+
+def test_classifier_free_guidance_mixes_conditional_and_unconditional():
+    model = lambda x, t, y: x * (y[:, None] + 1.0)  # output depends on the label; null label 10
+    x, t, y = jnp.ones((3, 2)), jnp.zeros(3, jnp.int32), jnp.array([0, 1, 2])
+    cond, uncond = model(x, t, y), model(x, t, jnp.full(3, 10))
+    np.testing.assert_allclose(diffusion.guided(model, y, 1.0, 10)(x, t), cond)
+    np.testing.assert_allclose(diffusion.guided(model, y, 0.0, 10)(x, t), uncond)
+    np.testing.assert_allclose(diffusion.guided(model, y, 3.0, 10)(x, t), uncond + 3.0 * (cond - uncond), rtol=1e-6)
