@@ -7,23 +7,11 @@ of the timesteps with the DDIM update; eta=0 is DDIM (deterministic), eta=1 is D
 sampler on that subsequence (Song et al., 2021). The loop is one lax.scan.
 """
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 SCHEDULES = ("linear", "cosine")
-TARGETS = ("eps", "v")
-SAMPLERS = {"ddim": 0.0, "ddpm": 1.0}  # sampler -> eta
-
-
-@dataclasses.dataclass
-class DiffusionConfig:
-    schedule: str = "cosine"
-    timesteps: int = 1000
-    target: str = "eps"
-    min_snr_gamma: float = 0.0  # > 0: weight the loss by min(SNR, gamma) / SNR-ish (Hang et al., 2023)
 
 
 def alpha_bar(schedule: str, timesteps: int) -> np.ndarray:

@@ -44,7 +44,7 @@ def train(cfg_path, overrides) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_lib.to_yaml(cfg))
         if trainer.task.tokenizer is not None:  # export and sample find it here
-            (out / export.TOKENIZER).write_bytes(trainer.task.tokenizer)
+            (out / prepare.TOKENIZER_FILE).write_bytes(trainer.task.tokenizer)
     return trainer.fit(plan)
 
 

@@ -16,17 +16,15 @@ from flax import nnx, traverse_util
 
 from data import prepare
 from data import tokenizer as tokenizer_lib
+from data.prepare import TOKENIZER_FILE
 from models.transformer import Transformer, TransformerConfig
 from pretrain import checkpoint, hf
 from pretrain import config as config_lib
 from pretrain.config import Config, ConfigError, RunConfig
 
-TOKENIZER = "tokenizer.model"  # kept beside config.yaml in a run dir, and in an export
-
 
 def _abstract_state(m: TransformerConfig):
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(m, rngs=nnx.Rngs(0))))
-    return graphdef, state
+    return nnx.split(nnx.eval_shape(lambda: Transformer(m, rngs=nnx.Rngs(0))))
 
 
 def _flat(state) -> dict:
@@ -44,19 +42,32 @@ def run_dir(directory: epath.Path) -> epath.Path:
     return directory.parent if directory.name == "checkpoints" else directory
 
 
+def _llm_config(directory: epath.Path, step: int) -> Config:
+    cfg = checkpoint.saved_config(directory, step)
+    if cfg.task != "llm":
+        raise ConfigError(f"{directory} holds a '{cfg.task}' model; this command handles language models (task llm)")
+    return cfg
+
+
+def _restore(directory: epath.Path, step: int, m: TransformerConfig, device) -> dict:
+    """Flat {path: array} of a checkpoint's parameters, on `device` (default: the first CPU device)."""
+    sharding = jax.sharding.SingleDeviceSharding(device or jax.devices("cpu")[0])
+    _, state = _abstract_state(m)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), state)
+    restored = checkpoint.restore_params(str(directory), abstract, step)
+    return _flat(jax.tree.unflatten(jax.tree.structure(abstract), jax.tree.leaves(restored)))  # may come back as dicts
+
+
+def _run_tokenizer(directory: epath.Path) -> bytes | None:
+    tokenizer = run_dir(directory) / TOKENIZER_FILE
+    return tokenizer.read_bytes() if tokenizer.exists() else None
+
+
 def from_checkpoint(path: str, step: int | None = None, device=None):
     """(config, flat {path: array} of parameters on `device`, tokenizer bytes or None) of a checkpoint."""
     directory, step = checkpoint.locate(path, step)
-    cfg = checkpoint.saved_config(directory, step)
-    if cfg.task != "llm":
-        raise ConfigError(f"{path} holds a '{cfg.task}' model; this command handles language models (task llm)")
-    sharding = jax.sharding.SingleDeviceSharding(device or jax.devices("cpu")[0])
-    _, state = _abstract_state(cfg.model)
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), state)
-    restored = checkpoint.restore_params(str(directory), abstract, step)
-    state = jax.tree.unflatten(jax.tree.structure(abstract), jax.tree.leaves(restored))  # may come back as dicts
-    tokenizer = run_dir(directory) / TOKENIZER
-    return cfg, _flat(state), tokenizer.read_bytes() if tokenizer.exists() else None
+    cfg = _llm_config(directory, step)
+    return cfg, _restore(directory, step, cfg.model, device), _run_tokenizer(directory)
 
 
 def hf_model_config(src: epath.Path) -> TransformerConfig:
@@ -72,7 +83,7 @@ def from_hf(path: str):
     m = hf_model_config(src)
     with hf.open_weights(src) as read:
         flat = hf.params_from_hf(m, read)
-    tokenizer = src / TOKENIZER
+    tokenizer = src / TOKENIZER_FILE
     return m, flat, tokenizer.read_bytes() if tokenizer.exists() else None
 
 
@@ -93,19 +104,22 @@ def export(path: str, out: str | None = None, *, step: int | None = None, dtype:
     """Write a checkpoint's parameters as a Hugging Face Llama directory (default: <run dir>/export)."""
     start = time.perf_counter()
     directory, step = checkpoint.locate(path, step)
-    out = epath.Path(out) if out else run_dir(directory) / "export"
-    prepare.check_output(out, overwrite)
-    cfg, flat, tokenizer = from_checkpoint(str(directory), step)
-    m = cfg.model
+    m = _llm_config(directory, step).model
     if m.embed_dim % m.num_heads:
         raise ConfigError(f"model.embed_dim={m.embed_dim} is not divisible by model.num_heads={m.num_heads}, "
                           "which transformers' LlamaConfig requires")
+    out = epath.Path(out) if out else run_dir(directory) / "export"
+    prepare.check_output(out, overwrite)
+    tokenizer = _run_tokenizer(directory)
     if tokenizer is None:
-        print(f"note: no {TOKENIZER} in {run_dir(directory)}; the export has no tokenizer")
+        print(f"note: no {TOKENIZER_FILE} in {run_dir(directory)}; the export has no tokenizer")
         special = {"bos_token_id": tokenizer_lib.BOS_ID, "eos_token_id": tokenizer_lib.EOS_ID}
     else:
-        sp = tokenizer_lib.load(tokenizer, TOKENIZER)
-        special = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": sp.pad_id()}
+        sp = tokenizer_lib.load(tokenizer, TOKENIZER_FILE)
+        special = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id()}
+        if sp.pad_id() >= 0:
+            special["pad_token_id"] = sp.pad_id()
+    flat = _restore(directory, step, m, None)
     with prepare.staged(out, overwrite, last="config.json") as stage:
         size = hf.write_weights(stage, hf.hf_tensors(m, flat), dtype, max_shard_bytes)
         (stage / "generation_config.json").write_text(json.dumps(special, indent=2))
@@ -126,11 +140,9 @@ def import_hf(path: str, out: str, *, overwrite: bool = False) -> dict:
     cfg = Config(task="llm", run=RunConfig(name=src.name or "imported", steps=1, output_dir=str(out)), model=m)
     if overwrite:
         checkpoint.clear_output_dir(cfg)
-    _, state = _abstract_state(m)
-    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(flat, sep="/"))
-    checkpoint.save_params(cfg, state)
+    checkpoint.save_params(cfg, nnx.state(_model(m, flat)))
     if tokenizer is not None:
-        (epath.Path(out) / TOKENIZER).write_bytes(tokenizer)
+        (epath.Path(out) / TOKENIZER_FILE).write_bytes(tokenizer)
     (epath.Path(out) / "config.yaml").write_text(config_lib.to_yaml(cfg))
     params = sum(int(np.prod(v.shape)) for v in flat.values())
     return {"out": out, "params": params, "seconds": time.perf_counter() - start}

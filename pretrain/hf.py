@@ -20,6 +20,7 @@ from etils import epath
 from safetensors import safe_open
 
 from data import tokenizer as tokenizer_lib
+from data.prepare import TOKENIZER_FILE
 from models.transformer import TransformerConfig
 from pretrain.config import ConfigError
 
@@ -88,7 +89,7 @@ def model_config(hf: dict, where) -> TransformerConfig:
 def tokenizer_files(model: bytes, max_len: int) -> dict[str, bytes]:
     """tokenizer.model plus a tokenizer_config.json under which `transformers` gives the same ids.
     A BPE model maps onto Llama's tokenizer class; a unigram one onto the generic converter."""
-    sp = tokenizer_lib.load(model, "tokenizer.model")
+    sp = tokenizer_lib.load(model, TOKENIZER_FILE)
     settings = tokenizer_lib.settings(model)
     config = {
         "tokenizer_class": "LlamaTokenizer" if settings["model_type"] == "bpe" else "TokenizersBackend",
@@ -104,7 +105,7 @@ def tokenizer_files(model: bytes, max_len: int) -> dict[str, bytes]:
     }
     if sp.pad_id() >= 0:
         config["pad_token"] = sp.id_to_piece(sp.pad_id())
-    return {"tokenizer.model": model, "tokenizer_config.json": json.dumps(config, indent=2).encode()}
+    return {TOKENIZER_FILE: model, "tokenizer_config.json": json.dumps(config, indent=2).encode()}
 
 
 # --- weights ---------------------------------------------------------------------------------

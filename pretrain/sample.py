@@ -4,9 +4,10 @@ import jax
 import numpy as np
 
 from data import tokenizer as tokenizer_lib
+from data.prepare import TOKENIZER_FILE
 from models.generate import generate
 from pretrain.config import ConfigError
-from pretrain.export import TOKENIZER, load_model
+from pretrain.export import load_model
 
 
 def sample_text(path: str, prompt: str, *, max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
@@ -19,8 +20,8 @@ def sample_text(path: str, prompt: str, *, max_new_tokens: int, temperature: flo
         raise ConfigError(f"--temperature={temperature} must be >= 0 (0: greedy)")
     model, tokenizer = load_model(path, step)
     if tokenizer is None:
-        raise ConfigError(f"{path} has no {TOKENIZER} next to the weights; sampling needs the model's tokenizer")
-    sp = tokenizer_lib.load(tokenizer, TOKENIZER)
+        raise ConfigError(f"{path} has no {TOKENIZER_FILE} next to the weights; sampling needs the model's tokenizer")
+    sp = tokenizer_lib.load(tokenizer, TOKENIZER_FILE)
     prompt_ids = [sp.bos_id()] + sp.encode(prompt)
     limit = model.cfg.max_seq_len
     if len(prompt_ids) + max_new_tokens > limit:

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data import corpus, pipeline, records
+from data.prepare import TOKENIZER_FILE
 from models.transformer import Transformer
 from pretrain.config import Config, ConfigError
 from pretrain.loss import cross_entropy
@@ -74,7 +75,7 @@ class LanguageModelTask:
         if sources["train"] is None:
             raise ConfigError(f"data.source={d.source} has no training records; prepare it with more text")
         self.manifest, self.sources = manifest, sources
-        self.tokenizer = (directory / "tokenizer.model").read_bytes()
+        self.tokenizer = (directory / TOKENIZER_FILE).read_bytes()
 
     def batches(self, split: str, process_index: int, process_count: int):
         """Endless iterator of this process's slice of each global batch; None if the split is empty.

@@ -12,10 +12,13 @@ import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from data import corpus
-from pretrain import cli, export
+from flax import nnx
 
-from conftest import REAL_DATA, ROOT, TINY
+from data import corpus
+from models.transformer import Transformer
+from pretrain import checkpoint, cli, export
+
+from conftest import REAL_DATA, ROOT, TINY, tiny_config
 from test_trainer import SMOKE
 
 torch.set_num_threads(2)
@@ -157,11 +160,20 @@ def nonempty(tmp):
     return tmp / "full"
 
 
+def indivisible_heads(tmp):
+    """A checkpoint whose embed_dim (36) transformers' LlamaConfig cannot split into 8 heads."""
+    cfg = tiny_config("model.embed_dim=36", "model.num_heads=8", f"run.output_dir={tmp / 'odd'}")
+    checkpoint.save_params(cfg, nnx.state(Transformer(cfg.model, rngs=nnx.Rngs(0))))
+    return tmp / "odd"
+
+
 BAD = {
     "no checkpoint": (lambda r, t: ["export", str(t), "--out", str(t / "x")], "holds no checkpoint"),
     "no such step": (lambda r, t: ["export", str(r["tied"][0]), "--step", "7", "--out", str(t / "x")],
                      r"has no checkpoint of step 7; it has steps \[30\]"),
     "non-empty --out": (lambda r, t: ["export", str(r["tied"][0]), "--out", str(nonempty(t))], "is not empty; pass --overwrite"),
+    "embed_dim not divisible by heads": (lambda r, t: ["export", str(indivisible_heads(t)), "--out", str(t / "x")],
+                                         "model.embed_dim=36 is not divisible by model.num_heads=8"),
     "import of another architecture": (lambda r, t: ["import-hf", str(gpt2_dir(t)), "--out", str(t / "x")],
                                        "holds a GPT2LMHeadModel model; import-hf reads LlamaForCausalLM"),
     "import into a non-empty --out": (lambda r, t: ["import-hf", str(r["tied"][1]), "--out", str(nonempty(t))], "is not empty"),
