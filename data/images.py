@@ -45,6 +45,20 @@ def to_array(record: bytes, size: int, channels: int) -> dict:
     return {"images": pixels / 127.5 - 1.0, "labels": np.int32(label)}
 
 
+def grid_png(batch: np.ndarray, columns: int) -> bytes:
+    """[N, H, W, C] images in [-1, 1] as one PNG, row-major in a grid of `columns` with 2-pixel gaps."""
+    n, h, w, c = batch.shape
+    rows = -(-n // columns)
+    pixels = np.round((np.clip(batch, -1, 1) + 1) * 127.5).astype(np.uint8)
+    grid = np.zeros((rows * (h + 2) + 2, columns * (w + 2) + 2, c), np.uint8)
+    for i, image in enumerate(pixels):
+        top, left = 2 + (i // columns) * (h + 2), 2 + (i % columns) * (w + 2)
+        grid[top : top + h, left : left + w] = image
+    buffer = io.BytesIO()
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def random_flip(example: dict, rng: np.random.Generator) -> dict:
     if rng.random() < 0.5:
         example = {**example, "images": example["images"][:, ::-1]}

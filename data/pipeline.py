@@ -101,3 +101,11 @@ def synthetic(vocab_size: int, seq_len: int, batch: int, seed: int):
     while True:
         tokens = rng.integers(4, vocab_size, (batch, seq_len + 1), dtype=np.int32)
         yield {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": ones, "positions": positions}
+
+
+def synthetic_images(size: int, channels: int, num_classes: int, batch: int, seed: int):
+    """Random images in [-1, 1] (and labels, -1 if unconditional) of the right shape, for benchmarks."""
+    rng = np.random.default_rng(seed)
+    while True:
+        labels = rng.integers(0, num_classes, batch, dtype=np.int32) if num_classes else np.full(batch, -1, np.int32)
+        yield {"images": rng.uniform(-1, 1, (batch, size, size, channels)).astype(np.float32), "labels": labels}

@@ -97,7 +97,7 @@ def read_documents(path: epath.Path):
             yield text
 
 
-def _digest(content: bytes) -> bytes:
+def digest(content: bytes) -> bytes:
     return hashlib.sha256(content).digest()[:16]
 
 
@@ -110,7 +110,7 @@ def sample_texts(files, max_bytes: int, val_fraction: float) -> list[str]:
     texts, total = [], 0
     for path in files:
         for text in read_documents(path):
-            if not is_validation(_digest(text.encode()), val_fraction):
+            if not is_validation(digest(text.encode()), val_fraction):
                 texts.append(text)
                 total += len(text)
             if total >= max_bytes:
@@ -130,7 +130,7 @@ def _init_tokenizer(model: bytes):
 
 def _encode_file(path: str) -> list[tuple[bytes, np.ndarray]]:
     docs = list(read_documents(epath.Path(path)))
-    return [(_digest(d.encode()), np.asarray(ids, np.int32)) for d, ids in zip(docs, _SP.encode(docs))]
+    return [(digest(d.encode()), np.asarray(ids, np.int32)) for d, ids in zip(docs, _SP.encode(docs))]
 
 
 def _check_image(path: str) -> tuple[bytes, bytes]:
@@ -139,7 +139,7 @@ def _check_image(path: str) -> tuple[bytes, bytes]:
         images.decode(content)
     except Exception:  # noqa: BLE001 - PIL raises many types for broken files
         raise DataError(f"{path} is not a readable PNG/JPEG image; remove it from --input") from None
-    return _digest(content), content
+    return digest(content), content
 
 
 def _map(fn, items: list[str], workers: int, init=None, init_args=()):
@@ -322,3 +322,20 @@ def prepare_images(
         }
         write_manifest(stage, manifest)
     return manifest
+
+
+def image_directory(directory: str, val_fraction: float) -> tuple[list[str], dict]:
+    """(class names, {"train": source or None, "validation": ...}) to train straight from a directory
+    of PNG/JPEG files, split by a hash of each file's path below the directory."""
+    root = epath.Path(directory)
+    files = sorted(f for f in _walk(root) if f.suffix.lower() in images.SUFFIXES)
+    if not files:
+        raise DataError(f"data.source={directory} holds no PNG or JPEG images; point it at a directory of images "
+                        "(one subdirectory per class for labels) or a dataset from `pretrain prepare images`")
+    classes, labels = images.labels_from_directories(files)
+    splits = {s: ([], []) for s in SPLITS}
+    for f, label in zip(files, labels):
+        split = "validation" if is_validation(digest(str(f.relative_to(root)).encode()), val_fraction) else "train"
+        splits[split][0].append(f)
+        splits[split][1].append(label)
+    return classes, {s: images.FileSource(f, l) if f else None for s, (f, l) in splits.items()}

@@ -7,11 +7,15 @@ of the timesteps with the DDIM update; eta=0 is DDIM (deterministic), eta=1 is D
 sampler on that subsequence (Song et al., 2021). The loop is one lax.scan.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 SCHEDULES = ("linear", "cosine")
+TARGETS = ("eps", "v")
 
 
 def alpha_bar(schedule: str, timesteps: int) -> np.ndarray:
@@ -104,3 +108,20 @@ def guided(model, labels, guidance: float, null_label: int):
         return uncond + guidance * (cond - uncond)
 
     return model_fn
+
+
+@functools.partial(nnx.jit, static_argnames=("schedule", "timesteps", "kind", "num", "steps", "eta", "guidance"))
+def generate(model, labels, key, *, schedule: str, timesteps: int, kind: str, num: int, steps: int, eta: float,
+             guidance: float):
+    """`num` images [num, H, W, C] in [-1, 1] from a UNet: noise drawn from `key`, then `steps` sampler
+    updates. labels [num] for a class-conditional model (guided unless guidance is 1), else None."""
+    cfg = model.cfg
+    noise_key, sample_key = jax.random.split(key)
+    x_T = jax.random.normal(noise_key, (num, cfg.image_size, cfg.image_size, cfg.channels))
+    if labels is None:
+        model_fn = lambda x, t: model(x, t)  # noqa: E731
+    elif guidance == 1.0:
+        model_fn = lambda x, t: model(x, t, labels)  # noqa: E731
+    else:
+        model_fn = guided(model, labels, guidance, cfg.num_classes)
+    return sample(model_fn, kind, alpha_bar(schedule, timesteps), x_T, sample_key, steps=steps, eta=eta)

@@ -1,8 +1,8 @@
 """Asynchronous Orbax checkpoints under run.output_dir/checkpoints/<step>/, local or gs://.
 
-Each step holds four items: `params` (the model), `optimizer` (its state and step count),
-`data` (the Grain iterator's position, one file per process) and `config` (the resolved
-config as JSON). Params are a separate item so that a run can start from another run's
+Each step holds the items `params` (the model), `optimizer` (its state and step count),
+`ema` (the moving average of the parameters, if the run keeps one), `data` (the Grain
+iterator's position, one file per process) and `config` (the resolved config as JSON). Params are a separate item so that a run can start from another run's
 (or an imported model's) weights with a fresh optimizer. Orbax writes each step into a
 temporary directory and commits it only when complete, so a kill mid-save leaves the
 previous steps intact and the partial one invisible to a resume (`committed_steps`).
@@ -17,6 +17,9 @@ from etils import epath
 
 from pretrain import config as config_lib
 from pretrain.config import Config, ConfigError
+
+
+STATE_ITEMS = ("params", "optimizer", "ema")  # the parts of the train state, in order
 
 
 def _manager(directory: epath.Path, cfg: Config) -> ocp.CheckpointManager:
@@ -53,27 +56,22 @@ class Checkpointer:
     def save(self, step: int, state, data_iterator) -> float:
         """Start saving `step`; returns the seconds the loop was blocked (the device-to-host copy)."""
         start = time.perf_counter()
-        items = {
-            "params": ocp.args.StandardSave(state[0]),
-            "optimizer": ocp.args.StandardSave(state[1]),
-            "config": ocp.args.JsonSave(config_lib.to_dict(self.cfg)),
-        }
+        items = {name: ocp.args.StandardSave(state[i]) for i, name in enumerate(STATE_ITEMS[: len(state)])}
+        items["config"] = ocp.args.JsonSave(config_lib.to_dict(self.cfg))
         if hasattr(data_iterator, "get_state"):  # synthetic batches have no position to keep
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         return time.perf_counter() - start
 
-    def restore(self, step: int, abstract_state, data_iterator):
-        """The full state of `step`, placed straight into the shardings of `abstract_state`; the
-        data iterator is moved to where it was."""
-        items = {
-            "params": ocp.args.StandardRestore(abstract_state[0]),
-            "optimizer": ocp.args.StandardRestore(abstract_state[1]),
-        }
+    def restore(self, step: int, abstract_state, data_iterator) -> list:
+        """The parts of the state of `step` (STATE_ITEMS), placed straight into the shardings of
+        `abstract_state`; the data iterator is moved to where it was."""
+        names = STATE_ITEMS[: len(abstract_state)]
+        items = {name: ocp.args.StandardRestore(abstract_state[i]) for i, name in enumerate(names)}
         if hasattr(data_iterator, "set_state") and "data" in self._items(step):
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return restored["params"], restored["optimizer"]
+        return [restored[name] for name in names]
 
     def _items(self, step: int) -> set[str]:
         return {p.name for p in (self.manager.directory / str(step)).iterdir()}
@@ -111,11 +109,11 @@ def saved_config(directory: epath.Path, step: int) -> Config:
     return config_lib.from_dict(tree)
 
 
-def restore_params(path: str, abstract_params, step: int | None = None):
-    """Only the model parameters of a checkpoint (see `locate` for which step), into the shardings
-    of `abstract_params`."""
+def restore_params(path: str, abstract_params, step: int | None = None, item: str = "params"):
+    """Only the model parameters (or, item="ema", their moving average) of a checkpoint (see `locate`
+    for which step), into the shardings of `abstract_params`."""
     directory, step = locate(path, step)
-    return ocp.StandardCheckpointer().restore(directory / str(step) / "params", abstract_params)
+    return ocp.StandardCheckpointer().restore(directory / str(step) / item, abstract_params)
 
 
 def save_params(cfg: Config, params):

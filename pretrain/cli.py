@@ -17,7 +17,7 @@ from pretrain.config import ConfigError
 from pretrain.tasks import TASKS
 from pretrain.trainer import Trainer
 
-SMOKE_OVERRIDES = {"llm": ["runtime.fake_cpu_devices=8", "run.output_dir=runs/smoke-llm"]}
+SMOKE_OVERRIDES = {family: ["runtime.fake_cpu_devices=8", f"run.output_dir=runs/smoke-{family}"] for family in ("llm", "diffusion")}
 
 
 def build(cfg: config_lib.Config) -> Trainer:
@@ -25,7 +25,7 @@ def build(cfg: config_lib.Config) -> Trainer:
     runtime.setup(cfg)  # before anything asks JAX for its devices
     shape = config_lib.validate(cfg, jax.device_count(), jax.default_backend())
     mesh = sharding.make_mesh(shape)
-    rules = sharding.axis_rules(cfg.model.num_kv_heads, shape[1])
+    rules = sharding.axis_rules(cfg.model.num_kv_heads, shape[1]) if cfg.task == "llm" else sharding.LOGICAL_RULES
     task = TASKS[cfg.task](cfg)
     task.prepare(shape[1])
     return Trainer(cfg, task, mesh, rules)
@@ -43,8 +43,9 @@ def train(cfg_path, overrides) -> dict:
         out = epath.Path(cfg.run.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_lib.to_yaml(cfg))
-        if trainer.task.tokenizer is not None:  # export and sample find it here
-            (out / prepare.TOKENIZER_FILE).write_bytes(trainer.task.tokenizer)
+        tokenizer = getattr(trainer.task, "tokenizer", None)
+        if tokenizer is not None:  # export and sample find it here
+            (out / prepare.TOKENIZER_FILE).write_bytes(tokenizer)
     return trainer.fit(plan)
 
 
@@ -82,7 +83,8 @@ def _prepare_parser(sub):
 
 
 def _serving_parsers(sub):
-    p = sub.add_parser("export", help="write a checkpoint's weights as a Hugging Face Llama directory")
+    p = sub.add_parser("export", help="write a checkpoint's weights for serving: a Hugging Face Llama directory, or a "
+                                      "UNet's EMA weights and config")
     p.add_argument("checkpoint", help="run directory, its checkpoints/ or one step's directory; local or gs://")
     p.add_argument("--out", help="output directory, local or gs:// (default: <run dir>/export)")
     p.add_argument("--step", type=int, help="which step (default: the latest)")
@@ -93,14 +95,22 @@ def _serving_parsers(sub):
     p.add_argument("hf_dir", help="directory with config.json and safetensors weights; local or gs://")
     p.add_argument("--out", required=True, help="new run directory; train from it with checkpoint.resume_from=OUT")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p = sub.add_parser("sample", help="generate text from a checkpoint or an exported directory")
+    p = sub.add_parser("sample", help="generate text or images from a checkpoint or an exported directory")
     p.add_argument("checkpoint", help="run directory, checkpoints/ or step directory, or an exported directory")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step", type=int, help="which checkpoint step (default: the latest)")
-    p.add_argument("--json", action="store_true", help='print one line {"prompt_ids": [...], "ids": [...], "text": "..."}')
+    text = p.add_argument_group("language model")
+    text.add_argument("--prompt")
+    text.add_argument("--max-new-tokens", type=int, default=64)
+    text.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    text.add_argument("--json", action="store_true", help='print one line {"prompt_ids": [...], "ids": [...], "text": "..."}')
+    image = p.add_argument_group("diffusion")
+    image.add_argument("--num", type=int, default=64, help="how many images")
+    image.add_argument("--steps", type=int, help="sampler steps (default: the run's diffusion.sample_steps)")
+    image.add_argument("--class", dest="label", type=int, help="class of every image (default: cycle through the classes)")
+    image.add_argument("--guidance", type=float, help="classifier-free guidance weight (default: the run's diffusion.guidance)")
+    image.add_argument("--out", default="samples", help="directory for samples.png, samples.npy and labels.npy")
+    image.add_argument("--overwrite", action="store_true", help="replace samples already in --out")
 
 
 def run_serving(args):
@@ -112,7 +122,16 @@ def run_serving(args):
         r = export.import_hf(args.hf_dir, args.out, overwrite=args.overwrite)
         print(f"imported {r['params']:,} parameters into {r['out']} in {r['seconds']:.1f} s; train from them with "
               f"`pretrain train {r['out']}/config.yaml checkpoint.resume_from={r['out']} run.output_dir=RUN data.source=DATA`")
+    elif export.task_of(args.checkpoint) == "diffusion":
+        if args.prompt is not None:
+            raise ConfigError(f"{args.checkpoint} holds a diffusion model, which takes no --prompt; use --num, --class, --steps")
+        r = sample.sample_images(args.checkpoint, args.out, num=args.num, steps=args.steps, label=args.label,
+                                 guidance=args.guidance, seed=args.seed, step=args.step, overwrite=args.overwrite)
+        print(f"wrote {r['num']} samples ({r['steps']} steps, guidance {r['guidance']}) to {r['out']}/samples.png, "
+              "samples.npy and labels.npy")
     else:
+        if args.prompt is None:
+            raise ConfigError(f"{args.checkpoint} holds a language model; pass --prompt TEXT")
         r = sample.sample_text(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
                                temperature=args.temperature, seed=args.seed, step=args.step)
         print(json.dumps(r) if args.json else args.prompt + r["text"])

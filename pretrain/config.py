@@ -14,9 +14,11 @@ from pathlib import Path
 
 import yaml
 
-from models.layers import REMAT_POLICIES
 from models.attention import BACKENDS
+from models.diffusion import SCHEDULES, TARGETS
+from models.layers import REMAT_POLICIES
 from models.transformer import TransformerConfig
+from models.unet import UNetConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -59,6 +61,18 @@ class DataConfig:
 
 
 @dataclasses.dataclass
+class ImageDataConfig:
+    # digits: scikit-learn's bundled handwritten digits (1,797 8x8 images, 10 classes), upscaled;
+    # synthetic: random images of the right shape; anything else: a directory (local or gs://),
+    # either from `pretrain prepare images` or of PNG/JPEG files (class subdirectories give labels).
+    source: str = "digits"
+    workers: int = 0  # Grain worker processes that decode and augment (0: in the training process)
+    cache_dir: str = "~/.cache/pretrain"  # local copies of gs:// datasets
+    augment: bool = True  # random horizontal flips (off for digits, which flipping changes)
+    val_fraction: float = 0.1  # digits and plain image directories: share of images held out
+
+
+@dataclasses.dataclass
 class ParamGroup:
     pattern: str  # regex searched in the parameter path, e.g. "layers/attn_norm/scale"
     weight_decay: float | None = None  # None: optim.weight_decay
@@ -89,6 +103,9 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0  # 0: no periodic eval (a final eval still runs if there is held-out data)
     eval_batches: int = 4
+    # > 0: keep an exponential moving average of the parameters, with decay min(ema_decay,
+    # (1 + n) / (10 + n)) at update n so that early updates are not swamped by the random start.
+    ema_decay: float = 0.0
 
 
 @dataclasses.dataclass
@@ -117,6 +134,33 @@ class Config:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
 
 
+@dataclasses.dataclass
+class DiffusionConfig:
+    schedule: str = "cosine"  # of alpha_bar: cosine or linear
+    timesteps: int = 1000
+    target: str = "v"  # what the UNet predicts: eps or v
+    min_snr_gamma: float = 5.0  # min-SNR-gamma loss weighting; 0: plain mean squared error
+    label_dropout: float = 0.1  # share of training labels replaced by "no label", for classifier-free guidance
+    sample_steps: int = 50  # sampler steps for the eval grid (and `pretrain sample`'s default)
+    eta: float = 0.0  # 0: deterministic DDIM, 1: DDPM
+    guidance: float = 1.0  # classifier-free guidance weight; 1: the plain conditional model
+    sample_num: int = 40  # images in the eval grid
+
+
+@dataclasses.dataclass
+class DiffusionRun(Config):
+    """The config of a diffusion run: the shared sections, a UNet for the model, image data, and
+    the diffusion process."""
+
+    task: str = "diffusion"
+    model: UNetConfig = dataclasses.field(default_factory=UNetConfig)
+    data: ImageDataConfig = dataclasses.field(default_factory=ImageDataConfig)
+    diffusion: DiffusionConfig = dataclasses.field(default_factory=DiffusionConfig)
+
+
+CONFIGS = {"llm": Config, "diffusion": DiffusionRun}  # by `task`
+
+
 # --- building a config from YAML and overrides --------------------------------------------
 
 
@@ -138,30 +182,30 @@ def _all_keys(cls, prefix=""):
             yield f"{prefix}{_key(f.name)}"
 
 
-def _unknown(key: str) -> ConfigError:
-    near = difflib.get_close_matches(key, list(_all_keys(Config)), n=1, cutoff=0.5)
+def _unknown(key: str, cls=Config) -> ConfigError:
+    near = difflib.get_close_matches(key, list(_all_keys(cls)), n=1, cutoff=0.5)
     hint = f"; did you mean '{near[0]}'?" if near else ""
     return ConfigError(f"unknown config key '{key}'{hint}")
 
 
-def _convert(key: str, hint, value):
+def _convert(key: str, hint, value, root):
     """Coerce a YAML value or a command-line string to the field's type, or say why not."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             if type(None) in args:
                 return None
-        return _convert(key, next(a for a in args if a is not type(None)), value)
+        return _convert(key, next(a for a in args if a is not type(None)), value, root)
     if origin is list:
         if isinstance(value, str):
             value = yaml.safe_load(value)
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}' wants a list, got {value!r}")
-        return [_convert(f"{key}[{i}]", args[0], v) for i, v in enumerate(value)]
+        return [_convert(f"{key}[{i}]", args[0], v, root) for i, v in enumerate(value)]
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' wants a mapping, got {value!r}")
-        return _build(hint, value, f"{key}.")
+        return _build(hint, value, f"{key}.", root)
     try:
         if hint is bool:
             if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
@@ -186,14 +230,14 @@ def _convert(key: str, hint, value):
     raise TypeError(f"unsupported config type {hint} for {key}")
 
 
-def _build(cls, values: dict, prefix: str = ""):
+def _build(cls, values: dict, prefix: str = "", root=Config):
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
         name = _field(key)
         if name not in hints:
-            raise _unknown(prefix + key)
-        kwargs[name] = _convert(prefix + key, hints[name], value)
+            raise _unknown(prefix + key, root)
+        kwargs[name] = _convert(prefix + key, hints[name], value, root)
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required field is missing
@@ -232,8 +276,12 @@ def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
 
 
 def from_dict(tree: dict) -> Config:
-    """A typed Config from plain data (YAML or a checkpoint's JSON), every value checked."""
-    return _build(Config, tree)
+    """A typed Config from plain data (YAML or a checkpoint's JSON), every value checked; its
+    `task` picks the schema (CONFIGS)."""
+    task = tree.get("task", "llm")
+    if task not in CONFIGS:
+        raise ConfigError(f"task='{task}' is not known; use one of {sorted(CONFIGS)}")
+    return _build(CONFIGS[task], tree, root=CONFIGS[task])
 
 
 def to_dict(cfg) -> dict:
@@ -284,12 +332,13 @@ def _require(ok: bool, message: str):
 
 def validate(cfg: Config, num_devices: int, platform: str) -> tuple[int, int]:
     """Check everything that would otherwise fail later, deep inside a compile. Returns the mesh shape."""
-    _require(cfg.task == "llm", f"task='{cfg.task}' is not known; use task=llm")
+    _require(cfg.task in CONFIGS, f"task='{cfg.task}' is not known; use one of {sorted(CONFIGS)}")
     _require(cfg.run.steps > 0, f"run.steps={cfg.run.steps} must be positive")
     _require(cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr} must be positive")
     _require(cfg.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
     _require(cfg.train.log_every > 0, "train.log_every must be positive")
     _require(cfg.train.microbatches > 0, "train.microbatches must be positive")
+    _require(0 <= cfg.train.ema_decay < 1, f"train.ema_decay={cfg.train.ema_decay} must be in [0, 1); 0 turns the EMA off")
     data, model = mesh_shape(cfg, num_devices)
 
     m = cfg.model
@@ -298,12 +347,35 @@ def validate(cfg: Config, num_devices: int, platform: str) -> tuple[int, int]:
         not (m.remat == "offload" and platform == "cpu"),
         "model.remat=offload needs host offload, which the CPU backend lacks; use model.remat=full or dots",
     )
+    _require(m.dtype in ("float32", "bfloat16", "float16"), f"model.dtype='{m.dtype}' must be float32, bfloat16 or float16")
+    _require(cfg.data.workers >= 0, f"data.workers={cfg.data.workers} must be >= 0")
+    for key in ("every", "keep", "keep_every"):
+        _require(getattr(cfg.checkpoint, key) >= 0, f"checkpoint.{key}={getattr(cfg.checkpoint, key)} must be >= 0")
+    per_step = data * cfg.train.microbatches
+    _require(
+        cfg.train.global_batch % per_step == 0,
+        f"train.global_batch={cfg.train.global_batch} is not divisible by the data axis x microbatches "
+        f"({data} x {cfg.train.microbatches} = {per_step}); change train.global_batch",
+    )
+    for i, g in enumerate(cfg.optim.groups):
+        try:
+            re.compile(g.pattern)
+        except re.error as e:
+            raise ConfigError(f"optim.groups[{i}].pattern '{g.pattern}' is not a valid regex: {e}") from None
+    if cfg.task == "llm":
+        _validate_transformer(cfg, data, model, platform)
+    else:
+        _validate_unet(cfg, data, model)
+    return data, model
+
+
+def _validate_transformer(cfg: Config, data: int, model: int, platform: str):
+    m = cfg.model
     _require(m.attention in BACKENDS, f"model.attention='{m.attention}' is unknown; use one of {sorted(BACKENDS)}")
     _require(
         not (m.attention == "cudnn" and platform != "gpu"),
         f"model.attention=cudnn needs an NVIDIA GPU (this is {platform}); use model.attention=xla",
     )
-    _require(m.dtype in ("float32", "bfloat16", "float16"), f"model.dtype='{m.dtype}' must be float32, bfloat16 or float16")
     for key in ("num_layers", "embed_dim", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "vocab_size", "max_seq_len"):
         _require(getattr(m, key) > 0, f"model.{key} must be positive")
     _require(m.head_dim % 2 == 0, f"model.head_dim={m.head_dim} must be even for rotary embeddings")
@@ -331,18 +403,45 @@ def validate(cfg: Config, num_devices: int, platform: str) -> tuple[int, int]:
         f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower data.seq_len",
     )
     _require(cfg.data.seq_len > 0, "data.seq_len must be positive")
-    _require(cfg.data.workers >= 0, f"data.workers={cfg.data.workers} must be >= 0")
-    for key in ("every", "keep", "keep_every"):
-        _require(getattr(cfg.checkpoint, key) >= 0, f"checkpoint.{key}={getattr(cfg.checkpoint, key)} must be >= 0")
-    per_step = data * cfg.train.microbatches
+
+
+def _validate_unet(cfg: DiffusionRun, data: int, model: int):
+    m, d = cfg.model, cfg.diffusion
+    for key in ("image_size", "base_channels", "blocks_per_resolution", "num_heads", "groups"):
+        _require(getattr(m, key) > 0, f"model.{key}={getattr(m, key)} must be positive")
+    _require(m.channels in (1, 3), f"model.channels={m.channels} must be 1 (grayscale) or 3 (RGB)")
+    _require(m.num_classes >= 0, f"model.num_classes={m.num_classes} must be >= 0 (0: unconditional)")
+    _require(bool(m.channel_mults) and min(m.channel_mults) > 0, "model.channel_mults must be a non-empty list of positive ints")
+    downsamples = len(m.channel_mults) - 1
     _require(
-        cfg.train.global_batch % per_step == 0,
-        f"train.global_batch={cfg.train.global_batch} is not divisible by the data axis x microbatches "
-        f"({data} x {cfg.train.microbatches} = {per_step}); change train.global_batch",
+        m.image_size % 2**downsamples == 0,
+        f"model.image_size={m.image_size} is not divisible by 2^{downsamples}={2**downsamples}, which the "
+        f"{downsamples} downsamples of model.channel_mults={m.channel_mults} need; change one of them",
     )
-    for i, g in enumerate(cfg.optim.groups):
-        try:
-            re.compile(g.pattern)
-        except re.error as e:
-            raise ConfigError(f"optim.groups[{i}].pattern '{g.pattern}' is not a valid regex: {e}") from None
-    return data, model
+    for r in m.attention_resolutions:
+        _require(
+            r in m.resolutions,
+            f"model.attention_resolutions has {r}, which is not among the model's resolutions {m.resolutions}; "
+            "list only those",
+        )
+    for mult in sorted(set(m.channel_mults)):
+        c = m.base_channels * mult
+        where = f"channels={c} (model.base_channels x {mult})"
+        _require(c % m.groups == 0, f"{where} are not divisible by model.groups={m.groups}; change model.groups")
+        _require(c % model == 0, f"{where} are not divisible by the model axis ({model}); change model.base_channels or mesh.model")
+        _require(c % data == 0, f"{where} are not divisible by the data axis ({data}), which shards parameters (FSDP); "
+                                "change model.base_channels or mesh.data")
+        _require(c % m.num_heads == 0, f"{where} are not divisible by model.num_heads={m.num_heads}; change model.num_heads")
+    _require(d.schedule in SCHEDULES, f"diffusion.schedule='{d.schedule}' is unknown; use one of {list(SCHEDULES)}")
+    _require(d.target in TARGETS, f"diffusion.target='{d.target}' is unknown; use one of {list(TARGETS)}")
+    _require(d.timesteps > 1, f"diffusion.timesteps={d.timesteps} must be at least 2")
+    _require(d.min_snr_gamma >= 0, f"diffusion.min_snr_gamma={d.min_snr_gamma} must be >= 0 (0: off)")
+    _require(0 <= d.label_dropout < 1, f"diffusion.label_dropout={d.label_dropout} must be in [0, 1)")
+    _require(0 < d.sample_steps <= d.timesteps, f"diffusion.sample_steps={d.sample_steps} must be in [1, diffusion.timesteps]")
+    _require(0 <= d.eta <= 1, f"diffusion.eta={d.eta} must be in [0, 1] (0: DDIM, 1: DDPM)")
+    _require(d.guidance >= 0, f"diffusion.guidance={d.guidance} must be >= 0")
+    _require(
+        d.sample_num > 0 and d.sample_num % data == 0,
+        f"diffusion.sample_num={d.sample_num} must be a positive multiple of the data axis ({data})",
+    )
+    _require(0 <= cfg.data.val_fraction < 1, f"data.val_fraction={cfg.data.val_fraction} must be in [0, 1)")

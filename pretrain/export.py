@@ -1,6 +1,7 @@
-"""Weights for serving and back: `pretrain export` (a checkpoint's parameters -> a Hugging Face
-Llama directory), `pretrain import-hf` (such a directory -> a checkpoint training can start
-from), and loading a model from either for sampling.
+"""Weights for serving and back: `pretrain export` (a language model's checkpoint -> a Hugging
+Face Llama directory; a UNet's -> model.safetensors of its EMA weights plus a config.json),
+`pretrain import-hf` (a Llama directory -> a checkpoint training can start from), and loading
+a model from a checkpoint or an export for sampling.
 
 Only parameters are read (no optimizer state, no data), onto one host device: export needs
 neither the training data nor the training mesh.
@@ -18,22 +19,28 @@ from data import prepare
 from data import tokenizer as tokenizer_lib
 from data.prepare import TOKENIZER_FILE
 from models.transformer import Transformer, TransformerConfig
+from models.unet import UNet, UNetConfig
 from pretrain import checkpoint, hf
 from pretrain import config as config_lib
-from pretrain.config import Config, ConfigError, RunConfig
+from pretrain.config import Config, ConfigError, DiffusionConfig, RunConfig
+
+UNET = "UNet"  # config.json's "architecture" of an exported UNet
 
 
-def _abstract_state(m: TransformerConfig):
-    return nnx.split(nnx.eval_shape(lambda: Transformer(m, rngs=nnx.Rngs(0))))
+def _abstract_state(m: TransformerConfig | UNetConfig):
+    cls = UNet if isinstance(m, UNetConfig) else Transformer
+    return nnx.split(nnx.eval_shape(lambda: cls(m, rngs=nnx.Rngs(0))))
 
 
 def _flat(state) -> dict:
-    return traverse_util.flatten_dict(nnx.to_pure_dict(state), sep="/")
+    """{"a/b/0/c": array}: list indices (the UNet's blocks) become path parts like any name."""
+    return {"/".join(map(str, k)): v for k, v in traverse_util.flatten_dict(nnx.to_pure_dict(state)).items()}
 
 
-def _model(m: TransformerConfig, flat: dict) -> Transformer:
+def _model(m: TransformerConfig | UNetConfig, flat: dict):
     graphdef, state = _abstract_state(m)
-    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(flat, sep="/"))
+    keys = traverse_util.flatten_dict(nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict({k: flat["/".join(map(str, k))] for k in keys}))
     return nnx.merge(graphdef, state)
 
 
@@ -49,12 +56,13 @@ def _llm_config(directory: epath.Path, step: int) -> Config:
     return cfg
 
 
-def _restore(directory: epath.Path, step: int, m: TransformerConfig, device) -> dict:
-    """Flat {path: array} of a checkpoint's parameters, on `device` (default: the first CPU device)."""
+def _restore(directory: epath.Path, step: int, m, device, item: str = "params") -> dict:
+    """Flat {path: array} of a checkpoint's parameters (or their EMA), on `device` (default: the first
+    CPU device)."""
     sharding = jax.sharding.SingleDeviceSharding(device or jax.devices("cpu")[0])
     _, state = _abstract_state(m)
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), state)
-    restored = checkpoint.restore_params(str(directory), abstract, step)
+    restored = checkpoint.restore_params(str(directory), abstract, step, item)
     return _flat(jax.tree.unflatten(jax.tree.structure(abstract), jax.tree.leaves(restored)))  # may come back as dicts
 
 
@@ -87,6 +95,14 @@ def from_hf(path: str):
     return m, flat, tokenizer.read_bytes() if tokenizer.exists() else None
 
 
+def task_of(path: str) -> str:
+    """"llm" or "diffusion": what a checkpoint or an exported directory holds."""
+    config_json = epath.Path(path) / "config.json"
+    if config_json.exists():
+        return "diffusion" if json.loads(config_json.read_text()).get("architecture") == UNET else "llm"
+    return checkpoint.saved_config(*checkpoint.locate(path)).task
+
+
 def load_model(path: str, step: int | None = None):
     """(model, tokenizer bytes or None) from a checkpoint or an exported directory, on the default device."""
     device = jax.devices()[0]
@@ -104,11 +120,14 @@ def export(path: str, out: str | None = None, *, step: int | None = None, dtype:
     """Write a checkpoint's parameters as a Hugging Face Llama directory (default: <run dir>/export)."""
     start = time.perf_counter()
     directory, step = checkpoint.locate(path, step)
-    m = _llm_config(directory, step).model
+    cfg = checkpoint.saved_config(directory, step)
+    out = epath.Path(out) if out else run_dir(directory) / "export"
+    if cfg.task == "diffusion":
+        return _export_unet(cfg, directory, step, out, dtype=dtype, overwrite=overwrite, start=start)
+    m = cfg.model
     if m.embed_dim % m.num_heads:
         raise ConfigError(f"model.embed_dim={m.embed_dim} is not divisible by model.num_heads={m.num_heads}, "
                           "which transformers' LlamaConfig requires")
-    out = epath.Path(out) if out else run_dir(directory) / "export"
     prepare.check_output(out, overwrite)
     tokenizer = _run_tokenizer(directory)
     if tokenizer is None:
@@ -146,3 +165,43 @@ def import_hf(path: str, out: str, *, overwrite: bool = False) -> dict:
     (epath.Path(out) / "config.yaml").write_text(config_lib.to_yaml(cfg))
     params = sum(int(np.prod(v.shape)) for v in flat.values())
     return {"out": out, "params": params, "seconds": time.perf_counter() - start}
+
+
+# --- the UNet: its EMA weights (the ones that sample well) and its config --------------------
+
+
+def _weights_item(directory: epath.Path, step: int) -> str:
+    """The EMA of the parameters if the run kept one, else the parameters."""
+    return "ema" if (directory / str(step) / "ema").exists() else "params"
+
+
+def _export_unet(cfg, directory: epath.Path, step: int, out: epath.Path, *, dtype: str, overwrite: bool,
+                 start: float) -> dict:
+    prepare.check_output(out, overwrite)
+    item = _weights_item(directory, step)
+    flat = _restore(directory, step, cfg.model, None, item)
+    tensors = [(key.replace("/", "."), v.shape, lambda v=v: np.asarray(v)) for key, v in sorted(flat.items())]
+    description = {"architecture": UNET, "step": step, "weights": item, "dtype": dtype,
+                   "model": config_lib.to_dict(cfg.model), "diffusion": config_lib.to_dict(cfg.diffusion)}
+    with prepare.staged(out, overwrite, last="config.json") as stage:
+        size = hf.write_weights(stage, tensors, dtype, max_shard_bytes=2**62)  # one model.safetensors
+        (stage / "config.json").write_text(json.dumps(description, indent=2))
+    return {"out": str(out), "step": step, "bytes": size, "seconds": time.perf_counter() - start}
+
+
+def load_unet(path: str, step: int | None = None) -> tuple[UNet, DiffusionConfig]:
+    """(UNet with the EMA weights if there are any, its diffusion settings) from a checkpoint or an
+    exported directory, on the default device."""
+    device = jax.devices()[0]
+    src = epath.Path(path)
+    if (src / "config.json").exists():
+        description = json.loads((src / "config.json").read_text())
+        cfg = config_lib.from_dict({"task": "diffusion", "model": description["model"], "diffusion": description["diffusion"]})
+        _, state = _abstract_state(cfg.model)
+        with hf.open_weights(src) as read:
+            flat = {key: jax.device_put(read(key.replace("/", ".")).astype(np.float32), device) for key in _flat(state)}
+    else:
+        directory, step = checkpoint.locate(path, step)
+        cfg = checkpoint.saved_config(directory, step)
+        flat = _restore(directory, step, cfg.model, device, _weights_item(directory, step))
+    return _model(cfg.model, flat), cfg.diffusion

@@ -103,7 +103,8 @@ class MetricsLogger:
     def _line(self, row: dict) -> str:
         step = f"step {row['step']:>{len(str(self.total_steps))}}/{self.total_steps}"
         if "eval_loss" in row:
-            return f"{step} | eval_loss {row['eval_loss']:.4f} | eval_ppl {row['eval_perplexity']:.2f}"
+            ppl = f" | eval_ppl {row['eval_perplexity']:.2f}" if "eval_perplexity" in row else ""
+            return f"{step} | eval_loss {row['eval_loss']:.4f}{ppl}"
         rate = row[f"{self.unit}_per_sec"]
         return (
             f"{step} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | grad_norm {row['grad_norm']:.3f} | "

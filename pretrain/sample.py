@@ -1,13 +1,19 @@
-"""`pretrain sample` for the language model: a prompt in, generated ids and text out."""
+"""`pretrain sample`: text from a language model (a prompt in, generated ids and text out), or
+images from a diffusion UNet (a grid PNG plus the arrays)."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from etils import epath
+from jax.experimental import multihost_utils
 
+from data import images
 from data import tokenizer as tokenizer_lib
-from data.prepare import TOKENIZER_FILE
+from data.prepare import TOKENIZER_FILE, check_output
+from models import diffusion
 from models.generate import generate
-from pretrain.config import ConfigError
-from pretrain.export import load_model
+from pretrain.config import ConfigError, DiffusionConfig
+from pretrain.export import load_model, load_unet
 
 
 def sample_text(path: str, prompt: str, *, max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
@@ -36,3 +42,52 @@ def sample_text(path: str, prompt: str, *, max_new_tokens: int, temperature: flo
     before, whole = sp.decode(prompt_ids), sp.decode(prompt_ids + ids)
     text = whole[len(before):] if whole.startswith(before) else sp.decode(ids)
     return {"prompt_ids": prompt_ids, "ids": ids, "text": text}
+
+
+def draw_images(model, d: DiffusionConfig, key, *, num: int, steps: int, guidance: float, label: int | None = None):
+    """(images [num, H, W, C] in [-1, 1] on the host, labels [num]) from a UNet: all of class `label`,
+    else cycling through the classes, else -1 (unconditional)."""
+    classes = model.cfg.num_classes
+    labels = np.full(num, -1 if label is None else label, np.int32)
+    if classes and label is None:
+        labels = np.arange(num, dtype=np.int32) % classes
+    out = diffusion.generate(model, jnp.asarray(labels) if classes else None, key, schedule=d.schedule,
+                             timesteps=d.timesteps, kind=d.target, num=num, steps=steps, eta=d.eta, guidance=guidance)
+    return np.asarray(multihost_utils.process_allgather(out, tiled=True)), labels
+
+
+def grid_columns(labels: np.ndarray) -> int:
+    """One column per class when the labels cycle through several classes, else a square-ish grid."""
+    if labels.min() >= 0 and len(set(labels.tolist())) > 1:
+        return int(labels.max()) + 1
+    return int(np.ceil(np.sqrt(len(labels))))
+
+
+def sample_images(path: str, out: str, *, num: int, steps: int | None = None, label: int | None = None,
+                  guidance: float | None = None, seed: int = 0, step: int | None = None, overwrite: bool = False) -> dict:
+    """Write samples.png (a grid), samples.npy ([num, H, W, C] in [-1, 1]) and labels.npy (-1:
+    unconditional) into `out`, from a checkpoint's EMA weights or an exported UNet. Steps and
+    guidance default to the run's diffusion settings."""
+    if num < 1:
+        raise ConfigError(f"--num={num} must be at least 1")
+    out = epath.Path(out)
+    if (out / "samples.png").exists() and not overwrite:
+        raise ConfigError(f"{out} already holds samples.png; pass --overwrite to replace it, or choose another --out")
+    model, d = load_unet(path, step)
+    steps = steps or d.sample_steps
+    guidance = d.guidance if guidance is None else guidance
+    if not 0 < steps <= d.timesteps:
+        raise ConfigError(f"--steps={steps} must be in [1, {d.timesteps}] (the model's diffusion.timesteps)")
+    if guidance < 0:
+        raise ConfigError(f"--guidance={guidance} must be >= 0")
+    classes = model.cfg.num_classes
+    if label is not None and not 0 <= label < classes:
+        raise ConfigError(f"--class={label} is not a class of this model (it has {classes or 'none: unconditional'})"
+                          + (f"; use 0..{classes - 1}" if classes else "; leave --class out"))
+    batch, labels = draw_images(model, d, jax.random.key(seed), num=num, steps=steps, guidance=guidance, label=label)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, array in (("samples.npy", batch), ("labels.npy", labels)):
+        with (out / name).open("wb") as f:
+            np.save(f, array)
+    (out / "samples.png").write_bytes(images.grid_png(batch, grid_columns(labels)))
+    return {"out": str(out), "num": num, "steps": steps, "guidance": guidance}

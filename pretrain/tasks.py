@@ -4,18 +4,57 @@ The trainer owns everything else (mesh, optimizer, train step, logging); a task 
 only place the language model and the diffusion model differ.
 """
 
+import math
+
+import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
+from flax import nnx
 
-from data import corpus, pipeline, records
+from data import corpus, digits, images, pipeline, prepare, records
 from data.prepare import TOKENIZER_FILE
+from models import diffusion
 from models.transformer import Transformer
-from pretrain.config import Config, ConfigError
+from models.unet import UNet
+from pretrain.config import Config, ConfigError, DiffusionRun
 from pretrain.loss import cross_entropy
+from pretrain.sample import draw_images, grid_columns
 
 
-class LanguageModelTask:
-    unit = "tokens"  # what throughput counts
+class Task:
+    """A task gives the trainer: build_model(rngs); loss(model, batch, mesh, rules, key) -> (summed
+    loss, weight, summed metrics), key being a training step's randomness (None in eval, which must
+    be deterministic); units_per_step and flops_per_step for throughput and MFU; batch_shapes;
+    prepare(model_axis) to open and check the data, which sets `sources`; batches(split,
+    process_index, process_count); eval_metrics(loss) for the eval row; write_samples(model, step)
+    after each eval. Subclasses say how to read a source (_pipeline) and what random batches
+    look like (_synthetic)."""
+
+    unit: str  # what throughput counts
+    sources: dict | None  # split -> random-access source of records, or None for an empty split
+
+    def batches(self, split: str, process_index: int, process_count: int):
+        """Endless iterator of this process's slice of each global batch; None if the split is empty.
+
+        The training iterator is a Grain iterator whose get_state()/set_state() checkpoint it."""
+        cfg = self.cfg
+        local = cfg.train.global_batch // process_count
+        if cfg.data.source == "synthetic":
+            return self._synthetic(local, cfg.run.seed + process_index)
+        if self.sources is None:
+            raise RuntimeError(f"{type(self).__name__}.prepare() must run before batches()")
+        if self.sources[split] is None:
+            return None
+        train = split == "train"
+        return iter(self._pipeline(
+            self.sources[split], train, batch_size=local, seed=cfg.run.seed if train else 0, process_index=process_index,
+            process_count=process_count, workers=cfg.data.workers if train else 0,
+        ))
+
+
+class LanguageModelTask(Task):
+    unit = "tokens"
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -25,8 +64,8 @@ class LanguageModelTask:
     def build_model(self, rngs):
         return Transformer(self.cfg.model, rngs=rngs)
 
-    def loss(self, model, batch, mesh, rules):
-        """(summed loss, number of target tokens, summed metrics) over a batch."""
+    def loss(self, model, batch, mesh, rules, key=None):
+        """(summed loss, number of target tokens, summed metrics) over a batch; needs no randomness."""
         hidden = model(batch["inputs"], batch["segment_ids"], batch["positions"])
         ce, log_z = cross_entropy(model.logits(hidden), batch["targets"], mesh, rules)
         weight = (batch["segment_ids"] > 0).astype(jnp.float32)
@@ -77,25 +116,122 @@ class LanguageModelTask:
         self.manifest, self.sources = manifest, sources
         self.tokenizer = (directory / TOKENIZER_FILE).read_bytes()
 
-    def batches(self, split: str, process_index: int, process_count: int):
-        """Endless iterator of this process's slice of each global batch; None if the split is empty.
+    def _synthetic(self, batch: int, seed: int):
+        return pipeline.synthetic(self.cfg.model.vocab_size, self.cfg.data.seq_len, batch, seed)
 
-        The training iterator is a Grain iterator whose get_state()/set_state() checkpoint it."""
-        cfg = self.cfg
-        local = cfg.train.global_batch // process_count
-        if cfg.data.source == "synthetic":
-            return pipeline.synthetic(cfg.model.vocab_size, cfg.data.seq_len, local, cfg.run.seed + process_index)
-        if self.sources is None:
-            raise RuntimeError("LanguageModelTask.prepare() must run before batches()")
-        if self.sources[split] is None:
-            return None
-        train = split == "train"
-        return iter(
-            pipeline.text_pipeline(
-                self.sources[split], seq_len=cfg.data.seq_len, batch_size=local, seed=cfg.run.seed if train else 0,
-                process_index=process_index, process_count=process_count, workers=cfg.data.workers if train else 0,
-            )
-        )
+    def _pipeline(self, source, train: bool, **kwargs):
+        return pipeline.text_pipeline(source, seq_len=self.cfg.data.seq_len, **kwargs)
+
+    def eval_metrics(self, loss: float) -> dict:
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+    def write_samples(self, model, step: int):
+        """Nothing: `pretrain sample` generates text from any checkpoint."""
 
 
-TASKS = {"llm": LanguageModelTask}
+class DiffusionTask(Task):
+    """Denoising a UNet over images: noise at a random timestep, predict the config's target,
+    min-SNR-weighted squared error; labels dropped to "no label" at random for guidance."""
+
+    unit = "images"
+
+    def __init__(self, cfg: DiffusionRun):
+        self.cfg = cfg
+        self.abar = diffusion.alpha_bar(cfg.diffusion.schedule, cfg.diffusion.timesteps)
+        self.sources = None
+
+    def build_model(self, rngs):
+        return UNet(self.cfg.model, rngs=rngs)
+
+    def loss(self, model, batch, mesh, rules, key=None):
+        """(summed weighted squared error, number of images, summed metrics). Without a key (eval) the
+        timesteps are spread evenly over the schedule and the noise is fixed: the same every eval."""
+        d, m = self.cfg.diffusion, self.cfg.model
+        x0 = batch["images"]
+        b = x0.shape[0]
+        if key is None:
+            t = (jnp.arange(b) * d.timesteps + d.timesteps // 2) // b
+            eps = jax.random.normal(jax.random.key(0), x0.shape)
+        else:
+            t_key, eps_key, drop_key = jax.random.split(key, 3)
+            t = jax.random.randint(t_key, (b,), 0, d.timesteps)
+            eps = jax.random.normal(eps_key, x0.shape)
+        labels = None
+        if m.num_classes:
+            labels = batch["labels"]
+            if key is not None and d.label_dropout > 0:
+                labels = jnp.where(jax.random.bernoulli(drop_key, d.label_dropout, (b,)), m.num_classes, labels)
+        out = model(diffusion.noise(x0, t, eps, self.abar), t, labels)
+        err = jnp.mean(jnp.square(out - diffusion.target(d.target, x0, eps, t, self.abar)), axis=(1, 2, 3))
+        total = jnp.sum(err * diffusion.loss_weight(d.target, t, self.abar, d.min_snr_gamma))
+        return total, jnp.float32(b), {"loss": total}
+
+    def units_per_step(self) -> int:
+        return self.cfg.train.global_batch
+
+    def flops_per_step(self) -> float:
+        """3x the forward pass (the backward costs two), counted by XLA on one image."""
+        m = self.cfg.model
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: UNet(m, rngs=nnx.Rngs(0))))
+        image = jax.ShapeDtypeStruct((1, m.image_size, m.image_size, m.channels), jnp.float32)
+        ints = jax.ShapeDtypeStruct((1,), jnp.int32)
+        forward = jax.jit(lambda s, x, t, y: nnx.merge(graphdef, s)(x, t, y if m.num_classes else None))
+        return 3 * forward.lower(state, image, ints, ints).cost_analysis()["flops"] * self.units_per_step()
+
+    def batch_shapes(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        m, b = self.cfg.model, self.cfg.train.global_batch
+        return {"images": ((b, m.image_size, m.image_size, m.channels), np.dtype(np.float32)),
+                "labels": ((b,), np.dtype(np.int32))}
+
+    def prepare(self, model_axis: int):
+        """Open the images (the embedded digits, a prepared dataset or a plain directory) and check
+        their labels against the model."""
+        d, m = self.cfg.data, self.cfg.model
+        if d.source == "synthetic" or self.sources is not None:
+            return
+        if d.source == "digits":
+            classes, sources = digits.CLASSES, {k: v or None for k, v in digits.records(d.val_fraction).items()}
+        elif not epath.Path(d.source).is_dir():
+            raise ConfigError(f"data.source={d.source} is not a directory; use digits, synthetic, a directory of "
+                              "images or one from `pretrain prepare images`")
+        elif (epath.Path(d.source) / records.MANIFEST).exists():
+            directory = records.local_copy(d.source, d.cache_dir)
+            manifest = records.read_manifest(directory, "images")
+            classes = manifest["classes"]
+            sources = {s: records.open_split(directory, manifest, s) for s in ("train", "validation")}
+        else:
+            classes, sources = prepare.image_directory(d.source, d.val_fraction)
+        if sources["train"] is None:
+            raise ConfigError(f"data.source={d.source} has no training images; lower data.val_fraction or add images")
+        if m.num_classes and not classes:
+            raise ConfigError(f"model.num_classes={m.num_classes} asks for class conditioning, but data.source={d.source} "
+                              "has no labels; put the images in one subdirectory per class, or set model.num_classes=0")
+        if len(classes) > m.num_classes > 0:
+            raise ConfigError(f"data.source={d.source} has {len(classes)} classes, more than model.num_classes="
+                              f"{m.num_classes}; set model.num_classes={len(classes)}")
+        self.sources = sources
+
+    def _synthetic(self, batch: int, seed: int):
+        m = self.cfg.model
+        return pipeline.synthetic_images(m.image_size, m.channels, m.num_classes, batch, seed)
+
+    def _pipeline(self, source, train: bool, **kwargs):
+        m = self.cfg.model
+        return pipeline.image_pipeline(source, size=m.image_size, channels=m.channels,
+                                       augment=self.cfg.data.augment and train, **kwargs)
+
+    def eval_metrics(self, loss: float) -> dict:
+        return {"eval_loss": loss}
+
+    def write_samples(self, model, step: int):
+        """A grid of diffusion.sample_num images (one column per class) under run.output_dir/samples/."""
+        d = self.cfg.diffusion
+        batch, labels = draw_images(model, d, jax.random.key(self.cfg.run.seed), num=d.sample_num,
+                                    steps=d.sample_steps, guidance=d.guidance)
+        if jax.process_index() == 0:
+            out = epath.Path(self.cfg.run.output_dir) / "samples"
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"step_{step:07d}.png").write_bytes(images.grid_png(batch, grid_columns(labels)))
+
+
+TASKS = {"llm": LanguageModelTask, "diffusion": DiffusionTask}

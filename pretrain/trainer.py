@@ -1,11 +1,13 @@
 """The shared trainer: sharded state creation, the jitted train and eval steps, the loop.
 
-State is a flat nnx.State of (model, optimizer) and travels through jax.jit as a pure
-pytree with explicit shardings and donated buffers; the graph is split once, not per step.
+State is a flat nnx.State of (model, optimizer) or, with train.ema_decay, (model, optimizer,
+EMA model), and travels through jax.jit as a pure pytree with explicit shardings and donated
+buffers; the graph is split once, not per step. The EMA is a second copy of the model, so it
+is sharded like the parameters. A step's randomness (what the diffusion loss draws) comes
+from run.seed and the step number, so a resumed run draws what an uninterrupted one would.
 """
 
 import contextlib
-import math
 import signal
 import threading
 import time
@@ -40,6 +42,12 @@ class _SigtermFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+def ema_decay(decay: float, updates: int):
+    """The EMA's decay at its update number `updates` (0, 1, ...): low at first, so the average
+    soon leaves the random initial weights, then `decay`."""
+    return jnp.minimum(decay, (1.0 + updates) / (10.0 + updates))
+
+
 class Trainer:
     def __init__(self, cfg: Config, task, mesh, rules):
         self.cfg, self.task, self.mesh, self.rules = cfg, task, mesh, rules
@@ -70,53 +78,67 @@ class Trainer:
 
     def _create(self):
         model = self.task.build_model(nnx.Rngs(self.cfg.run.seed))
-        return model, nnx.Optimizer(model, self.tx, wrt=nnx.Param)
+        optimizer = nnx.Optimizer(model, self.tx, wrt=nnx.Param)
+        return (model, optimizer, nnx.clone(model)) if self.cfg.train.ema_decay else (model, optimizer)
 
     def init_state(self) -> nnx.State:
-        """Parameters and optimizer state, created by one jitted call straight into their shardings."""
+        """Parameters, optimizer state (and EMA), created by one jitted call straight into their shardings."""
         with self.context():
             return jax.jit(lambda: nnx.split(self._create())[1], out_shardings=self.state_shardings)()
 
     # --- the steps ------------------------------------------------------------------------
 
-    def _grads(self, params_graphdef, params, batch):
+    def _grads(self, params_graphdef, params, batch, key):
         def loss_fn(p):
-            total, weight, sums = self.task.loss(nnx.merge(params_graphdef, p), batch, self.mesh, self.rules)
+            total, weight, sums = self.task.loss(nnx.merge(params_graphdef, p), batch, self.mesh, self.rules, key)
             return total, (weight, sums)
 
         (_, (weight, sums)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return grads, weight, sums
 
     def train_step(self, state, batch):
-        model, optimizer = nnx.merge(self.graphdef, state)
+        model, optimizer, *ema = nnx.merge(self.graphdef, state)
         params_graphdef, params = nnx.split(model)
+        step = optimizer.step[...]
+        key = jax.random.fold_in(jax.random.key(self.cfg.run.seed), step)
         k = self.cfg.train.microbatches
         if k == 1:
-            grads, weight, sums = self._grads(params_graphdef, params, batch)
+            grads, weight, sums = self._grads(params_graphdef, params, batch, key)
         else:
             # Microbatch i takes rows i, i+k, i+2k, ...: every device keeps its share of every microbatch.
             micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
 
-            def accumulate(carry, mb):
+            def accumulate(carry, inputs):
+                mb, i = inputs
                 mb = jax.lax.with_sharding_constraint(mb, self.batch_sharding)
-                return jax.tree.map(jnp.add, carry, self._grads(params_graphdef, params, mb)), None
+                grads = self._grads(params_graphdef, params, mb, jax.random.fold_in(key, i))
+                return jax.tree.map(jnp.add, carry, grads), None
 
-            zero = jax.eval_shape(lambda: self._grads(params_graphdef, params, jax.tree.map(lambda x: x[0], micro)))
+            first = jax.tree.map(lambda x: x[0], micro)
+            zero = jax.eval_shape(lambda: self._grads(params_graphdef, params, first, key))
             zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
-            (grads, weight, sums), _ = jax.lax.scan(accumulate, zero, micro)
+            (grads, weight, sums), _ = jax.lax.scan(accumulate, zero, (micro, jnp.arange(k)))
         # Losses are sums over tokens; one division makes the step independent of how the batch was split.
         weight = jnp.maximum(weight, 1.0)
         grads = jax.tree.map(lambda g: g / weight, grads)
         metrics = {name: value / weight for name, value in sums.items()}
         metrics["grad_norm"] = optax.tree.norm(grads)
-        metrics["lr"] = self.lr(optimizer.step[...])
+        metrics["lr"] = self.lr(step)
         optimizer.update(model, grads)
-        return nnx.state((model, optimizer)), metrics
+        if ema:
+            decay = ema_decay(self.cfg.train.ema_decay, step)
+            average = optax.incremental_update(nnx.state(model, nnx.Param), nnx.state(ema[0], nnx.Param), 1 - decay)
+            nnx.update(ema[0], average)
+        return nnx.state((model, optimizer, *ema)), metrics
 
     def eval_step(self, state, batch):
-        model, _ = nnx.merge(self.graphdef, state)
+        model = nnx.merge(self.graphdef, state)[0]
         total, weight, sums = self.task.loss(model, batch, self.mesh, self.rules)
         return sums["loss"], weight
+
+    def sampling_model(self, state):
+        """The model to sample from: the EMA if the run keeps one."""
+        return nnx.merge(self.graphdef, state)[-1 if self.cfg.train.ema_decay else 0]
 
     def compile(self):
         """Ahead-of-time compile of the train step; returns (executable, seconds)."""
@@ -152,16 +174,16 @@ class Trainer:
         kind, where = plan
         abstract = self.abstract_state_with_shardings()
         if kind == "full":
-            params, optimizer = checkpointer.restore(where, abstract, data_iterator)
-            step = where
+            parts, step = checkpointer.restore(where, abstract, data_iterator), where
         else:
             params = restore_params(where, abstract[0])
-            optimizer, step = self.init_state()[1], 0
+            parts, step = [params, self.init_state()[1]], 0
+            if self.cfg.train.ema_decay:  # the average starts at the weights we start from
+                parts.append(jax.tree.map(jnp.copy, params))
         if jax.process_index() == 0:
             print(f"resumed from step {where}" if kind == "full" else f"starting from the parameters in {where}")
         # Back into the exact pytree the step was compiled for (restored subtrees may be plain dicts).
-        leaves = jax.tree.leaves(params) + jax.tree.leaves(optimizer)
-        return jax.tree.unflatten(jax.tree.structure(self.abstract_state), leaves), step
+        return jax.tree.unflatten(jax.tree.structure(self.abstract_state), jax.tree.leaves(parts)), step
 
     def fit(self, plan=None) -> dict:
         """Train to run.steps from `plan` (checkpoint.resume_plan), checkpointing as configured.
@@ -195,15 +217,17 @@ class Trainer:
                 if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.run.steps:
                     eval_loss = self.evaluate(state)
                     if eval_loss is not None:
-                        logger.write({"step": step, "eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))})
+                        logger.write({"step": step, **task.eval_metrics(eval_loss)})
                         history["eval_loss"].append(eval_loss)
+                    task.write_samples(self.sampling_model(state), step)
+                    window_start, window_steps = time.perf_counter(), 0  # eval time is not step time
                 preempted = sigterm.received or checkpointer.reached_preemption(step)
                 every = cfg.checkpoint.every
                 if preempted or step == cfg.run.steps or (every and step % every == 0):
                     logger.flush()  # metrics up to this step are stored before the checkpoint that covers them
                     blocked = checkpointer.save(step, state, train_batches)
                     logger.note(f"checkpoint {step}: the loop was blocked {blocked:.2f} s; writing in the background")
-                    window_start = time.perf_counter()  # eval and checkpoint time are not step time
+                    window_start, window_steps = time.perf_counter(), 0  # nor is checkpoint time
                 if preempted:
                     history["preempted"] = True
                     break

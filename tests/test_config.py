@@ -3,7 +3,8 @@ import pytest
 from pretrain import config as config_lib
 from pretrain.config import ConfigError
 
-PRESETS = {"smoke": 8, "125m": 8, "1b": 64, "8b": 256, "70b": 1024}
+PRESETS = {("llm", "smoke"): 8, ("llm", "125m"): 8, ("llm", "1b"): 64, ("llm", "8b"): 256, ("llm", "70b"): 1024,
+           ("diffusion", "smoke"): 8, ("diffusion", "64x64"): 64, ("diffusion", "256x256"): 256}
 
 
 def test_overrides_are_typed():
@@ -34,11 +35,22 @@ def test_bad_overrides_name_the_key(override, message):
         config_lib.load(config_lib.preset_path("llm", "smoke"), [override])
 
 
-@pytest.mark.parametrize("name, devices", PRESETS.items())
-def test_presets_load_and_validate(name, devices):
-    cfg = config_lib.load(config_lib.preset_path("llm", name))
+@pytest.mark.parametrize("preset, devices", PRESETS.items(), ids=["/".join(p) for p in PRESETS])
+def test_presets_load_and_validate(preset, devices):
+    cfg = config_lib.load(config_lib.preset_path(*preset))
+    assert cfg.task == preset[0] and type(cfg) is config_lib.CONFIGS[preset[0]]
     data, model = config_lib.validate(cfg, devices, "tpu")
     assert data * model == devices
+    assert config_lib.from_dict(config_lib.to_dict(cfg)) == cfg  # the JSON stored with a checkpoint reads back
+
+
+def test_each_task_has_its_own_model_section():
+    with pytest.raises(ConfigError, match="unknown config key 'model.num_layers'"):
+        config_lib.load(config_lib.preset_path("diffusion", "smoke"), ["model.num_layers=2"])
+    with pytest.raises(ConfigError, match="unknown config key 'diffusion'"):
+        config_lib.load(config_lib.preset_path("llm", "smoke"), ["diffusion.schedule=cosine"])
+    with pytest.raises(ConfigError, match=r"task='gan' is not known; use one of \['diffusion', 'llm'\]"):
+        config_lib.load(config_lib.preset_path("llm", "smoke"), ["task=gan"])
 
 
 def test_8b_preset_has_llama3_8b_shape():

@@ -1,0 +1,186 @@
+"""The diffusion task in the shared trainer, on the embedded digits: learning, EMA, resume, sample
+grids, the sampling CLI and export, bad input."""
+
+import json
+import re
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from data import pipeline
+from pretrain import cli, config as config_lib, export, sharding
+from pretrain.tasks import DiffusionTask
+from pretrain.trainer import Trainer
+
+from conftest import ROOT
+from test_checkpoint import losses, resumable_copy
+
+SMOKE = str(ROOT / "configs" / "diffusion" / "smoke.yaml")
+STEPS = 40
+RUN = ["runtime.compilation_cache_dir=", f"run.steps={STEPS}", "optim.warmup_steps=10", "train.log_every=1",
+       "train.eval_every=20", "checkpoint.every=20", "checkpoint.keep=0", "diffusion.sample_steps=10",
+       "diffusion.sample_num=20"]
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """`pretrain smoke diffusion`, shortened: the class-conditional UNet on the digits, mesh 2 x 4."""
+    out = tmp_path_factory.mktemp("digits") / "run"
+    assert cli.main(["smoke", "diffusion", *RUN, f"run.output_dir={out}"]) == 0
+    return out
+
+
+def rows(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_short_run_on_the_digits_drives_the_loss_down(digits_run):
+    train = losses(digits_run)
+    assert len(train) == STEPS
+    first, last = np.mean([train[s] for s in range(1, 6)]), np.mean([train[s] for s in range(STEPS - 4, STEPS + 1)])
+    assert last < 0.5 * first, (first, last)
+    evals = {r["step"]: r["eval_loss"] for r in rows(digits_run) if "eval_loss" in r}
+    assert list(evals) == [20, 40] and evals[40] < evals[20]
+    logged = [r for r in rows(digits_run) if "loss" in r]
+    assert all(r["images_per_sec"] > 0 and 0 < r["mfu"] < 1 for r in logged)
+
+
+def test_smoke_run_writes_a_sample_grid(digits_run):
+    for step in (20, 40):
+        grid = Image.open(digits_run / "samples" / f"step_{step:07d}.png")
+        # 20 samples of 16x16 in 10 columns (one per class) and 2 rows, with 2-pixel gaps.
+        assert grid.size == (10 * 18 + 2, 2 * 18 + 2) and grid.mode == "L"
+        assert np.asarray(grid).std() > 10  # not a blank image
+
+
+def test_resume_equals_uninterrupted(digits_run, tmp_path, capsys):
+    out = resumable_copy(digits_run, tmp_path, keep_up_to=20)
+    (out / "samples" / "step_0000040.png").unlink()
+    assert cli.main(["smoke", "diffusion", *RUN, f"run.output_dir={out}"]) == 0
+    assert "resumed from step 20" in capsys.readouterr().out
+    # Same noise, timesteps and label dropout as the run that never stopped: equal losses, bitwise.
+    assert losses(out) == losses(digits_run)
+    # The EMA was checkpointed and resumed too: the same samples, byte for byte.
+    name = "samples/step_0000040.png"
+    assert (out / name).read_bytes() == (digits_run / name).read_bytes()
+
+
+def test_exported_unet_samples_as_the_checkpoint(digits_run, tmp_path, capsys):
+    exported = tmp_path / "export"
+    assert cli.main(["export", str(digits_run), "--out", str(exported), "--dtype", "float32"]) == 0
+    description = json.loads((exported / "config.json").read_text())
+    assert description["architecture"] == "UNet" and description["weights"] == "ema" and description["step"] == STEPS
+    # The export holds the EMA of the parameters, not the parameters.
+    directory = digits_run / "checkpoints"
+    cfg = config_lib.load(SMOKE)
+    ema, params = (export._restore(directory, STEPS, cfg.model, None, item) for item in ("ema", "params"))
+    model, _ = export.load_unet(str(exported))
+    loaded = export._flat(nnx.state(model))
+    assert loaded.keys() == ema.keys()
+    for key in ema:
+        np.testing.assert_array_equal(np.asarray(loaded[key]), np.asarray(ema[key]))
+    assert any(not np.array_equal(ema[k], params[k]) for k in ema)
+
+    outputs = {}
+    for name, source in (("checkpoint", digits_run), ("export", exported)):
+        args = ["sample", str(source), "--num", "10", "--steps", "5", "--guidance", "2", "--out", str(tmp_path / name)]
+        assert cli.main(args) == 0
+        outputs[name] = {f: np.load(tmp_path / name / f"{f}.npy") for f in ("samples", "labels")}
+        assert (tmp_path / name / "samples.png").exists()
+    np.testing.assert_array_equal(outputs["checkpoint"]["samples"], outputs["export"]["samples"])
+    assert outputs["export"]["samples"].shape == (10, 16, 16, 1)
+    np.testing.assert_array_equal(outputs["export"]["labels"], np.arange(10))
+    assert cli.main(["sample", str(exported), "--num", "4", "--steps", "5", "--class", "7", "--out", str(tmp_path / "c7")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "c7" / "labels.npy"), [7] * 4)
+
+
+def test_ema_update_matches_the_formula():
+    """Two steps of a small UNet on random images: the EMA in the state follows
+    ema <- d ema + (1 - d) params with d = min(decay, (1 + n) / (10 + n)) at update n."""
+    decay = 0.9
+    cfg = config_lib.load(SMOKE, ["data.source=synthetic", "model.base_channels=8", "model.groups=4", "model.num_heads=2",
+                                  "model.channel_mults=[1]", "model.attention_resolutions=[]", "model.image_size=8",
+                                  "train.global_batch=8", f"train.ema_decay={decay}"])
+    mesh = sharding.make_mesh((2, 4))
+    trainer = Trainer(cfg, DiffusionTask(cfg), mesh, sharding.LOGICAL_RULES)
+    batches = pipeline.synthetic_images(8, 1, 10, 8, seed=0)
+    state = trainer.init_state()
+    ema = [np.asarray(x) for x in jax.tree.leaves(state[2])]
+    for p, e in zip(jax.tree.leaves(state[0]), ema):  # the average starts at the weights
+        np.testing.assert_array_equal(np.asarray(p), e)
+    step = jax.jit(trainer.train_step, donate_argnums=0)
+    with trainer.context():
+        for n in range(2):
+            state, _ = step(state, trainer.place_batch(next(batches)))
+            d = min(decay, (1 + n) / (10 + n))
+            params = [np.asarray(x) for x in jax.tree.leaves(state[0])]
+            ema = [d * e + (1 - d) * p for e, p in zip(ema, params)]
+            for got, want in zip(jax.tree.leaves(state[2]), ema):
+                np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-7)
+    assert any(not np.allclose(e, p) for e, p in zip(ema, params))
+
+
+def image_dir(root, classes: bool):
+    for i in range(4):
+        folder = root / (f"class{i % 2}" if classes else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((16, 16), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+CASES = {
+    "image size vs downsamples": (["model.image_size=15"], r"model.image_size=15 is not divisible by 2\^1=2"),
+    "attention resolution": (["model.attention_resolutions=[4]"], r"model.attention_resolutions has 4, which is not among the model's resolutions \[16, 8\]"),
+    "groups": (["model.groups=12"], "channels=32 .* are not divisible by model.groups=12"),
+    "model axis": (["model.base_channels=18", "model.groups=6", "model.num_heads=2"], r"channels=18 .* not divisible by the model axis \(4\)"),
+    "target": (["diffusion.target=x0"], "diffusion.target='x0' is unknown"),
+    "sample grid vs data axis": (["diffusion.sample_num=21"], r"diffusion.sample_num=21 must be a positive multiple of the data axis \(2\)"),
+}
+
+
+@pytest.mark.parametrize("overrides, message", CASES.values(), ids=CASES.keys())
+def test_bad_config_exits_2_with_one_line(overrides, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", SMOKE, *overrides, f"run.output_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("classes, message", [
+    (False, "model.num_classes=10 asks for class conditioning, but data.source=.* has no labels"),
+    (None, "holds no PNG or JPEG images"),
+])
+def test_bad_image_data_exits_2(classes, message, tmp_path, capsys):
+    data = image_dir(tmp_path / "images", classes) if classes is not None else tmp_path / "empty"
+    data.mkdir(exist_ok=True)
+    out = tmp_path / "run"
+    assert cli.main(["train", SMOKE, f"data.source={data}", f"run.output_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
+    assert not out.exists()
+
+
+def test_training_reads_a_plain_image_directory(tmp_path):
+    """Class subdirectories give labels; the split is by file path."""
+    task = DiffusionTask(config_lib.load(SMOKE, [f"data.source={image_dir(tmp_path / 'images', True)}",
+                                                "data.val_fraction=0", "train.global_batch=4"]))
+    task.prepare(4)
+    batch = next(task.batches("train", 0, 1))
+    assert batch["images"].shape == (4, 16, 16, 1) and sorted(batch["labels"].tolist()) == [0, 0, 1, 1]
+    assert sorted(np.round((batch["images"][:, 0, 0, 0] + 1) * 127.5).tolist()) == [0, 40, 80, 120]
+    assert task.batches("validation", 0, 1) is None
+
+
+def test_sample_refuses_bad_flags(digits_run, tmp_path, capsys):
+    for args, message in ((["--class", "10"], r"--class=10 is not a class of this model .*use 0..9"),
+                          (["--prompt", "hi"], "holds a diffusion model, which takes no --prompt"),
+                          (["--steps", "5000"], r"--steps=5000 must be in \[1, 1000\]")):
+        assert cli.main(["sample", str(digits_run), "--out", str(tmp_path / "s"), *args]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
+    assert not (tmp_path / "s").exists()
