@@ -8,6 +8,7 @@ temporary directory and commits it only when complete, so a kill mid-save leaves
 previous steps intact and the partial one invisible to a resume (`committed_steps`).
 """
 
+import os
 import time
 
 import grain
@@ -20,6 +21,11 @@ from pretrain.config import Config, ConfigError
 
 
 STATE_ITEMS = ("params", "optimizer", "ema")  # the parts of the train state, in order
+
+
+def absolute(path: str) -> epath.Path:
+    """Orbax's TensorStore writer wants absolute paths; gs:// ones already are."""
+    return epath.Path(path if "://" in str(path) else os.path.abspath(path))
 
 
 def _manager(directory: epath.Path, cfg: Config) -> ocp.CheckpointManager:
@@ -40,7 +46,7 @@ def committed_steps(directory: epath.Path) -> list[int]:
 
 def _checkpoints_dir(path: str) -> tuple[epath.Path, int | None]:
     """(checkpoints directory, step or None) for a run dir, its checkpoints/ dir, or one step's dir."""
-    path = epath.Path(path)
+    path = absolute(path)
     if path.name.isdigit():
         return path.parent, int(path.name)
     return (path / "checkpoints" if (path / "checkpoints").exists() else path), None
@@ -51,7 +57,7 @@ class Checkpointer:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.manager = _manager(epath.Path(cfg.run.output_dir) / "checkpoints", cfg)
+        self.manager = _manager(absolute(cfg.run.output_dir) / "checkpoints", cfg)
 
     def save(self, step: int, state, data_iterator) -> float:
         """Start saving `step`; returns the seconds the loop was blocked (the device-to-host copy)."""
@@ -119,7 +125,7 @@ def restore_params(path: str, abstract_params, step: int | None = None, item: st
 def save_params(cfg: Config, params):
     """A checkpoint of parameters alone (step 0, no optimizer or data position) under
     run.output_dir, such as an imported model that training can start from."""
-    manager = _manager(epath.Path(cfg.run.output_dir) / "checkpoints", cfg)
+    manager = _manager(absolute(cfg.run.output_dir) / "checkpoints", cfg)
     items = {"params": ocp.args.StandardSave(params), "config": ocp.args.JsonSave(config_lib.to_dict(cfg))}
     manager.save(0, args=ocp.args.Composite(**items), force=True)
     manager.wait_until_finished()

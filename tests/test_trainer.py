@@ -73,13 +73,14 @@ def unigram_entropy(source) -> float:
 
 def test_smoke_command_trains_on_the_embedded_corpus(tmp_path):
     """The README's smoke run, shortened: real text through the real pipeline on 8 faked devices; the
-    held-out loss ends below the unigram entropy of the held-out text, so the model uses context."""
+    held-out loss ends below the unigram entropy of the held-out text, so the model uses context. The
+    output dir is relative, as the smoke run's default is."""
     out = tmp_path / "smoke"
     settings = dict(vocab_size=1024, seq_len=128, max_bytes=2 << 20, val_fraction=0.02)
     proc = subprocess.run(
-        [sys.executable, "-m", "pretrain", "smoke", "llm", "run.steps=100", f"run.output_dir={out}",
+        [sys.executable, "-m", "pretrain", "smoke", "llm", "run.steps=100", "run.output_dir=smoke",
          "train.eval_every=0", f"data.cache_dir={ROOT / '.cache'}", "data.max_corpus_mb=2"],
-        capture_output=True, text=True, cwd=ROOT, timeout=600,
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
