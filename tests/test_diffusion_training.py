@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from data import pipeline
+from data import pipeline, prepare
 from pretrain import cli, config as config_lib, export, sharding
 from pretrain.tasks import DiffusionTask
 from pretrain.trainer import Trainer
@@ -165,15 +165,18 @@ def test_bad_image_data_exits_2(classes, message, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_training_reads_a_plain_image_directory(tmp_path):
-    """Class subdirectories give labels; the split is by file path."""
-    task = DiffusionTask(config_lib.load(SMOKE, [f"data.source={image_dir(tmp_path / 'images', True)}",
-                                                "data.val_fraction=0", "train.global_batch=4"]))
-    task.prepare(4)
-    batch = next(task.batches("train", 0, 1))
-    assert batch["images"].shape == (4, 16, 16, 1) and sorted(batch["labels"].tolist()) == [0, 0, 1, 1]
-    assert sorted(np.round((batch["images"][:, 0, 0, 0] + 1) * 127.5).tolist()) == [0, 40, 80, 120]
-    assert task.batches("validation", 0, 1) is None
+def test_training_reads_image_directories_plain_and_prepared(tmp_path):
+    """Class subdirectories give labels, in a plain directory and in one from `pretrain prepare images`."""
+    images = image_dir(tmp_path / "images", True)
+    prepare.prepare_images([str(images)], str(tmp_path / "prepared"), val_fraction=0.0, workers=1)
+    for source in (images, tmp_path / "prepared"):
+        task = DiffusionTask(config_lib.load(SMOKE, [f"data.source={source}", "data.val_fraction=0", "train.global_batch=4"]))
+        task.prepare(4)
+        batch = next(task.batches("train", 0, 1))
+        assert batch["images"].shape == (4, 16, 16, 1)
+        pixels_and_labels = sorted(zip(np.round((batch["images"][:, 0, 0, 0] + 1) * 127.5).tolist(), batch["labels"].tolist()))
+        assert pixels_and_labels == [(0, 0), (40, 1), (80, 0), (120, 1)]
+        assert task.batches("validation", 0, 1) is None
 
 
 def test_sample_refuses_bad_flags(digits_run, tmp_path, capsys):
