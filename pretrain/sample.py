@@ -9,7 +9,7 @@ from jax.experimental import multihost_utils
 
 from data import images
 from data import tokenizer as tokenizer_lib
-from data.prepare import TOKENIZER_FILE, check_output
+from data.prepare import TOKENIZER_FILE
 from models import diffusion
 from models.generate import generate
 from pretrain.config import ConfigError, DiffusionConfig

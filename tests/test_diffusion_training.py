@@ -3,7 +3,6 @@ grids, the sampling CLI and export, bad input."""
 
 import json
 import re
-import shutil
 
 import jax
 import numpy as np
