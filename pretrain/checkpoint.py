@@ -2,10 +2,11 @@
 
 Each step holds the items `params` (the model), `optimizer` (its state and step count),
 `ema` (the moving average of the parameters, if the run keeps one), `data` (the Grain
-iterator's position, one file per process) and `config` (the resolved config as JSON). Params are a separate item so that a run can start from another run's
-(or an imported model's) weights with a fresh optimizer. Orbax writes each step into a
-temporary directory and commits it only when complete, so a kill mid-save leaves the
-previous steps intact and the partial one invisible to a resume (`committed_steps`).
+iterator's position, one file per process) and `config` (the resolved config as JSON).
+Params are a separate item so that a run can start from another run's (or an imported
+model's) weights with a fresh optimizer. Orbax writes each step into a temporary directory
+and commits it only when complete, so a kill mid-save leaves the previous steps intact and
+the partial one invisible to a resume (`committed_steps`).
 """
 
 import os
