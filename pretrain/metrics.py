@@ -9,15 +9,11 @@ import jax.numpy as jnp
 from etils import epath
 from tensorboardX import SummaryWriter
 
-# Dense bfloat16 peak FLOP/s per chip, by device_kind prefix.
+from pretrain import tpu
+
+# Dense bfloat16 peak FLOP/s per chip of the accelerators outside pretrain/tpu.py's table, by
+# device_kind prefix.
 PEAK_FLOPS = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12,
     "TPU7x": 2307e12,
     "NVIDIA A100": 312e12,
     "NVIDIA H100": 989e12,
@@ -44,6 +40,8 @@ def total_peak_flops(per_device_override: float = 0.0) -> float:
     if per_device_override > 0:
         return per_device_override * len(devices)
     kind = devices[0].device_kind
+    if tpu.peak_flops(kind):
+        return tpu.peak_flops(kind) * len(devices)
     for prefix, peak in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
         if kind.startswith(prefix):
             return peak * len(devices)
