@@ -25,7 +25,7 @@ from pretrain import config as config_lib  # noqa: E402
 
 
 def rate(iterator, batches: int, per_batch: int) -> float:
-    next(iterator)  # start-up (worker processes, first reads) is not throughput
+    next(iterator)  # start-up (worker threads, first reads) is not throughput
     start = time.perf_counter()
     for _ in range(batches):
         next(iterator)
@@ -61,14 +61,13 @@ def main() -> int:
     batch, seq = cfg.train.global_batch, cfg.data.seq_len
     source = text_source(cfg)
     for workers in args.workers:
-        it = iter(pipeline.text_pipeline(source, seq_len=seq, batch_size=batch, seed=0, workers=workers))
+        it = pipeline.text_rows(source, seq_len=seq, global_batch=batch, rows=range(batch), seed=0, workers=workers)
         print(f"text   workers={workers}: {rate(it, args.batches, batch * seq):>12,.0f} tokens/s  (batch {batch} x {seq})")
     with tempfile.TemporaryDirectory() as tmp:
         source = image_source(Path(tmp), args.image_size)
         for workers in args.workers:
-            it = iter(pipeline.image_pipeline(
-                source, size=args.image_size, channels=3, batch_size=args.image_batch, seed=0, workers=workers
-            ))
+            it = pipeline.image_rows(source, size=args.image_size, channels=3, global_batch=args.image_batch,
+                                     rows=range(args.image_batch), seed=0, workers=workers)
             print(f"images workers={workers}: {rate(it, args.batches // 4, args.image_batch):>12,.0f} images/s "
                   f"(batch {args.image_batch} x {args.image_size}x{args.image_size}x3)")
     return 0

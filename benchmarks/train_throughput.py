@@ -28,7 +28,7 @@ def measure(trainer, steps: int, peak: float) -> dict:
     compiled, compile_s = trainer.compile()
     memory = compiled.memory_analysis()
     state = trainer.init_state()
-    batches = trainer.task.batches("train", jax.process_index(), jax.process_count())
+    batches = trainer.task.batches("train", trainer.rows)
     batch = trainer.place_batch(next(batches))
     with trainer.context():
         for _ in range(2):  # warm-up

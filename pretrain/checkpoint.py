@@ -1,8 +1,9 @@
 """Asynchronous Orbax checkpoints under run.output_dir/checkpoints/<step>/, local or gs://.
 
 Each step holds the items `params` (the model), `optimizer` (its state and step count),
-`ema` (the moving average of the parameters, if the run keeps one), `data` (the Grain
-iterator's position, one file per process) and `config` (the resolved config as JSON).
+`ema` (the moving average of the parameters, if the run keeps one), `data_position` (how
+many records each row of the global batch has read: one global array, so it restores onto
+any number of processes) and `config` (the resolved config as JSON).
 Params are a separate item so that a run can start from another run's (or an imported
 model's) weights with a fresh optimizer. Orbax writes each step into a temporary directory
 and commits it only when complete, so a kill mid-save leaves the previous steps intact and
@@ -12,7 +13,6 @@ the partial one invisible to a resume (`committed_steps`).
 import os
 import time
 
-import grain
 import orbax.checkpoint as ocp
 import yaml
 from etils import epath
@@ -22,6 +22,7 @@ from pretrain.config import Config, ConfigError
 
 
 STATE_ITEMS = ("params", "optimizer", "ema")  # the parts of the train state, in order
+DATA_ITEM = "data_position"  # records read by each row of the global batch (data/pipeline.py)
 
 
 def absolute(path: str) -> epath.Path:
@@ -60,25 +61,26 @@ class Checkpointer:
         self.cfg = cfg
         self.manager = _manager(absolute(cfg.run.output_dir) / "checkpoints", cfg)
 
-    def save(self, step: int, state, data_iterator) -> float:
-        """Start saving `step`; returns the seconds the loop was blocked (the device-to-host copy)."""
+    def save(self, step: int, state, data_position) -> float:
+        """Start saving `step` (the train state and the data position, a global array); returns the
+        seconds the loop was blocked (the device-to-host copy)."""
         start = time.perf_counter()
         items = {name: ocp.args.StandardSave(state[i]) for i, name in enumerate(STATE_ITEMS[: len(state)])}
+        items[DATA_ITEM] = ocp.args.StandardSave({"positions": data_position})
         items["config"] = ocp.args.JsonSave(config_lib.to_dict(self.cfg))
-        if hasattr(data_iterator, "get_state"):  # synthetic batches have no position to keep
-            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         return time.perf_counter() - start
 
-    def restore(self, step: int, abstract_state, data_iterator) -> list:
-        """The parts of the state of `step` (STATE_ITEMS), placed straight into the shardings of
-        `abstract_state`; the data iterator is moved to where it was."""
+    def restore(self, step: int, abstract_state, abstract_position) -> tuple[list, object]:
+        """(the parts of the state of `step` (STATE_ITEMS), the data position or None if the
+        checkpoint has none), placed straight into the shardings of the abstract arguments."""
         names = STATE_ITEMS[: len(abstract_state)]
         items = {name: ocp.args.StandardRestore(abstract_state[i]) for i, name in enumerate(names)}
-        if hasattr(data_iterator, "set_state") and "data" in self._items(step):
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        if DATA_ITEM in self._items(step):
+            items[DATA_ITEM] = ocp.args.StandardRestore({"positions": abstract_position})
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return [restored[name] for name in names]
+        position = restored[DATA_ITEM]["positions"] if DATA_ITEM in items else None
+        return [restored[name] for name in names], position
 
     def _items(self, step: int) -> set[str]:
         return {p.name for p in (self.manager.directory / str(step)).iterdir()}

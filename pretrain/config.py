@@ -37,9 +37,18 @@ class RunConfig:
 
 @dataclasses.dataclass
 class RuntimeConfig:
-    fake_cpu_devices: int = 0  # > 0: run on this many faked CPU devices
+    fake_cpu_devices: int = 0  # > 0: run on this many faked CPU devices (per process)
     peak_flops_per_device: float = 0.0  # 0: from the device table, or measured on CPU
     compilation_cache_dir: str = "~/.cache/pretrain/xla"  # "" turns JAX's persistent cache off
+    # auto: jax.distributed with JAX's own cluster detection (TPU VM, GKE, Slurm, Open MPI) when it
+    # finds a cluster, else one process; explicit: the three keys below; off: one process.
+    distributed: str = "auto"
+    coordinator: str = ""  # host:port of process 0 (explicit)
+    num_processes: int = 0  # explicit: required; auto: if > 0, checked against what the cluster says
+    process_id: int = -1  # explicit
+    init_timeout_s: int = 1800  # cold starts of many hosts take minutes
+    heartbeat_timeout_s: int = 100  # a process silent this long is dead, and takes the run down
+    step_timeout_s: float = 1800.0  # a step not done after this long ends the run with exit code 3; 0: off
 
 
 @dataclasses.dataclass
@@ -367,6 +376,24 @@ def validate(cfg: Config, num_devices: int, platform: str) -> tuple[int, int]:
     else:
         _validate_unet(cfg, data, model)
     return data, model
+
+
+DISTRIBUTED_MODES = ("auto", "explicit", "off")
+
+
+def validate_runtime(r: RuntimeConfig):
+    """The process-level keys, checked before JAX starts (runtime.setup)."""
+    _require(r.distributed in DISTRIBUTED_MODES,
+             f"runtime.distributed='{r.distributed}' is unknown; use one of {list(DISTRIBUTED_MODES)}")
+    if r.distributed == "explicit":
+        _require(re.fullmatch(r"[^:\s]+:\d+", r.coordinator) is not None,
+                 f"runtime.coordinator='{r.coordinator}' must be host:port of process 0 with runtime.distributed=explicit")
+        _require(r.num_processes > 0, "runtime.num_processes must be positive with runtime.distributed=explicit")
+        _require(0 <= r.process_id < r.num_processes,
+                 f"runtime.process_id={r.process_id} must be in [0, runtime.num_processes={r.num_processes})")
+    for key in ("init_timeout_s", "heartbeat_timeout_s"):
+        _require(getattr(r, key) > 0, f"runtime.{key}={getattr(r, key)} must be positive")
+    _require(r.step_timeout_s >= 0, f"runtime.step_timeout_s={r.step_timeout_s} must be >= 0 (0: no watchdog)")
 
 
 def _validate_transformer(cfg: Config, data: int, model: int, platform: str):

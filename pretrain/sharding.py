@@ -48,6 +48,22 @@ def logical_spec(names, rules) -> PartitionSpec:
     return PartitionSpec(*(table[n] if n is not None else None for n in names))
 
 
-def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """Assemble each process's slice of the batch into global arrays with the batch sharding."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+def process_rows(sharding: NamedSharding, global_batch: int) -> range:
+    """The rows of a global batch that this process's devices hold under `sharding` (one block,
+    since hosts lie along `data`; every row when the batch is not split over `data`)."""
+    spans = {(s[0].start or 0, s[0].stop or global_batch) for s in sharding.addressable_devices_indices_map((global_batch,)).values()}
+    start, stop = min(a for a, _ in spans), max(b for _, b in spans)
+    if sum(b - a for a, b in spans) != stop - start:
+        raise ValueError(f"this process's rows {sorted(spans)} are not one block; order the mesh's devices by process")
+    return range(start, stop)
+
+
+def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding, global_rows: int) -> dict[str, jax.Array]:
+    """Global arrays with the batch sharding from each process's rows (sharding.process_rows)."""
+    return {k: jax.make_array_from_process_local_data(sharding, v, (global_rows, *v.shape[1:])) for k, v in local.items()}
+
+
+def local_rows(array: jax.Array) -> np.ndarray:
+    """This process's rows of a global array sharded along its first axis (replicas read once)."""
+    shards = {s.index[0].start or 0: s.data for s in array.addressable_shards}
+    return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])

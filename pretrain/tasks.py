@@ -26,31 +26,27 @@ class Task:
     """A task gives the trainer: build_model(rngs); loss(model, batch, mesh, rules, key) -> (summed
     loss, weight, summed metrics), key being a training step's randomness (None in eval, which must
     be deterministic); units_per_step and flops_per_step for throughput and MFU; batch_shapes;
-    prepare(model_axis) to open and check the data, which sets `sources`; batches(split,
-    process_index, process_count); eval_metrics(loss) for the eval row; write_samples(model, step)
+    prepare(model_axis) to open and check the data, which sets `sources`; batches(split, rows);
+    eval_metrics(loss) for the eval row; write_samples(model, step)
     after each eval. Subclasses say how to read a source (_pipeline) and what random batches
     look like (_synthetic)."""
 
     unit: str  # what throughput counts
     sources: dict | None  # split -> random-access source of records, or None for an empty split
 
-    def batches(self, split: str, process_index: int, process_count: int):
-        """Endless iterator of this process's slice of each global batch; None if the split is empty.
-
-        The training iterator is a Grain iterator whose get_state()/set_state() checkpoint it."""
+    def batches(self, split: str, rows: range):
+        """Endless iterator (data.pipeline.Rows) over rows `rows` of each global batch; None if the
+        split is empty. Its `positions` are the data position a checkpoint keeps."""
         cfg = self.cfg
-        local = cfg.train.global_batch // process_count
         if cfg.data.source == "synthetic":
-            return self._synthetic(local, cfg.run.seed + process_index)
+            return self._synthetic(rows)
         if self.sources is None:
             raise RuntimeError(f"{type(self).__name__}.prepare() must run before batches()")
         if self.sources[split] is None:
             return None
         train = split == "train"
-        return iter(self._pipeline(
-            self.sources[split], train, batch_size=local, seed=cfg.run.seed if train else 0, process_index=process_index,
-            process_count=process_count, workers=cfg.data.workers if train else 0,
-        ))
+        return self._pipeline(self.sources[split], train, global_batch=cfg.train.global_batch, rows=rows,
+                              seed=cfg.run.seed if train else 0, workers=cfg.data.workers if train else 0)
 
 
 class LanguageModelTask(Task):
@@ -116,11 +112,13 @@ class LanguageModelTask(Task):
         self.manifest, self.sources = manifest, sources
         self.tokenizer = (directory / TOKENIZER_FILE).read_bytes()
 
-    def _synthetic(self, batch: int, seed: int):
-        return pipeline.synthetic(self.cfg.model.vocab_size, self.cfg.data.seq_len, batch, seed)
+    def _synthetic(self, rows: range):
+        c = self.cfg
+        return pipeline.synthetic_text_rows(vocab_size=c.model.vocab_size, seq_len=c.data.seq_len,
+                                            global_batch=c.train.global_batch, rows=rows, seed=c.run.seed)
 
     def _pipeline(self, source, train: bool, **kwargs):
-        return pipeline.text_pipeline(source, seq_len=self.cfg.data.seq_len, **kwargs)
+        return pipeline.text_rows(source, seq_len=self.cfg.data.seq_len, **kwargs)
 
     def eval_metrics(self, loss: float) -> dict:
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
@@ -211,14 +209,16 @@ class DiffusionTask(Task):
                               f"{m.num_classes}; set model.num_classes={len(classes)}")
         self.sources = sources
 
-    def _synthetic(self, batch: int, seed: int):
-        m = self.cfg.model
-        return pipeline.synthetic_images(m.image_size, m.channels, m.num_classes, batch, seed)
+    def _synthetic(self, rows: range):
+        c = self.cfg
+        return pipeline.synthetic_image_rows(size=c.model.image_size, channels=c.model.channels,
+                                             num_classes=c.model.num_classes, global_batch=c.train.global_batch,
+                                             rows=rows, seed=c.run.seed)
 
     def _pipeline(self, source, train: bool, **kwargs):
         m = self.cfg.model
-        return pipeline.image_pipeline(source, size=m.image_size, channels=m.channels,
-                                       augment=self.cfg.data.augment and train, **kwargs)
+        return pipeline.image_rows(source, size=m.image_size, channels=m.channels,
+                                   augment=self.cfg.data.augment and train, **kwargs)
 
     def eval_metrics(self, loss: float) -> dict:
         return {"eval_loss": loss}

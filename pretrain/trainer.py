@@ -22,7 +22,8 @@ from pretrain import optim
 from pretrain.checkpoint import Checkpointer, restore_params
 from pretrain.config import Config
 from pretrain.metrics import MetricsLogger, total_peak_flops
-from pretrain.sharding import global_batch, logical_spec
+from pretrain.runtime import Watchdog
+from pretrain.sharding import global_batch, local_rows, logical_spec, process_rows
 
 
 class _SigtermFlag:
@@ -58,6 +59,7 @@ class Trainer:
             self.graphdef, self.abstract_state = nnx.split(abstract)
             self.state_shardings = nnx.get_named_sharding(self.abstract_state, mesh)
         self.batch_sharding = NamedSharding(mesh, logical_spec(("batch",), rules))
+        self.rows = process_rows(self.batch_sharding, cfg.train.global_batch)  # what this process reads
         self.batch_spec = {
             k: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_sharding)
             for k, (shape, dtype) in task.batch_shapes().items()
@@ -156,7 +158,7 @@ class Trainer:
 
     def evaluate(self, state) -> float | None:
         """Mean loss over the same held-out batches every time; None without held-out data."""
-        batches = self.task.batches("validation", jax.process_index(), jax.process_count())
+        batches = self.task.batches("validation", self.rows)
         if batches is None:
             return None
         sums = [self._eval_step(state, self.place_batch(next(batches))) for _ in range(self.cfg.train.eval_batches)]
@@ -164,17 +166,26 @@ class Trainer:
         return float(total) / max(float(count), 1.0)
 
     def place_batch(self, local_batch):
-        return global_batch(local_batch, self.batch_sharding)
+        return global_batch(local_batch, self.batch_sharding, self.cfg.train.global_batch)
 
-    def initial_state(self, plan, checkpointer: Checkpointer, data_iterator):
-        """(state, step) to start from: fresh, a checkpoint of this run (data position included), or
-        another checkpoint's parameters with a fresh optimizer (checkpoint.resume_plan)."""
+    def data_position(self, rows) -> jax.Array:
+        """The records each row of the global batch has read, as one global array (for checkpoints)."""
+        return global_batch({"p": rows.positions.astype("int32")}, self.batch_sharding, self.cfg.train.global_batch)["p"]
+
+    def initial_state(self, plan, checkpointer: Checkpointer, rows):
+        """(state, step) to start from: fresh, a checkpoint of this run (the data position of `rows`
+        included), or another checkpoint's parameters with a fresh optimizer (checkpoint.resume_plan)."""
         if plan is None:
             return self.init_state(), 0
         kind, where = plan
         abstract = self.abstract_state_with_shardings()
         if kind == "full":
-            parts, step = checkpointer.restore(where, abstract, data_iterator), where
+            position_spec = jax.ShapeDtypeStruct((self.cfg.train.global_batch,), "int32", sharding=self.batch_sharding)
+            (parts, position), step = checkpointer.restore(where, abstract, position_spec), where
+            if position is not None:
+                rows.set_positions(local_rows(position))
+            elif jax.process_index() == 0:
+                print(f"checkpoint {where} holds no data position; the data starts from the beginning")
         else:
             params = restore_params(where, abstract[0])
             parts, step = [params, self.init_state()[1]], 0
@@ -189,7 +200,7 @@ class Trainer:
         """Train to run.steps from `plan` (checkpoint.resume_plan), checkpointing as configured.
         SIGTERM (or, multi-host, JAX's preemption sync point) ends the run after a checkpoint."""
         cfg, task = self.cfg, self.task
-        train_batches = task.batches("train", jax.process_index(), jax.process_count())
+        train_batches = task.batches("train", self.rows)
         compiled, compile_s = self._compile_logged()
         peak = total_peak_flops(cfg.runtime.peak_flops_per_device)
         checkpointer = Checkpointer(cfg)
@@ -199,9 +210,13 @@ class Trainer:
         history = {"train_loss": [], "eval_loss": [], "preempted": False}
         run_start = window_start = time.perf_counter()
         window_steps = 0
-        with self.context(), _SigtermFlag() as sigterm:
+        # One process: SIGTERM is ours to catch. Several: JAX's preemption service catches it and
+        # tells every process to stop at the same step (checkpointer.reached_preemption).
+        sigterm_flag = _SigtermFlag() if jax.process_count() == 1 else contextlib.nullcontext()
+        with self.context(), sigterm_flag as sigterm, Watchdog(cfg.runtime.step_timeout_s, start) as watchdog:
             for step in range(start + 1, cfg.run.steps + 1):
                 state, metrics = compiled(state, self.place_batch(next(train_batches)))
+                watchdog.dispatched(step, metrics)
                 window_steps += 1
                 if step % cfg.train.log_every == 0 or step == cfg.run.steps:
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
@@ -215,17 +230,19 @@ class Trainer:
                 else:
                     logger.progress(step, (time.perf_counter() - window_start) / window_steps * (cfg.run.steps - step))
                 if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.run.steps:
-                    eval_loss = self.evaluate(state)
-                    if eval_loss is not None:
-                        logger.write({"step": step, **task.eval_metrics(eval_loss)})
-                        history["eval_loss"].append(eval_loss)
-                    task.write_samples(self.sampling_model(state), step)
+                    with watchdog.paused():
+                        eval_loss = self.evaluate(state)
+                        if eval_loss is not None:
+                            logger.write({"step": step, **task.eval_metrics(eval_loss)})
+                            history["eval_loss"].append(eval_loss)
+                        task.write_samples(self.sampling_model(state), step)
                     window_start, window_steps = time.perf_counter(), 0  # eval time is not step time
-                preempted = sigterm.received or checkpointer.reached_preemption(step)
+                preempted = (sigterm is not None and sigterm.received) or checkpointer.reached_preemption(step)
                 every = cfg.checkpoint.every
                 if preempted or step == cfg.run.steps or (every and step % every == 0):
-                    logger.flush()  # metrics up to this step are stored before the checkpoint that covers them
-                    blocked = checkpointer.save(step, state, train_batches)
+                    with watchdog.paused():
+                        logger.flush()  # metrics up to this step are stored before the checkpoint that covers them
+                        blocked = checkpointer.save(step, state, self.data_position(train_batches))
                     logger.note(f"checkpoint {step}: the loop was blocked {blocked:.2f} s; writing in the background")
                     window_start, window_steps = time.perf_counter(), 0  # nor is checkpoint time
                 if preempted:

@@ -20,7 +20,7 @@ def as_records(docs):
 
 def epoch(source, **kw):
     """Every batch of one epoch, stacked: dict of [rows, SEQ]."""
-    batches = list(pipeline.text_pipeline(source, seq_len=SEQ, batch_size=2, seed=3, num_epochs=1, **kw))
+    batches = list(pipeline.text_rows(source, seq_len=SEQ, global_batch=2, rows=range(2), seed=3, num_epochs=1, **kw))
     return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
 
@@ -41,30 +41,36 @@ def test_packing_keeps_every_token_once_and_restarts_segments():
         assert np.all(rows["targets"][r][:-1][same] == rows["inputs"][r][1:][same])
 
 
-def test_processes_read_disjoint_slices_that_cover_the_data():
-    docs = [list(range(start, start + n)) for start, n in ((4, 20), (30, 7), (40, 33), (80, 3), (90, 11))]
-    source = as_records(docs)  # every token id occurs once in the data
-    parts = [epoch(source, process_index=i, process_count=2) for i in range(2)]
-    read = [set(p["targets"][(p["segment_ids"] > 0) & (p["targets"] > 3)].tolist()) for p in parts]
-    assert read[0] and read[1] and not read[0] & read[1]
-    assert read[0] | read[1] == {t for d in docs for t in d}
+def text_rows(source, rows, workers=0):
+    return pipeline.text_rows(source, seq_len=SEQ, global_batch=4, rows=rows, seed=0, workers=workers)
+
+
+def assert_batches_equal(got, want):
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_iterator_state_resumes_exactly(workers):
+def test_the_global_batch_does_not_depend_on_how_its_rows_are_split(workers):
+    """Rows read by two processes, each its half, make the batches one process reads whole;
+    with worker threads too, and after a resume from the positions of the other split."""
     source = as_records(DOCS * 5)
-    make = lambda: iter(pipeline.text_pipeline(source, seq_len=SEQ, batch_size=2, seed=0, workers=workers))
-    it = make()
-    for _ in range(3):
-        next(it)
-    state = it.get_state()
-    expected = [next(it) for _ in range(6)]
-    resumed = make()
-    resumed.set_state(state)
+    whole = text_rows(source, range(4))
+    halves = [text_rows(source, range(0, 2), workers), text_rows(source, range(2, 4), workers)]
+    for _ in range(5):
+        want = next(whole)
+        got = [next(h) for h in halves]
+        assert_batches_equal({k: np.concatenate([g[k] for g in got]) for k in want}, want)
+    # The whole batch's data position, handed to the halves: a resume on another process count.
+    position = whole.positions.copy()
+    expected = [next(whole) for _ in range(6)]
+    resumed = [text_rows(source, range(0, 2), workers), text_rows(source, range(2, 4), workers)]
+    resumed[0].set_positions(position[:2])
+    resumed[1].set_positions(position[2:])
     for want in expected:
-        got = next(resumed)
-        for k in want:
-            np.testing.assert_array_equal(got[k], want[k])
+        got = [next(h) for h in resumed]
+        assert_batches_equal({k: np.concatenate([g[k] for g in got]) for k in want}, want)
 
 
 def test_tokenizer_round_trips_code_and_has_fixed_special_ids():
@@ -148,7 +154,7 @@ def test_image_pipeline_crops_flips_and_scales(tmp_path):
     manifest = prepare.prepare_images([str(tmp_path / "img")], str(tmp_path / "prep"), val_fraction=0.0, workers=1)
     assert manifest["classes"] == ["cat", "dog"] and manifest["splits"]["train"]["records"] == 6
     source = records.open_split(tmp_path / "prep", manifest, "train")
-    batches = list(pipeline.image_pipeline(source, size=16, channels=3, batch_size=3, seed=0, num_epochs=1))
+    batches = list(pipeline.image_rows(source, size=16, channels=3, global_batch=3, rows=range(3), seed=0, num_epochs=1))
     assert len(batches) == 2
     got = np.concatenate([b["images"] for b in batches])
     labels = np.concatenate([b["labels"] for b in batches])
@@ -168,6 +174,6 @@ def test_image_pipeline_crops_flips_and_scales(tmp_path):
     files = sorted(made)
     classes, dir_labels = images.labels_from_directories(files)
     direct = images.FileSource(files, dir_labels)
-    again = list(pipeline.image_pipeline(direct, size=16, channels=3, batch_size=3, seed=0, num_epochs=1))
+    again = list(pipeline.image_rows(direct, size=16, channels=3, global_batch=3, rows=range(3), seed=0, num_epochs=1))
     np.testing.assert_array_equal(np.concatenate([b["images"] for b in again]), got)
     assert classes == manifest["classes"]

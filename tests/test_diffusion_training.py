@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from data import pipeline, prepare
+from data import prepare
 from pretrain import cli, config as config_lib, export, sharding
 from pretrain.tasks import DiffusionTask
 from pretrain.trainer import Trainer
@@ -106,7 +106,7 @@ def test_ema_update_matches_the_formula():
                                   "train.global_batch=8", f"train.ema_decay={decay}"])
     mesh = sharding.make_mesh((2, 4))
     trainer = Trainer(cfg, DiffusionTask(cfg), mesh, sharding.LOGICAL_RULES)
-    batches = pipeline.synthetic_images(8, 1, 10, 8, seed=0)
+    batches = trainer.task.batches("train", trainer.rows)
     state = trainer.init_state()
     ema = [np.asarray(x) for x in jax.tree.leaves(state[2])]
     for p, e in zip(jax.tree.leaves(state[0]), ema):  # the average starts at the weights
@@ -171,11 +171,11 @@ def test_training_reads_image_directories_plain_and_prepared(tmp_path):
     for source in (images, tmp_path / "prepared"):
         task = DiffusionTask(config_lib.load(SMOKE, [f"data.source={source}", "data.val_fraction=0", "train.global_batch=4"]))
         task.prepare(4)
-        batch = next(task.batches("train", 0, 1))
+        batch = next(task.batches("train", range(4)))
         assert batch["images"].shape == (4, 16, 16, 1)
         pixels_and_labels = sorted(zip(np.round((batch["images"][:, 0, 0, 0] + 1) * 127.5).tolist(), batch["labels"].tolist()))
         assert pixels_and_labels == [(0, 0), (40, 1), (80, 0), (120, 1)]
-        assert task.batches("validation", 0, 1) is None
+        assert task.batches("validation", range(4)) is None
 
 
 def test_sample_refuses_bad_flags(digits_run, tmp_path, capsys):
