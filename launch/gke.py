@@ -39,10 +39,10 @@ CONTAINER = "pretrain"
 TPU_RESOURCE = "google.com/tpu"
 ACCELERATOR_LABEL = "cloud.google.com/gke-tpu-accelerator"
 TOPOLOGY_LABEL = "cloud.google.com/gke-tpu-topology"
-# Exit codes that no restart can fix: 1 (a bug) and 2 (bad input) fail the JobSet at once. Any
-# other failure restarts it (up to --max-restarts): 3 from the stuck-step watchdog, a signal or
-# abort (a peer died), a preempted node. The trainer resumes from its latest checkpoint.
-FINAL_EXIT_CODES = [1, 2]
+# The exit code no restart can fix: 2, bad input, fails the JobSet at once. Any other failure
+# restarts it (up to --max-restarts): 3 from the stuck-step watchdog, an error or abort (a peer
+# died, a storage hiccup), a preempted node. The trainer resumes from its latest checkpoint.
+FINAL_EXIT_CODES = [2]
 DNS_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 
 
@@ -128,8 +128,8 @@ def xpk_command(s: tpu.Slice, slices: int, name: str, image: str, command: list[
         "xpk", "workload", "create", "--cluster", cluster, "--workload", name,
         "--tpu-type", s.cloud_accelerator_type, "--num-slices", str(slices), "--docker-image", image,
         "--max-restarts", str(max_restarts), "--termination-grace-period-seconds", str(grace_s),
-        # xpk restarts on 42 and 127-255 and fails on the rest; this makes it fail on 1 and 2 only
-        "--restart-on-exit-codes", "3-126",
+        # xpk restarts on 42 and 127-255 and fails on the rest; this makes it fail on 2 only
+        "--restart-on-exit-codes", "1,3-126",
         "--command", shlex.join(["python", "-m", "pretrain", *command]),
     ])
 

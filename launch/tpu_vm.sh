@@ -13,8 +13,9 @@ commands:
   create   create the TPU VM (or queued resource) and wait until it is ready
   run      create it if absent or preempted, ship the code to every worker, install, start
            `python -m pretrain train ...` on all workers at once and wait for them; with
-           --retries K it starts again after a preemption or a stuck step (exit code 3),
-           and the trainer resumes from the latest checkpoint in run.output_dir
+           --retries K it starts again after anything but success or exit code 2 (bad
+           input): a preemption, a stuck step (exit code 3), an error, a lost slice; the
+           trainer resumes from the latest checkpoint in run.output_dir
   logs     print and follow a worker's training log (--worker N, default 0)
   stop     SIGTERM the trainer on every worker: it saves a checkpoint and exits 0
   delete   delete the TPU VM (or queued resource)
@@ -179,14 +180,17 @@ mkdir -p ~/pretrain-run && cd ~/pretrain &&
 rc=\$?; echo \"pretrain exit code \$rc on \$(hostname)\"; exit \$rc" 2>&1 | tee "$1" || true
 }
 
-outcome() { # finished, preempted, stuck, lost (a worker did not report) or failed N, from a start's output
+outcome() { # what one start came to, from its output: finished, failed N, or why to start again
   local codes
   codes=$(grep -o 'pretrain exit code [0-9]*' "$1" | awk '{print $4}' | sort -un)
-  if (($(grep -c 'pretrain exit code' "$1") < vms)); then echo lost
-  elif grep -qx 3 <<<"$codes"; then echo stuck
-  elif [[ $codes == 0 ]] && grep -q 'preempted: checkpoint' "$1"; then echo preempted
-  elif [[ $codes == 0 ]]; then echo finished
-  else echo "failed $(tail -n 1 <<<"$codes")"
+  # 2 (bad input) is final, as in launch/gke.py's JobSets; any other failure is not: 3 from the
+  # stuck-step watchdog, an error or abort (a peer died, a storage hiccup), a lost or preempted slice.
+  if grep -qx 2 <<<"$codes"; then echo "failed 2"
+  elif (($(grep -c 'pretrain exit code' "$1") < vms)); then echo "lost: not every worker reported"
+  elif grep -qx 3 <<<"$codes"; then echo "stuck: exit code 3"
+  elif [[ $codes != 0 ]]; then echo "exit code $(tail -n 1 <<<"$codes")"
+  elif grep -q 'preempted: checkpoint' "$1"; then echo "preempted: checkpoint committed"
+  else echo finished
   fi
 }
 
@@ -202,9 +206,9 @@ run() {
     echo "$name: $result (output in $log)" >&2
     case $result in
       finished) return 0 ;;
-      failed*) return "${result#failed }" ;; # bad input (2) or a bug: starting again would not help
+      failed*) return "${result#failed }" ;;
     esac
-    ((attempt++ < retries)) || { echo "error: $result, and no retries left; run again to resume" >&2; return 3; }
+    ((attempt++ < retries)) || { echo "error: no retries left; run again to resume" >&2; return 3; }
     echo "$name: starting again ($attempt of $retries); the trainer resumes from its latest checkpoint" >&2
   done
 }

@@ -171,6 +171,7 @@ def test_tpu_vm_dry_run_other_commands(fake_gcloud, command, expected):
     ([], ["3", "0"], 1, 0, 2, False),  # stuck step (exit 3): started again on the same VMs
     ([], ["3"], 0, 3, 1, False),  # no retries left
     ([], ["2"], 5, 2, 1, False),  # bad input: starting again would not help
+    ([], ["1", "134", "0"], 2, 0, 3, False),  # an error, an abort (a peer died): started again
     ([], ["preempted", "0"], 1, 0, 2, False),  # SIGTERM, checkpoint committed, exit 0: not finished
     (["READY", "PREEMPTED"], ["lost", "0"], 1, 0, 2, True),  # the slice went away: created again
 ])
