@@ -63,7 +63,8 @@ def tpu_env(s: tpu.Slice, slices: int) -> list[dict]:
         _from_pod("REPLICATED_JOB_NAME", "metadata.annotations['jobset.sigs.k8s.io/replicatedjob-name']"),
         _from_pod("JOB_INDEX", "metadata.annotations['jobset.sigs.k8s.io/job-index']"),  # the slice
         _from_pod("TPU_WORKER_ID", "metadata.annotations['batch.kubernetes.io/job-completion-index']"),
-        {"name": "TPU_WORKER_HOSTNAMES", "value": ",".join(host.format(job="$(JOB_INDEX)", pod=i) for i in range(s.vms))},
+        {"name": "TPU_WORKER_HOSTNAMES",
+         "value": ",".join(host.format(job="$(JOB_INDEX)", pod=i) for i in range(s.vms))},
     ]
     if slices > 1:  # slices talk over the data-centre network through libtpu's megascale layer
         env += [
@@ -115,7 +116,8 @@ def render(s: tpu.Slice, slices: int, name: str, image: str, command: list[str],
             "network": {"enableDNSHostnames": True},
             "failurePolicy": {
                 "maxRestarts": max_restarts,
-                "rules": [{"name": "final-exit-code", "action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"]}],
+                "rules": [{"name": "final-exit-code", "action": "FailJobSet",
+                           "onJobFailureReasons": ["PodFailurePolicy"]}],
             },
             "replicatedJobs": [{"name": REPLICATED_JOB, "replicas": slices, "template": {"spec": job}}],
         },
@@ -142,7 +144,8 @@ def _strict(schema):
     if not isinstance(schema, dict):
         return schema
     out = {k: _strict(v) for k, v in schema.items()}
-    if "properties" in out and "additionalProperties" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+    open_ended = "additionalProperties" in out or out.get("x-kubernetes-preserve-unknown-fields")
+    if "properties" in out and not open_ended:
         out["additionalProperties"] = False
     return out
 
@@ -171,7 +174,8 @@ def problems(manifest: dict) -> list[str]:
         last_job = f"{name}-{rjob['name']}-{rjob.get('replicas', 1) - 1}"  # JobSet's job and pod names
         out += _dns_label("job name", last_job)
         out += _dns_label("pod name", f"{last_job}-{job.get('completions', 1) - 1}-abcde")
-        if pod.get("restartPolicy") != "Never" or job.get("backoffLimit") != 0 or job.get("completionMode") != "Indexed":
+        settings = (pod.get("restartPolicy"), job.get("backoffLimit"), job.get("completionMode"))
+        if settings != ("Never", 0, "Indexed"):
             out.append(f"replicated job '{rjob['name']}' needs restartPolicy: Never, backoffLimit: 0 and "
                        "completionMode: Indexed, so that a failed pod restarts the whole JobSet")
         selector = pod.get("nodeSelector", {})
@@ -213,7 +217,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="launch/gke.py", formatter_class=argparse.RawDescriptionHelpFormatter,
-                usage="%(prog)s --accelerator-type TYPE --name NAME --image IMAGE [options] -- train CONFIG [key=value ...]\n"
+                usage="%(prog)s --accelerator-type TYPE --name NAME --image IMAGE [options] -- train CONFIG ...\n"
                       "       %(prog)s --check FILE",
                 description=__doc__)
     p.add_argument("--accelerator-type", help="TPU slice, e.g. v5p-64, v6e-16, v5litepod-256")

@@ -76,12 +76,14 @@ esac
 [[ -z $tarball || $tarball == gs://* ]] || die "--tarball must be a gs:// prefix, got '$tarball'"
 if [[ $command == create || $command == run ]]; then
   [[ -n $accelerator_type ]] || die "--accelerator-type is required to $command, e.g. v5p-64"
-  [[ $command == create || ${#pretrain_args[@]} -gt 0 ]] || die "run needs the pretrain arguments after --, e.g. -- train configs/llm/8b.yaml run.output_dir=gs://BUCKET/run"
+  [[ $command == create || ${#pretrain_args[@]} -gt 0 ]] ||
+    die "run needs the pretrain arguments after --, e.g. -- train configs/llm/8b.yaml run.output_dir=gs://BUCKET/run"
   python=${PYTHON:-$root/.venv/bin/python}
   [[ -x $python ]] || python=python3
   # Sets chips, vms, chips_per_vm, topology, runtime_version (the kind's), cloud_type, pretrain_command.
   given_version=$runtime_version
-  facts=$("$python" "$root/launch/tpu_args.py" "$accelerator_type" ${pretrain_args[@]+-- "${pretrain_args[@]}"}) || exit $?
+  facts=$("$python" "$root/launch/tpu_args.py" "$accelerator_type" ${pretrain_args[@]+-- "${pretrain_args[@]}"}) ||
+    exit $?
   eval "$facts"
   runtime_version=${given_version:-$runtime_version}
 fi
@@ -170,13 +172,17 @@ cd ~/pretrain && ~/pretrain-venv/bin/pip install -q -e \".[tpu]\""
 # As MaxText does before a start: kill whatever still holds the TPU (/dev/accel* up to v4,
 # /dev/vfio/* from v5 on), e.g. a trainer whose ssh session was lost, and drop libtpu's lock.
 free_tpu='pids=$(sudo lsof -t /dev/accel* /dev/vfio/[0-9]* 2>/dev/null | sort -u)
-if [ -n "$pids" ]; then echo "killing leftover TPU holders: $pids"; sudo kill -9 $pids; for p in $pids; do tail --pid=$p -f /dev/null; done; fi
+if [ -n "$pids" ]; then
+  echo "killing leftover TPU holders: $pids"; sudo kill -9 $pids
+  for p in $pids; do tail --pid=$p -f /dev/null; done
+fi
 sudo rm -f /tmp/libtpu_lockfile'
 
 start_all() { # the trainer on every worker at once; its output lands in the local file $1
   on_workers all "$free_tpu
 mkdir -p ~/pretrain-run && cd ~/pretrain &&
-{ ~/pretrain-venv/bin/python -m pretrain $pretrain_command > >(tee ~/pretrain-run/train.log) 2>&1 & echo \$! > ~/pretrain-run/pid; wait \$!; }
+{ ~/pretrain-venv/bin/python -m pretrain $pretrain_command > >(tee ~/pretrain-run/train.log) 2>&1 &
+  echo \$! > ~/pretrain-run/pid; wait \$!; }
 rc=\$?; echo \"pretrain exit code \$rc on \$(hostname)\"; exit \$rc" 2>&1 | tee "$1" || true
 }
 

@@ -113,12 +113,14 @@ def test_tpu_vm_dry_run_v5p_64(fake_gcloud):
     assert "v5p-64: 32 chips in a 2x4x4 torus, 8 VMs of 4 chips, runtime v2-alpha-tpuv5" in r.stdout
     lines = gcloud_lines(r.stdout)
     assert lines[0] == "gcloud compute tpus tpu-vm describe n '--format=value(state)' --zone us-east5-a"
-    assert lines[1] == "gcloud compute tpus tpu-vm create n --accelerator-type v5p-64 --version v2-alpha-tpuv5 --zone us-east5-a"
+    assert lines[1] == ("gcloud compute tpus tpu-vm create n --accelerator-type v5p-64 --version v2-alpha-tpuv5 "
+                        "--zone us-east5-a")
     setup, start = lines[2:]
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     for line in (setup, start):
         assert line.startswith("gcloud compute tpus tpu-vm ssh n --worker=all --command ")
-    assert f"git clone -q https://example.com/pretrain.git ~/pretrain && git -C ~/pretrain checkout -q {commit}" in setup
+    clone = f"git clone -q https://example.com/pretrain.git ~/pretrain && git -C ~/pretrain checkout -q {commit}"
+    assert clone in setup
     assert "pip install -q -e \".[tpu]\"" in setup
     assert "sudo lsof -t /dev/accel* /dev/vfio/[0-9]*" in start and "sudo kill -9 $pids" in start
     assert "sudo rm -f /tmp/libtpu_lockfile" in start
@@ -168,12 +170,12 @@ def test_tpu_vm_dry_run_other_commands(fake_gcloud, command, expected):
 
 
 @pytest.mark.parametrize("states, outcomes, retries, rc, starts, recreated", [
-    ([], ["3", "0"], 1, 0, 2, False),  # stuck step (exit 3): started again on the same VMs
+    # a stuck step (exit 3), an error, an abort (a peer died), a preemption (SIGTERM, checkpoint
+    # committed, exit 0): each is started again on the same VMs, until the run finishes
+    ([], ["3", "1", "134", "preempted", "0"], 4, 0, 5, False),
+    (["READY", "PREEMPTED"], ["lost", "0"], 1, 0, 2, True),  # the slice went away: created again
     ([], ["3"], 0, 3, 1, False),  # no retries left
     ([], ["2"], 5, 2, 1, False),  # bad input: starting again would not help
-    ([], ["1", "134", "0"], 2, 0, 3, False),  # an error, an abort (a peer died): started again
-    ([], ["preempted", "0"], 1, 0, 2, False),  # SIGTERM, checkpoint committed, exit 0: not finished
-    (["READY", "PREEMPTED"], ["lost", "0"], 1, 0, 2, True),  # the slice went away: created again
 ])
 def test_tpu_vm_run_retries(fake_gcloud, tmp_path, states, outcomes, retries, rc, starts, recreated):
     env, calls = fake_gcloud
@@ -254,8 +256,10 @@ def test_gke_jobset(capsys, monkeypatch, accelerator, slices, vms, chips_per_vm,
     (container,) = pod["containers"]
     assert rjob["replicas"] == slices
     assert job["parallelism"] == job["completions"] == vms and job["backoffLimit"] == 0
-    assert container["resources"] == {"limits": {"google.com/tpu": chips_per_vm}, "requests": {"google.com/tpu": chips_per_vm}}
-    assert pod["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": label, "cloud.google.com/gke-tpu-topology": topology}
+    chips = {"google.com/tpu": chips_per_vm}
+    assert container["resources"] == {"limits": chips, "requests": chips}
+    assert pod["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": label,
+                                   "cloud.google.com/gke-tpu-topology": topology}
     assert (pod["restartPolicy"], pod["hostNetwork"], pod["dnsPolicy"]) == ("Never", True, "ClusterFirstWithHostNet")
     assert container["command"] == ["python", "-m", "pretrain", *REMOTE_TRAIN]
 
@@ -296,7 +300,8 @@ BREAKAGES = {
     "an unknown field": (lambda m: _path(m, *POD[:5]).update(paralelism=8), "'paralelism' was unexpected"),
     "a value outside an enum": (lambda m: _path(m, "spec", "failurePolicy", "rules", 0).update(action="Retry"),
                                 "'Retry' is not one of"),
-    "a missing required field": (lambda m: _path(m, *POD, "containers", 0).pop("name"), "'name' is a required property"),
+    "a missing required field": (lambda m: _path(m, *POD, "containers", 0).pop("name"),
+                                 "'name' is a required property"),
     "chips per VM": (lambda m: _path(m, *POD, "containers", 0, "resources", "limits").update({"google.com/tpu": 8}),
                      "limits google.com/tpu is 8, but a v5p-64 VM has 4 chips"),
     "a topology that does not exist": (lambda m: _path(m, *POD, "nodeSelector").update({gke.TOPOLOGY_LABEL: "4x4x4x4"}),
