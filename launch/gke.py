@@ -6,7 +6,7 @@
     launch/gke.py --check FILE        # check a manifest (a hand-edited one, say) the same way
 
 One replicated job of `--slices` Jobs, one Job per slice with one pod per TPU VM, each pod
-running `python -m pretrain ARGS runtime.distributed=auto` in the image's working directory
+running `python -m pretrain train CONFIG runtime.distributed=auto ...` in the image's working directory
 (launch/Dockerfile builds such an image). The pods get the variables that JAX's GKE TPU
 detection reads (TPU_WORKER_ID, TPU_WORKER_HOSTNAMES and, for several slices, MEGASCALE_*),
 from the indexes JobSet and the Job controller annotate each pod with. GKE's TPU webhook

@@ -93,15 +93,20 @@ fi
 if ((dry_run)); then exec 3>&1; else exec 3>&2; fi
 quote() { if [[ $1 =~ ^[A-Za-z0-9_./=:@,+%-]+$ ]]; then printf '%s' "$1"; else printf "'%s'" "${1//\'/\'\\\'\'}"; fi; }
 show() { local line="+" arg; for arg in "$@"; do line+=" $(quote "$arg")"; done; echo "$line" >&3; }
-gc() { show gcloud "$@"; ((dry_run)) || gcloud "$@"; }
+gc() { # a gcloud command, with --zone and --project if given
+  local cmd=(gcloud "$@" ${loc[@]+"${loc[@]}"})
+  show "${cmd[@]}"
+  ((dry_run)) || "${cmd[@]}"
+}
 [[ -z $accelerator_type ]] ||
   echo "$cloud_type: $chips chips in a $topology torus, $vms VMs of $chips_per_vm chips, runtime $runtime_version" >&3
 
 tpu_state() { # READY, PREEMPTED, ... (ACTIVE, SUSPENDED, ... for a queued resource); empty if absent
-  local what=(tpu-vm describe "$name" --format='value(state)')
-  ((queued)) && what=(queued-resources describe "$name" --format='value(state.state)')
-  show gcloud compute tpus "${what[@]}" "${loc[@]}"
-  ((dry_run)) || gcloud compute tpus "${what[@]}" "${loc[@]}" 2>/dev/null || true
+  if ((queued)); then
+    gc compute tpus queued-resources describe "$name" --format='value(state.state)' 2>/dev/null || true
+  else
+    gc compute tpus tpu-vm describe "$name" --format='value(state)' 2>/dev/null || true
+  fi
 }
 
 wait_active() { # a queued resource is granted some time after it is created
@@ -119,19 +124,19 @@ create() {
   ((reserved)) && capacity=(--reserved)
   if ((queued)); then
     gc compute tpus queued-resources create "$name" --node-id "$name" --accelerator-type "$cloud_type" \
-      --runtime-version "$runtime_version" ${capacity[@]+"${capacity[@]}"} "${loc[@]}"
+      --runtime-version "$runtime_version" ${capacity[@]+"${capacity[@]}"}
     wait_active
   else
     gc compute tpus tpu-vm create "$name" --accelerator-type "$cloud_type" --version "$runtime_version" \
-      ${capacity[@]+"${capacity[@]}"} "${loc[@]}"
+      ${capacity[@]+"${capacity[@]}"}
   fi
 }
 
 delete() {
   if ((queued)); then
-    gc compute tpus queued-resources delete "$name" --force --quiet "${loc[@]}"
+    gc compute tpus queued-resources delete "$name" --force --quiet
   else
-    gc compute tpus tpu-vm delete "$name" --quiet "${loc[@]}"
+    gc compute tpus tpu-vm delete "$name" --quiet
   fi
 }
 
@@ -147,7 +152,7 @@ ensure_tpu() { # one that is there and ready, created again if it was preempted
 }
 
 on_workers() { # WORKER COMMAND: run a shell command on one worker, or on all at once
-  gc compute tpus tpu-vm ssh "$name" --worker="$1" --command "$2" "${loc[@]}"
+  gc compute tpus tpu-vm ssh "$name" --worker="$1" --command "$2"
 }
 
 ship_and_install() { # a fresh copy of the commit in ~/pretrain on every worker, installed into ~/pretrain-venv
@@ -188,7 +193,7 @@ rc=\$?; echo \"pretrain exit code \$rc on \$(hostname)\"; exit \$rc" 2>&1 | tee 
 
 outcome() { # what one start came to, from its output: finished, failed N, or why to start again
   local codes
-  codes=$(grep -o 'pretrain exit code [0-9]*' "$1" | awk '{print $4}' | sort -un)
+  codes=$(grep -o 'pretrain exit code [0-9]*' "$1" | awk '{print $4}' | sort -un || true)
   # 2 (bad input) is final, as in launch/gke.py's JobSets; any other failure is not: 3 from the
   # stuck-step watchdog, an error or abort (a peer died, a storage hiccup), a lost or preempted slice.
   if grep -qx 2 <<<"$codes"; then echo "failed 2"
