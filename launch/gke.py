@@ -6,7 +6,8 @@
     launch/gke.py --check FILE        # check a manifest (a hand-edited one, say) the same way
 
 One replicated job of `--slices` Jobs, one Job per slice with one pod per TPU VM, each pod
-running `python -m pretrain train CONFIG runtime.distributed=auto ...` in the image's working directory
+running `python -m pretrain train CONFIG runtime.distributed=auto ...` in the image's working
+directory
 (launch/Dockerfile builds such an image). The pods get the variables that JAX's GKE TPU
 detection reads (TPU_WORKER_ID, TPU_WORKER_HOSTNAMES and, for several slices, MEGASCALE_*),
 from the indexes JobSet and the Job controller annotate each pod with. GKE's TPU webhook
@@ -44,6 +45,11 @@ TOPOLOGY_LABEL = "cloud.google.com/gke-tpu-topology"
 # died, a storage hiccup), a preempted node. The trainer resumes from its latest checkpoint.
 FINAL_EXIT_CODES = [2]
 DNS_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+# The container's command, as PID 1: it passes SIGTERM on to the trainer and waits for its
+# checkpoint, then exits 143 although the trainer exits 0, so that a preempted pod counts as
+# failed (the JobSet restarts and resumes) and never as the end of the run.
+ON_SIGTERM_EXIT_143 = ('trap \'kill -TERM "$pid"; wait "$pid"; exit 143\' TERM; '
+                       'python -m pretrain "$@" & pid=$!; wait "$pid"')
 
 
 class ManifestError(ValueError):
@@ -75,6 +81,10 @@ def tpu_env(s: tpu.Slice, slices: int) -> list[dict]:
     return env
 
 
+def container_command(args: list[str]) -> list[str]:
+    return ["bash", "-c", ON_SIGTERM_EXIT_143, "pretrain", *args]
+
+
 def render(s: tpu.Slice, slices: int, name: str, image: str, command: list[str], max_restarts: int,
            grace_s: int) -> dict:
     chips = {TPU_RESOURCE: s.chips_per_vm}
@@ -87,7 +97,7 @@ def render(s: tpu.Slice, slices: int, name: str, image: str, command: list[str],
         "containers": [{
             "name": CONTAINER,
             "image": image,
-            "command": ["python", "-m", "pretrain", *command],
+            "command": container_command(command),
             "env": tpu_env(s, slices),
             "ports": [{"containerPort": 8471}, {"containerPort": 8080}],  # TPU runtime, megascale
             "resources": {"limits": chips, "requests": chips},
@@ -132,7 +142,7 @@ def xpk_command(s: tpu.Slice, slices: int, name: str, image: str, command: list[
         "--max-restarts", str(max_restarts), "--termination-grace-period-seconds", str(grace_s),
         # xpk restarts on 42 and 127-255 and fails on the rest; this makes it fail on 2 only
         "--restart-on-exit-codes", "1,3-126",
-        "--command", shlex.join(["python", "-m", "pretrain", *command]),
+        "--command", shlex.join(container_command(command)),
     ])
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import textwrap
@@ -261,7 +262,7 @@ def test_gke_jobset(capsys, monkeypatch, accelerator, slices, vms, chips_per_vm,
     assert pod["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": label,
                                    "cloud.google.com/gke-tpu-topology": topology}
     assert (pod["restartPolicy"], pod["hostNetwork"], pod["dnsPolicy"]) == ("Never", True, "ClusterFirstWithHostNet")
-    assert container["command"] == ["python", "-m", "pretrain", *REMOTE_TRAIN]
+    assert container["command"] == ["bash", "-c", gke.ON_SIGTERM_EXIT_143, "pretrain", *REMOTE_TRAIN]
 
     # JAX's own GKE TPU detection, on each pod's environment, numbers the processes 0..N-1 and
     # puts the coordinator on process 0's host. (What the environment lacks, JAX asks the
@@ -286,6 +287,23 @@ def test_gke_jobset(capsys, monkeypatch, accelerator, slices, vms, chips_per_vm,
     assert options["--tpu-type"] == xpk_type and options["--num-slices"] == str(slices)
     assert options["--workload"] == "js" and options["--docker-image"] == "registry/pretrain:1"
     assert shlex.split(options["--command"]) == container["command"]
+
+
+@pytest.mark.parametrize("preempted, rc", [(False, 5), (True, 143)])
+def test_gke_container_command_turns_a_preemption_into_a_failure(tmp_path, preempted, rc):
+    """The pod's PID 1 passes SIGTERM on to the trainer and waits for it; the trainer saves and
+    exits 0, the pod 143 (a failure, which restarts the JobSet); without SIGTERM, the trainer's code."""
+    python = tmp_path / "python"  # a trainer that saves for a moment on SIGTERM and exits 0
+    python.write_text("#!/bin/bash\ntrap 'sleep 0.2; echo saved; exit 0' TERM\necho \"$@\"\n"
+                      + ("for i in $(seq 300); do sleep 0.1; done\n" if preempted else "") + "exit 5\n")
+    python.chmod(0o755)
+    env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}")
+    p = subprocess.Popen(gke.container_command(["train", "c.yaml"]), env=env, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline() == "-m pretrain train c.yaml\n"
+    if preempted:
+        p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=30) == rc
+    assert ("saved" in p.stdout.read()) == preempted
 
 
 def _path(manifest, *keys):
