@@ -24,7 +24,6 @@ class LaunchError(ValueError):
 
 def pretrain_command(args: list[str]) -> list[str]:
     """`train CONFIG key=value ...` checked, with runtime.distributed=auto."""
-    from pretrain import config as config_lib  # imports JAX (a second or two): only when there is a config
     if len(args) < 2 or args[0] != "train":
         raise LaunchError("the pretrain arguments after -- must be `train CONFIG [key=value ...]`, "
                           "e.g. -- train configs/llm/8b.yaml run.output_dir=gs://BUCKET/runs/8b")
@@ -32,6 +31,8 @@ def pretrain_command(args: list[str]) -> list[str]:
     if path.is_absolute() or not (ROOT / path).is_file():
         raise LaunchError(f"config '{args[1]}' is not a file of this repository (give it relative to the "
                           f"repository's root, e.g. configs/llm/8b.yaml): the workers read it from their copy")
+    from pretrain import config as config_lib  # imports JAX (a second or two): only when there is a config
+
     cfg = config_lib.load(ROOT / path, args[2:])
     if not cfg.run.output_dir.startswith("gs://"):
         raise LaunchError(f"run.output_dir={cfg.run.output_dir} would be on each VM's own disk, which every process "
