@@ -60,6 +60,12 @@ class Slice:
         return self.chips // self.chips_per_vm
 
     @property
+    def cloud_accelerator_type(self) -> str:
+        """The spelling gcloud and xpk take, e.g. v5litepod-16 for v5e-16."""
+        prefix = next((alias for alias, name in ALIASES.items() if name == self.kind.name), self.kind.name)
+        return f"{prefix}-{self.chips * self.kind.cores_per_chip}"
+
+    @property
     def topology(self) -> str:
         """The torus shape, e.g. "2x4x4": doubling the last of the smallest dimensions from 1x..x1,
         which gives Cloud's standard shapes (v5p-8 2x2x1, v5p-64 2x4x4, v5e-8 2x4, v5e-16 4x4)."""
