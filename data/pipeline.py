@@ -42,18 +42,23 @@ class Rows:
     def __init__(self, stream, make_row, *, global_batch: int, rows: range, workers: int = 0):
         self.stream, self.make_row, self.global_batch, self.rows = stream, make_row, global_batch, rows
         self.positions = np.zeros(len(rows), np.int64)
+        self.last_read = {}  # lane -> (k, its k-th record)
         self.pool = ThreadPoolExecutor(workers) if workers else None
 
     def __iter__(self):
         return self
 
-    def _record(self, row: int, k: int):
-        i = row + k * self.global_batch
-        return self.stream[i] if i < len(self.stream) else None
+    def _read(self, lane: int, k: int):
+        """The lane's k-th record. The last one read is kept: a record that did not fit in a row
+        is the first of the next."""
+        last = self.last_read.get(lane)
+        if last is None or last[0] != k:
+            i = self.rows[lane] + k * self.global_batch
+            last = self.last_read[lane] = (k, self.stream[i] if i < len(self.stream) else None)
+        return last[1]
 
     def _lane(self, lane: int):
-        read = functools.partial(self._record, self.rows[lane])
-        return self.make_row(read, int(self.positions[lane]))
+        return self.make_row(functools.partial(self._read, lane), int(self.positions[lane]))
 
     def __next__(self) -> dict:
         lanes = range(len(self.rows))

@@ -84,6 +84,16 @@ def _distributed(r):
                                heartbeat_timeout_seconds=r.heartbeat_timeout_s)
 
 
+def wait_for_all(name: str, timeout_s: int):
+    """A barrier of every process through the coordination service (no-op for one process). Used
+    after each process's compile, whose length varies: the first CPU collective (gloo) gives up
+    on peers that are more than 30 s late."""
+    if jax.process_count() > 1:
+        from jax._src import distributed  # noqa: PLC0415 - the client's barrier is what Orbax uses too
+
+        distributed.global_state.client.wait_at_barrier(name, timeout_s * 1000)
+
+
 class Watchdog:
     """Ends the process with exit code 3 when no step has finished for `timeout_s` while the loop
     is training: an alive but stuck process (a hung collective, a hung read, or a peer stuck in

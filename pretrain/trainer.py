@@ -22,7 +22,7 @@ from pretrain import optim
 from pretrain.checkpoint import Checkpointer, restore_params
 from pretrain.config import Config
 from pretrain.metrics import MetricsLogger, total_peak_flops
-from pretrain.runtime import Watchdog
+from pretrain.runtime import Watchdog, wait_for_all
 from pretrain.sharding import global_batch, local_rows, logical_spec, process_rows
 
 
@@ -202,6 +202,7 @@ class Trainer:
         cfg, task = self.cfg, self.task
         train_batches = task.batches("train", self.rows)
         compiled, compile_s = self._compile_logged()
+        wait_for_all("compiled", cfg.runtime.init_timeout_s)
         peak = total_peak_flops(cfg.runtime.peak_flops_per_device)
         checkpointer = Checkpointer(cfg)
         state, start = self.initial_state(plan, checkpointer, train_batches)
