@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from models.attention import BACKENDS
+from models.attention import BACKENDS, splash_blocks
 from models.diffusion import SCHEDULES, TARGETS
 from models.layers import REMAT_POLICIES
 from models.transformer import TransformerConfig
@@ -369,9 +369,14 @@ def validate(cfg: Config, num_devices: int, platform: str) -> tuple[int, int]:
     return data, model
 
 
+AUTO_ATTENTION = {"tpu": "splash", "gpu": "cudnn"}  # model.attention=auto by platform; xla elsewhere
+
+
 def _validate_transformer(cfg: Config, data: int, model: int, platform: str):
     m = cfg.model
-    _require(m.attention in BACKENDS, f"model.attention='{m.attention}' is unknown; use one of {sorted(BACKENDS)}")
+    if m.attention == "auto":  # resolved here, so that the run's config.yaml names the backend it ran
+        m.attention = AUTO_ATTENTION.get(platform, "xla")
+    _require(m.attention in BACKENDS, f"model.attention='{m.attention}' is unknown; use one of {sorted(BACKENDS) + ['auto']}")
     _require(
         not (m.attention == "cudnn" and platform != "gpu"),
         f"model.attention=cudnn needs an NVIDIA GPU (this is {platform}); use model.attention=xla",
@@ -403,6 +408,20 @@ def _validate_transformer(cfg: Config, data: int, model: int, platform: str):
         f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower data.seq_len",
     )
     _require(cfg.data.seq_len > 0, "data.seq_len must be positive")
+    if m.attention == "splash":
+        _validate_splash(cfg, platform)
+
+
+def _validate_splash(cfg: Config, platform: str):
+    m, length = cfg.model, cfg.data.seq_len
+    _require(platform in ("tpu", "cpu"), f"model.attention=splash is a TPU kernel (this is {platform}); use model.attention=auto")
+    for key, block in zip(("splash_block_q", "splash_block_kv"), splash_blocks(length, m.splash_block_q, m.splash_block_kv)):
+        _require(
+            block % 128 == 0 and length % block == 0,
+            f"model.attention=splash: its blocks of {block} tokens (model.{key}={getattr(m, key)}, capped at "
+            f"data.seq_len={length}) must be a multiple of 128 that divides data.seq_len; change data.seq_len or "
+            f"model.{key}, or use model.attention=xla",
+        )
 
 
 def _validate_unet(cfg: DiffusionRun, data: int, model: int):
