@@ -1,0 +1,176 @@
+"""`pretrain plan`: compile a config's train step for a TPU slice on this machine, and say whether
+it fits and how fast it could go, before renting the slice.
+
+libtpu (the `tpu` extra) lets JAX compile for a TPU topology without the hardware. The trainer is
+built by the same code as `pretrain train` (cli.build) over the topology's devices; only the
+compile's figures are read, nothing runs. The step-time estimate is a roofline: the executed
+FLOPs at the chips' peak, or the bytes the step moves at their HBM bandwidth, whichever takes
+longer; communication and imperfect overlap make a real step slower.
+"""
+
+import dataclasses
+import math
+import os
+import time
+
+import jax
+from jax.experimental import topologies
+
+from pretrain import cli, tpu
+from pretrain.config import Config, ConfigError
+
+GIB = 2**30
+
+
+def topology_devices(slice_: tpu.Slice, num_slices: int = 1) -> list:
+    """The devices of `num_slices` slices of this kind, as JAX sees them on a TPU VM."""
+    # Without a TPU, libtpu prints a long warning unless told it runs somewhere plausible; and
+    # compiling claims no chip, so plans (and test sessions) may load libtpu side by side.
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    kind = slice_.kind
+    dims = [int(d) for d in slice_.topology.split("x")]
+    # A single-host slice is all one host; bigger ones have 2x2x1 chips per host.
+    host = (dims + [1] * (3 - len(dims))) if slice_.vms == 1 else [2, 2, 1]
+    return topologies.get_topology_desc(
+        platform="tpu", topology_name=f"{kind.topology_prefix}:{slice_.topology}",
+        chip_config_name="megacore" if kind.cores_per_chip == 2 else "default",
+        chips_per_host_bounds=tuple(host), num_slices=num_slices,
+    ).devices
+
+
+def _state_bytes_per_chip(trainer) -> int:
+    """Parameters and optimizer state (and EMA) held by one chip, from their shardings."""
+    total = 0
+    for leaf in jax.tree.leaves(trainer.abstract_state_with_shardings()):
+        total += leaf.dtype.itemsize * math.prod(leaf.sharding.shard_shape(leaf.shape))
+    return total
+
+
+def _out_of_memory(error: Exception) -> str | None:
+    """XLA's one-line out-of-memory figure from a compile error, or None for any other error."""
+    lines = str(error).splitlines()
+    if not any("RESOURCE_EXHAUSTED" in line for line in lines):
+        return None
+    return next((line for line in lines if "exceeds" in line), lines[0]).strip()
+
+
+def plan(cfg: Config, accelerator_type: str, num_slices: int = 1) -> dict:
+    """Compile cfg's train step for `num_slices` slices of `accelerator_type`; the figures per chip."""
+    try:
+        slice_ = tpu.parse(accelerator_type)
+    except tpu.TpuError as e:
+        raise ConfigError(str(e)) from None
+    if num_slices < 1:
+        raise ConfigError(f"--slices={num_slices} must be at least 1")
+    # The batch's shapes come from the config; plan reads no data.
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source="synthetic"))
+    devices = topology_devices(slice_, num_slices)
+    trainer = cli.build(cfg, devices)
+    chips, kind = len(devices), slice_.kind
+    out = {
+        "topology": f"{accelerator_type}" + (f" x {num_slices}" if num_slices > 1 else ""),
+        "chips": chips,
+        "mesh": dict(trainer.mesh.shape),
+        "remat": cfg.model.remat,
+        "attention": cfg.model.attention,
+        "hbm_per_chip_gib": kind.hbm_gib,
+        "params_and_optimizer_gib": _state_bytes_per_chip(trainer) / GIB,
+        "flops_per_step": trainer.task.flops_per_step(),
+    }
+    start = time.perf_counter()
+    cache = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)  # a compile-only client cannot load what it caches
+    try:
+        compiled, _ = trainer.compile()
+    except Exception as e:  # XLA's out-of-memory is a compile error like any other
+        oom = _out_of_memory(e)
+        if oom is None:
+            raise
+        return out | {"temporaries_gib": None, "total_gib": None, "fits": False, "oom": oom,
+                      "est_step_s": None, "compile_s": time.perf_counter() - start}
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache)
+    out["compile_s"] = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    total = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+             + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
+    out |= {"temporaries_gib": memory.temp_size_in_bytes / GIB, "total_gib": total / GIB,
+            "fits": total <= kind.hbm_gib * GIB}
+    out |= roofline(trainer, compiled, chips, kind)
+    return out
+
+
+# Which forward work a remat policy makes the backward pass do again: (weight matmuls, attention).
+# Attention is recomputed unless its einsums are saved, which splash's kernel never is.
+RECOMPUTED = {"none": (0, 0), "full": (1, 1), "dots": (0, 0), "dots_no_batch": (0, 1), "offload": (0, 1)}
+
+
+def roofline(trainer, compiled, chips: int, kind: tpu.TpuKind) -> dict:
+    """Step time at the roofline (the longer of the executed FLOPs at the chips' peak and the bytes
+    moved at their HBM bandwidth), and the tokens/s and MFU it implies.
+
+    Executed FLOPs are the MFU count plus what remat recomputes (the forward pass is a third of the
+    count). XLA's cost analysis counts the scanned layers' body once, so its bytes are scaled by the
+    work it left out, taken to move as many bytes per FLOP as the work it counted."""
+    m, task = trainer.cfg.model, trainer.task
+    tokens = task.units_per_step()
+    model_flops = task.flops_per_step()
+    head = 6 * m.embed_dim * m.vocab_size * tokens
+    attention = 12 * m.num_layers * m.num_heads * m.head_dim * trainer.cfg.data.seq_len * tokens
+    matmuls, recomputed_attention = RECOMPUTED[m.remat]
+    if m.attention == "splash" and m.remat != "none":
+        recomputed_attention = 1
+    executed = model_flops + (matmuls * (model_flops - head - attention) + recomputed_attention * attention) / 3
+    per_layer = (executed - head) / m.num_layers
+    counted = head + per_layer if m.scan_layers else executed
+    moved = compiled.cost_analysis()["bytes accessed"] * executed / counted  # per chip
+    step_s = max(executed / chips / kind.peak_bf16_flops, moved / (kind.hbm_gbps * 1e9))
+    return {"executed_flops_per_step": executed, "hbm_bytes_per_chip": moved, "est_step_s": step_s,
+            "tokens_per_s": tokens / step_s, "mfu": model_flops / chips / step_s / kind.peak_bf16_flops}
+
+
+# --- what the command prints ---------------------------------------------------------------
+
+
+def describe(r: dict) -> str:
+    """A few lines for one plan."""
+    mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items())
+    head = f"{r['topology']} ({r['chips']} chips, mesh {mesh}), remat {r['remat']}, attention {r['attention']}"
+    if r["total_gib"] is None:
+        memory = f"params+optimizer {r['params_and_optimizer_gib']:.2f} GiB; does not fit: {r['oom']}"
+    else:
+        memory = (f"params+optimizer {r['params_and_optimizer_gib']:.2f} GiB + temporaries {r['temporaries_gib']:.2f} GiB "
+                  f"-> {r['total_gib']:.2f} of {r['hbm_per_chip_gib']:.2f} GiB HBM: {'fits' if r['fits'] else 'does NOT fit'}")
+    lines = [head, f"  per chip: {memory}", f"  FLOPs per step: {r['flops_per_step']:.3e} (the MFU count)"]
+    if r["est_step_s"] is not None:
+        lines.append(f"  roofline: step {r['est_step_s']:.3f} s, {r['tokens_per_s']:,.0f} tokens/s, MFU {100 * r['mfu']:.1f}%")
+    lines.append(f"  compiled in {r['compile_s']:.1f} s")
+    return "\n".join(lines)
+
+
+def report(rows: list[dict]) -> str:
+    """One table row per plan (the remat sweep)."""
+    header = ("remat", "params+opt GiB", "temp GiB", "total GiB", "fits", "step s", "tokens/s", "MFU", "compile s")
+    table = [header]
+    for r in rows:
+        done = r["total_gib"] is not None
+        table.append((
+            r["remat"], f"{r['params_and_optimizer_gib']:.2f}", f"{r['temporaries_gib']:.2f}" if done else "-",
+            f"{r['total_gib']:.2f}" if done else "-", "yes" if r["fits"] else "no",
+            f"{r['est_step_s']:.3f}" if done else "-", f"{r['tokens_per_s']:,.0f}" if done else "-",
+            f"{100 * r['mfu']:.1f}%" if done else "-", f"{r['compile_s']:.1f}",
+        ))
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    first = rows[0]
+    title = f"{first['topology']} ({first['chips']} chips, mesh " + " x ".join(f"{k}={v}" for k, v in first["mesh"].items())
+    title += f"), attention {first['attention']}, {first['hbm_per_chip_gib']:.2f} GiB HBM per chip"
+    return "\n".join([title] + ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table])
+
+
+def why_not(r: dict) -> str:
+    """The one line that says a plan does not fit."""
+    if r["total_gib"] is None:
+        return f"does not fit on {r['topology']}: {r['oom']}"
+    return f"does not fit on {r['topology']}: {r['total_gib']:.2f} GiB per chip exceeds the {r['hbm_per_chip_gib']:.2f} GiB of HBM"
