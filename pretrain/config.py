@@ -106,6 +106,8 @@ class TrainConfig:
     # > 0: keep an exponential moving average of the parameters, with decay min(ema_decay,
     # (1 + n) / (10 + n)) at update n so that early updates are not swamped by the random start.
     ema_decay: float = 0.0
+    # [start, end]: a JAX profiler trace of these steps under run.output_dir/profile/; []: none.
+    profile_steps: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -339,6 +341,11 @@ def validate(cfg: Config, num_devices: int, platform: str) -> tuple[int, int]:
     _require(cfg.train.log_every > 0, "train.log_every must be positive")
     _require(cfg.train.microbatches > 0, "train.microbatches must be positive")
     _require(0 <= cfg.train.ema_decay < 1, f"train.ema_decay={cfg.train.ema_decay} must be in [0, 1); 0 turns the EMA off")
+    p = cfg.train.profile_steps
+    _require(
+        not p or (len(p) == 2 and 1 <= p[0] <= p[1] <= cfg.run.steps),
+        f"train.profile_steps={p} must be [start, end] with 1 <= start <= end <= run.steps={cfg.run.steps}, or [] for none",
+    )
     data, model = mesh_shape(cfg, num_devices)
 
     m = cfg.model

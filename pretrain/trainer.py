@@ -22,6 +22,7 @@ from pretrain import optim
 from pretrain.checkpoint import Checkpointer, restore_params
 from pretrain.config import Config
 from pretrain.metrics import MetricsLogger, total_peak_flops
+from pretrain.profiling import StepProfiler
 from pretrain.sharding import global_batch, logical_spec
 
 
@@ -195,13 +196,16 @@ class Trainer:
         checkpointer = Checkpointer(cfg)
         state, start = self.initial_state(plan, checkpointer, train_batches)
         logger = MetricsLogger(cfg.run.output_dir, cfg.run.steps, task.unit, resume_step=start)
+        profiler = StepProfiler(cfg.train.profile_steps, cfg.run.output_dir)
         units, flops = task.units_per_step(), task.flops_per_step()
         history = {"train_loss": [], "eval_loss": [], "preempted": False}
         run_start = window_start = time.perf_counter()
         window_steps = 0
         with self.context(), _SigtermFlag() as sigterm:
             for step in range(start + 1, cfg.run.steps + 1):
+                profiler.begin(step)
                 state, metrics = compiled(state, self.place_batch(next(train_batches)))
+                profiler.end(step, metrics)
                 window_steps += 1
                 if step % cfg.train.log_every == 0 or step == cfg.run.steps:
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
@@ -231,6 +235,7 @@ class Trainer:
                 if preempted:
                     history["preempted"] = True
                     break
+        profiler.close(state)  # a run preempted inside the traced steps
         waited = checkpointer.wait()
         checkpointer.close()
         logger.close()

@@ -30,6 +30,7 @@ CASES = {
     ),
     "offload on cpu": (["model.remat=offload"], "model.remat=offload needs host offload"),
     "steps": (["run.steps=0"], "run.steps=0 must be positive"),
+    "profile steps": (["train.profile_steps=[5,40]"], r"train.profile_steps=\[5, 40\] must be \[start, end\]"),
     "lr": (["optim.lr=-1e-3"], "optim.lr=-0.001 must be positive"),
     "vocab too small for the tokenizer": (
         ["data.source=stdlib", "data.max_corpus_mb=0.5", "model.vocab_size=128"], "cannot train a 128-piece tokenizer"
