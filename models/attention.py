@@ -92,10 +92,9 @@ def splash_attention(q, k, v, segment_ids, *, block_q: int = 512, block_kv: int 
         # query head its own copy, so that each device holds the K/V of its own heads.
         k, v = (constrain(jnp.repeat(x, heads // kv_heads, axis=1), ("batch", "heads", None, None)) for x in (k, v))
         kv_axis = heads_axis
-    spec = lambda h: PartitionSpec(batch_axis, h, None, None)  # noqa: E731
+    q_spec, kv_spec = PartitionSpec(batch_axis, heads_axis), PartitionSpec(batch_axis, kv_axis)
     out = jax.shard_map(
-        attend, in_specs=(spec(heads_axis), spec(kv_axis), spec(kv_axis), PartitionSpec(batch_axis, None)),
-        out_specs=spec(heads_axis), check_vma=False,
+        attend, in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(batch_axis)), out_specs=q_spec, check_vma=False,
     )(q, k, v, segment_ids)
     return jnp.swapaxes(out, 1, 2)
 

@@ -62,6 +62,8 @@ def plan(cfg: Config, accelerator_type: str, num_slices: int = 1) -> dict:
         slice_ = tpu.parse(accelerator_type)
     except tpu.TpuError as e:
         raise ConfigError(str(e)) from None
+    if cfg.task != "llm":  # the roofline counts a transformer's recomputation and tokens
+        raise ConfigError(f"pretrain plan takes language-model configs (task llm), not task {cfg.task}")
     if num_slices < 1:
         raise ConfigError(f"--slices={num_slices} must be at least 1")
     # The batch's shapes come from the config; plan reads no data.
@@ -70,7 +72,7 @@ def plan(cfg: Config, accelerator_type: str, num_slices: int = 1) -> dict:
     trainer = cli.build(cfg, devices)
     chips, kind = len(devices), slice_.kind
     out = {
-        "topology": f"{accelerator_type}" + (f" x {num_slices}" if num_slices > 1 else ""),
+        "topology": accelerator_type + (f" x {num_slices}" if num_slices > 1 else ""),
         "chips": chips,
         "mesh": dict(trainer.mesh.shape),
         "remat": cfg.model.remat,
