@@ -383,7 +383,8 @@ def _validate_transformer(cfg: Config, data: int, model: int, platform: str):
     m = cfg.model
     if m.attention == "auto":  # resolved here, so that the run's config.yaml names the backend it ran
         m.attention = AUTO_ATTENTION.get(platform, "xla")
-    _require(m.attention in BACKENDS, f"model.attention='{m.attention}' is unknown; use one of {sorted(BACKENDS) + ['auto']}")
+    known = sorted(BACKENDS) + ["auto"]
+    _require(m.attention in known, f"model.attention='{m.attention}' is unknown; use one of {known}")
     _require(
         not (m.attention == "cudnn" and platform != "gpu"),
         f"model.attention=cudnn needs an NVIDIA GPU (this is {platform}); use model.attention=xla",
@@ -421,8 +422,12 @@ def _validate_transformer(cfg: Config, data: int, model: int, platform: str):
 
 def _validate_splash(cfg: Config, platform: str):
     m, length = cfg.model, cfg.data.seq_len
-    _require(platform in ("tpu", "cpu"), f"model.attention=splash is a TPU kernel (this is {platform}); use model.attention=auto")
-    for key, block in zip(("splash_block_q", "splash_block_kv"), splash_blocks(length, m.splash_block_q, m.splash_block_kv)):
+    _require(
+        platform in ("tpu", "cpu"),
+        f"model.attention=splash is a TPU kernel (this is {platform}); use model.attention=auto",
+    )
+    blocks = splash_blocks(length, m.splash_block_q, m.splash_block_kv)
+    for key, block in zip(("splash_block_q", "splash_block_kv"), blocks):
         _require(
             block % 128 == 0 and length % block == 0,
             f"model.attention=splash: its blocks of {block} tokens (model.{key}={getattr(m, key)}, capped at "

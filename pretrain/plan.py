@@ -136,38 +136,39 @@ def roofline(trainer, compiled, chips: int, kind: tpu.TpuKind) -> dict:
 # --- what the command prints ---------------------------------------------------------------
 
 
+def _title(r: dict) -> str:
+    mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items())
+    return f"{r['topology']} ({r['chips']} chips, mesh {mesh}), attention {r['attention']}"
+
+
 def describe(r: dict) -> str:
     """A few lines for one plan."""
-    mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items())
-    head = f"{r['topology']} ({r['chips']} chips, mesh {mesh}), remat {r['remat']}, attention {r['attention']}"
+    state = f"params+optimizer {r['params_and_optimizer_gib']:.2f} GiB"
     if r["total_gib"] is None:
-        memory = f"params+optimizer {r['params_and_optimizer_gib']:.2f} GiB; does not fit: {r['oom']}"
+        memory = f"{state}; does not fit: {r['oom']}"
     else:
-        memory = (f"params+optimizer {r['params_and_optimizer_gib']:.2f} GiB + temporaries {r['temporaries_gib']:.2f} GiB "
-                  f"-> {r['total_gib']:.2f} of {r['hbm_per_chip_gib']:.2f} GiB HBM: {'fits' if r['fits'] else 'does NOT fit'}")
-    lines = [head, f"  per chip: {memory}", f"  FLOPs per step: {r['flops_per_step']:.3e} (the MFU count)"]
+        memory = (f"{state} + temporaries {r['temporaries_gib']:.2f} GiB -> {r['total_gib']:.2f} of "
+                  f"{r['hbm_per_chip_gib']:.2f} GiB HBM: {'fits' if r['fits'] else 'does NOT fit'}")
+    lines = [f"{_title(r)}, remat {r['remat']}", f"  per chip: {memory}",
+             f"  FLOPs per step: {r['flops_per_step']:.3e} (the MFU count)"]
     if r["est_step_s"] is not None:
-        lines.append(f"  roofline: step {r['est_step_s']:.3f} s, {r['tokens_per_s']:,.0f} tokens/s, MFU {100 * r['mfu']:.1f}%")
+        lines.append(f"  roofline: step {r['est_step_s']:.3f} s, {r['tokens_per_s']:,.0f} tokens/s, "
+                     f"MFU {100 * r['mfu']:.1f}%")
     lines.append(f"  compiled in {r['compile_s']:.1f} s")
     return "\n".join(lines)
 
 
 def report(rows: list[dict]) -> str:
     """One table row per plan (the remat sweep)."""
-    header = ("remat", "params+opt GiB", "temp GiB", "total GiB", "fits", "step s", "tokens/s", "MFU", "compile s")
-    table = [header]
+    table = [("remat", "params+opt GiB", "temp GiB", "total GiB", "fits", "step s", "tokens/s", "MFU", "compile s")]
     for r in rows:
         done = r["total_gib"] is not None
-        table.append((
-            r["remat"], f"{r['params_and_optimizer_gib']:.2f}", f"{r['temporaries_gib']:.2f}" if done else "-",
-            f"{r['total_gib']:.2f}" if done else "-", "yes" if r["fits"] else "no",
-            f"{r['est_step_s']:.3f}" if done else "-", f"{r['tokens_per_s']:,.0f}" if done else "-",
-            f"{100 * r['mfu']:.1f}%" if done else "-", f"{r['compile_s']:.1f}",
-        ))
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    first = rows[0]
-    title = f"{first['topology']} ({first['chips']} chips, mesh " + " x ".join(f"{k}={v}" for k, v in first["mesh"].items())
-    title += f"), attention {first['attention']}, {first['hbm_per_chip_gib']:.2f} GiB HBM per chip"
+        figures = (f"{r['temporaries_gib']:.2f}", f"{r['total_gib']:.2f}", "yes" if r["fits"] else "no",
+                   f"{r['est_step_s']:.3f}", f"{r['tokens_per_s']:,.0f}", f"{100 * r['mfu']:.1f}%") if done else \
+                  ("-", "-", "no", "-", "-", "-")
+        table.append((r["remat"], f"{r['params_and_optimizer_gib']:.2f}", *figures, f"{r['compile_s']:.1f}"))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    title = f"{_title(rows[0])}, {rows[0]['hbm_per_chip_gib']:.2f} GiB HBM per chip"
     return "\n".join([title] + ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table])
 
 
@@ -175,4 +176,5 @@ def why_not(r: dict) -> str:
     """The one line that says a plan does not fit."""
     if r["total_gib"] is None:
         return f"does not fit on {r['topology']}: {r['oom']}"
-    return f"does not fit on {r['topology']}: {r['total_gib']:.2f} GiB per chip exceeds the {r['hbm_per_chip_gib']:.2f} GiB of HBM"
+    return (f"does not fit on {r['topology']}: {r['total_gib']:.2f} GiB per chip exceeds its "
+            f"{r['hbm_per_chip_gib']:.2f} GiB of HBM")

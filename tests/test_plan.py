@@ -83,9 +83,9 @@ def test_plan_builds_the_trainer_with_the_train_command_code(monkeypatch, capsys
 
 
 BAD = {
-    "unknown accelerator": (["--topology", "v5p-65"], "accelerator type 'v5p-65' does not exist; did you mean 'v5p-64'"),
+    "unknown accelerator": (["--topology", "v5p-65"], "'v5p-65' does not exist; did you mean 'v5p-64'"),
     "mesh vs chips": (["--topology", "v5e-4", "mesh.model=3"], "mesh: 4 devices do not divide by 3"),
-    "splash blocks": (["--topology", "v5e-4", "model.attention=splash", "data.seq_len=96"], "must be a multiple of 128"),
+    "splash blocks": (["--topology", "v5e-4", "model.attention=splash", "data.seq_len=96"], "a multiple of 128"),
 }
 
 

@@ -21,8 +21,8 @@ def test_profile_steps_write_a_trace_of_the_train_step(tmp_path):
 
 
 def test_a_trace_goes_to_a_gs_output_dir(gcs):
-    proc = subprocess.run([sys.executable, "-m", "pretrain", "train", SMOKE, *RUN, "run.output_dir=gs://test-bucket/prof"],
-                          cwd=ROOT, env=gcs, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "pretrain", "train", SMOKE, *RUN, "run.output_dir=gs://test-bucket/prof"]
+    proc = subprocess.run(command, cwd=ROOT, env=gcs, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     traces = [n for n in gs_ls(gcs, "prof/profile/") if n.endswith(".xplane.pb")]
     assert len(traces) == 1, gs_ls(gcs, "prof/")
