@@ -3,9 +3,8 @@ it fits and how fast it could go, before renting the slice.
 
 libtpu (the `tpu` extra) lets JAX compile for a TPU topology without the hardware. The trainer is
 built by the same code as `pretrain train` (cli.build) over the topology's devices; only the
-compile's figures are read, nothing runs. The step-time estimate is a roofline: the executed
-FLOPs at the chips' peak, or the bytes the step moves at their HBM bandwidth, whichever takes
-longer; communication and imperfect overlap make a real step slower.
+compile's figures are read, nothing runs. The step-time estimate is the compute roofline (see
+`roofline`): a bound that real steps do not beat.
 """
 
 import dataclasses
@@ -100,7 +99,7 @@ def plan(cfg: Config, accelerator_type: str, num_slices: int = 1) -> dict:
              + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
     out |= {"temporaries_gib": memory.temp_size_in_bytes / GIB, "total_gib": total / GIB,
             "fits": total <= kind.hbm_gib * GIB}
-    out |= roofline(trainer, compiled, chips, kind)
+    out |= roofline(trainer, chips, kind)
     return out
 
 
@@ -109,28 +108,24 @@ def plan(cfg: Config, accelerator_type: str, num_slices: int = 1) -> dict:
 RECOMPUTED = {"none": (0, 0), "full": (1, 1), "dots": (0, 0), "dots_no_batch": (0, 1), "offload": (0, 1)}
 
 
-def roofline(trainer, compiled, chips: int, kind: tpu.TpuKind) -> dict:
-    """Step time at the roofline (the longer of the executed FLOPs at the chips' peak and the bytes
-    moved at their HBM bandwidth), and the tokens/s and MFU it implies.
+def roofline(trainer, chips: int, kind: tpu.TpuKind) -> dict:
+    """The compute roofline: the step's executed FLOPs at the chips' peak, and the tokens/s and MFU
+    that implies. Executed FLOPs are the MFU count plus what remat recomputes (the forward pass is a
+    third of the count). HBM traffic, communication and imperfect overlap make real steps slower.
 
-    Executed FLOPs are the MFU count plus what remat recomputes (the forward pass is a third of the
-    count). XLA's cost analysis counts the scanned layers' body once, so its bytes are scaled by the
-    work it left out, taken to move as many bytes per FLOP as the work it counted."""
+    (XLA's cost analysis cannot stand in: it counts the bodies of the loops over layers and
+    microbatches once, and cannot see into Pallas kernels.)"""
     m, task = trainer.cfg.model, trainer.task
-    tokens = task.units_per_step()
-    model_flops = task.flops_per_step()
+    tokens, model_flops = task.units_per_step(), task.flops_per_step()
     head = 6 * m.embed_dim * m.vocab_size * tokens
     attention = 12 * m.num_layers * m.num_heads * m.head_dim * trainer.cfg.data.seq_len * tokens
     matmuls, recomputed_attention = RECOMPUTED[m.remat]
     if m.attention == "splash" and m.remat != "none":
         recomputed_attention = 1
     executed = model_flops + (matmuls * (model_flops - head - attention) + recomputed_attention * attention) / 3
-    per_layer = (executed - head) / m.num_layers
-    counted = head + per_layer if m.scan_layers else executed
-    moved = compiled.cost_analysis()["bytes accessed"] * executed / counted  # per chip
-    step_s = max(executed / chips / kind.peak_bf16_flops, moved / (kind.hbm_gbps * 1e9))
-    return {"executed_flops_per_step": executed, "hbm_bytes_per_chip": moved, "est_step_s": step_s,
-            "tokens_per_s": tokens / step_s, "mfu": model_flops / chips / step_s / kind.peak_bf16_flops}
+    step_s = executed / (chips * kind.peak_bf16_flops)
+    return {"executed_flops_per_step": executed, "est_step_s": step_s, "tokens_per_s": tokens / step_s,
+            "mfu": model_flops / step_s / (chips * kind.peak_bf16_flops)}
 
 
 # --- what the command prints ---------------------------------------------------------------

@@ -21,20 +21,19 @@ class TpuKind:
     gke_accelerator: str  # node label cloud.google.com/gke-tpu-accelerator
     runtime_version: str  # TPU VM software version for gcloud
     topology_prefix: str  # jax.experimental.topologies.get_topology_desc's name prefix
-    hbm_gbps: float  # HBM bandwidth per chip, GB/s (`pretrain plan`'s roofline)
 
 
 KINDS = {
     k.name: k
     for k in (
         TpuKind("v4", 2, 3, (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048), 4, 32.0, 275e12,
-                ("TPU v4",), "tpu-v4-podslice", "tpu-ubuntu2204-base", "v4", 1228.0),
+                ("TPU v4",), "tpu-v4-podslice", "tpu-ubuntu2204-base", "v4"),
         TpuKind("v5p", 2, 3, (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096), 4, 95.0, 459e12,
-                ("TPU v5p", "TPU v5"), "tpu-v5p-slice", "v2-alpha-tpuv5", "v5", 2765.0),
+                ("TPU v5p", "TPU v5"), "tpu-v5p-slice", "v2-alpha-tpuv5", "v5"),
         TpuKind("v5e", 1, 2, (1, 4, 8, 16, 32, 64, 128, 256), 8, 15.75, 197e12,
-                ("TPU v5 lite", "TPU v5e"), "tpu-v5-lite-podslice", "v2-alpha-tpuv5-lite", "v5e", 819.0),
+                ("TPU v5 lite", "TPU v5e"), "tpu-v5-lite-podslice", "v2-alpha-tpuv5-lite", "v5e"),
         TpuKind("v6e", 1, 2, (1, 4, 8, 16, 32, 64, 128, 256), 8, 31.25, 918e12,
-                ("TPU v6 lite", "TPU v6e"), "tpu-v6e-slice", "v2-alpha-tpuv6e", "v6e", 1640.0),
+                ("TPU v6 lite", "TPU v6e"), "tpu-v6e-slice", "v2-alpha-tpuv6e", "v6e"),
     )
 }
 ALIASES = {"v5litepod": "v5e"}
