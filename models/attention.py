@@ -4,12 +4,18 @@
 
 Causal, grouped-query (H a multiple of K), and tokens attend only within their own
 segment, so packed documents never see each other. `xla` is plain einsums and runs
-everywhere; `cudnn` is jax.nn.dot_product_attention's fused kernel for NVIDIA GPUs.
-A TPU Pallas (splash) kernel plugs in as one more entry of BACKENDS.
+everywhere; `cudnn` is jax.nn.dot_product_attention's fused kernel for NVIDIA GPUs;
+`splash` is the Pallas TPU kernel, which never materialises the [B, H, L, L] scores (on
+other platforms it runs in Pallas's interpret mode, which is how the tests check it).
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
+from flax.core import spmd
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+from jax.sharding import PartitionSpec
 
 from models.layers import constrain
 
@@ -53,7 +59,55 @@ def fused_attention(implementation):
     return attend
 
 
+def splash_blocks(length: int, block_q: int, block_kv: int) -> tuple[int, int]:
+    """The kernel's query and key/value block sizes for a sequence: the configured ones, capped at it."""
+    return min(block_q, length), min(block_kv, length)
+
+
+def splash_attention(q, k, v, segment_ids, *, block_q: int = 512, block_kv: int = 512):
+    """The splash kernel under shard_map: each device runs it on its own rows (`batch`) and heads
+    (`heads`), the mesh axes named by the active logical rules."""
+    mesh = jax.sharding.get_abstract_mesh()
+    # The mesh's devices say what the step compiles for (a TPU topology, in `pretrain plan`).
+    on_tpu = (mesh.abstract_device.platform if mesh.abstract_device else jax.default_backend()) == "tpu"
+    heads, kv_heads = q.shape[2], k.shape[2]
+    q = q * q.shape[-1] ** -0.5  # the kernel leaves scaling to its caller
+    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [B, heads, L, D], the kernel's layout
+    bq, bkv = splash_blocks(q.shape[2], block_q, block_kv)
+    blocks = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
+                               block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
+
+    def attend(q, k, v, segment_ids):
+        length = q.shape[2]
+        mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * q.shape[1])
+        kernel = splash.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=not on_tpu)
+        return jax.vmap(lambda q, k, v, s: kernel(q, k, v, splash.SegmentIds(s, s)))(q, k, v, segment_ids)
+
+    if mesh.empty:
+        return jnp.swapaxes(attend(q, k, v, segment_ids), 1, 2)
+    rules = spmd.get_logical_axis_rules()
+    batch_axis, heads_axis, kv_axis = spmd.from_sharding_rules(("batch", "heads", "kv_heads"), rules)
+    if kv_axis != heads_axis and kv_heads != heads:
+        # K/V heads are not split like the query heads (fewer of them than devices): give every
+        # query head its own copy, so that each device holds the K/V of its own heads.
+        k, v = (constrain(jnp.repeat(x, heads // kv_heads, axis=1), ("batch", "heads", None, None)) for x in (k, v))
+        kv_axis = heads_axis
+    q_spec, kv_spec = PartitionSpec(batch_axis, heads_axis), PartitionSpec(batch_axis, kv_axis)
+    out = jax.shard_map(
+        attend, in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(batch_axis)), out_specs=q_spec, check_vma=False,
+    )(q, k, v, segment_ids)
+    return jnp.swapaxes(out, 1, 2)
+
+
+def attention_fn(name: str, *, splash_block_q: int, splash_block_kv: int):
+    """The backend `name` as attend(q, k, v, segment_ids), with splash's block sizes bound."""
+    if name == "splash":
+        return functools.partial(splash_attention, block_q=splash_block_q, block_kv=splash_block_kv)
+    return BACKENDS[name]
+
+
 BACKENDS = {
     "xla": xla_attention,
     "cudnn": fused_attention("cudnn"),
+    "splash": splash_attention,
 }

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention import BACKENDS, cached_attention
+from models.attention import attention_fn, cached_attention
 from models.layers import RMSNorm, constrain, fan_in_init, param, remat
 
 
@@ -31,7 +31,9 @@ class TransformerConfig:
     dtype: str = "float32"
     remat: str = "full"
     scan_layers: bool = True
-    attention: str = "xla"
+    attention: str = "xla"  # a backend of models.attention.BACKENDS; the trainer resolves "auto"
+    splash_block_q: int = 512  # splash's query and key/value block sizes (capped at the sequence length)
+    splash_block_kv: int = 512
 
     def num_params(self, *, embedding: bool = True) -> int:
         e, h, k, d, m, v = (self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim, self.mlp_dim, self.vocab_size)
@@ -92,8 +94,10 @@ class DecoderLayer(nnx.Module):
         return x + constrain(down, ("batch", "length", None))
 
     def __call__(self, x, segment_ids, positions):
+        c = self.cfg
         q, k, v = self._qkv(x, positions)
-        return self._finish(x, BACKENDS[self.cfg.attention](q, k, v, segment_ids))
+        attend = attention_fn(c.attention, splash_block_q=c.splash_block_q, splash_block_kv=c.splash_block_kv)
+        return self._finish(x, attend(q, k, v, segment_ids))
 
     def decode(self, x, positions, cache):
         """New tokens x [B, T, E] at `positions` (consecutive, the same in every row); their keys and

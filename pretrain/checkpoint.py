@@ -137,7 +137,8 @@ def save_params(cfg: Config, params):
 
 # --- before a run writes anything ---------------------------------------------------------
 
-EXECUTION_KEYS = {"dtype", "remat", "scan_layers", "attention"}  # how the model runs, not what it holds
+# How the model runs, not what it holds.
+EXECUTION_KEYS = {"dtype", "remat", "scan_layers", "attention", "splash_block_q", "splash_block_kv"}
 
 
 def check_output_dir(cfg: Config):

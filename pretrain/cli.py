@@ -1,6 +1,7 @@
-"""`pretrain` command line: train, smoke, prepare, export, import-hf, sample."""
+"""`pretrain` command line: train, smoke, plan, prepare, export, import-hf, sample."""
 
 import argparse
+import copy
 import json
 import sys
 
@@ -10,6 +11,7 @@ from etils import epath
 from data import prepare
 from data.records import DataError
 from data.tokenizer import MODEL_TYPES
+from models.layers import REMAT_POLICIES
 
 from pretrain import config as config_lib
 from pretrain import checkpoint, export, hf, runtime, sample, sharding
@@ -20,11 +22,13 @@ from pretrain.trainer import Trainer
 SMOKE_OVERRIDES = {family: ["runtime.fake_cpu_devices=8", f"run.output_dir=runs/smoke-{family}"] for family in ("llm", "diffusion")}
 
 
-def build(cfg: config_lib.Config) -> Trainer:
-    """Devices, validation, mesh, task and trainer: everything up to the first compile."""
+def build(cfg: config_lib.Config, devices=None) -> Trainer:
+    """Devices, validation, mesh, task and trainer: everything up to the first compile. `devices`
+    (default: this run's) may be another machine's, such as a TPU topology's for `pretrain plan`."""
     runtime.setup(cfg)  # before anything asks JAX for its devices
-    shape = config_lib.validate(cfg, jax.device_count(), jax.default_backend())
-    mesh = sharding.make_mesh(shape)
+    devices = jax.devices() if devices is None else devices
+    shape = config_lib.validate(cfg, len(devices), devices[0].platform)
+    mesh = sharding.make_mesh(shape, devices)
     rules = sharding.axis_rules(cfg.model.num_kv_heads, shape[1]) if cfg.task == "llm" else sharding.LOGICAL_RULES
     task = TASKS[cfg.task](cfg)
     task.prepare(shape[1])
@@ -47,6 +51,30 @@ def train(cfg_path, overrides) -> dict:
         if tokenizer is not None:  # export and sample find it here
             (out / prepare.TOKENIZER_FILE).write_bytes(tokenizer)
     return trainer.fit(plan)
+
+
+def run_plan(args) -> int:
+    """Plan one config, or each remat policy; exit 1 if nothing fits."""
+    from pretrain import plan  # it builds with build() above; only this command needs libtpu
+
+    try:  # plan runs nothing here: the local CPU will do, whatever accelerators this machine has
+        jax.config.update("jax_platforms", "cpu")
+    except RuntimeError:  # backends already up (an embedding program)
+        pass
+    cfg = config_lib.load(args.config, args.overrides)
+    policies = list(REMAT_POLICIES) if args.remat_sweep else [cfg.model.remat]
+    rows = []
+    for policy in policies:
+        cfg.model.remat = policy
+        rows.append(plan.plan(copy.deepcopy(cfg), args.topology, args.slices))
+        if args.json:
+            print(json.dumps(rows[-1]), flush=True)
+    if not args.json:
+        print(plan.report(rows) if args.remat_sweep else plan.describe(rows[0]))
+    if not any(r["fits"] for r in rows):
+        print(f"error: {plan.why_not(rows[-1])}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def run_prepare(args):
@@ -146,14 +174,28 @@ def main(argv=None) -> int:
     p = sub.add_parser("smoke", help="the tiny preset on 8 faked CPU devices with the embedded data")
     p.add_argument("family", nargs="?", default="llm", choices=sorted(SMOKE_OVERRIDES))
     p.add_argument("overrides", nargs="*", metavar="key=value")
+    p = sub.add_parser("plan", help="compile the train step for a TPU slice on this machine: memory per chip, "
+                                    "whether it fits, FLOPs and a roofline step time")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--topology", required=True, help="Cloud accelerator type, e.g. v5p-64, v5e-16, v6e-16, v4-32")
+    p.add_argument("--slices", type=int, default=1, help="number of such slices (multislice over DCN)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (per remat policy with --remat-sweep)")
+    p.add_argument("--remat-sweep", action="store_true", help="plan every remat policy and print a table")
     _prepare_parser(sub)
     _serving_parsers(sub)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "plan":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:  # overrides after the options: `plan CONFIG --topology v5p-64 model.remat=full`
+        args.overrides += extra
     try:
         if args.command == "train":
             train(args.config, args.overrides)
         elif args.command == "smoke":
             train(config_lib.preset_path(args.family, "smoke"), SMOKE_OVERRIDES[args.family] + args.overrides)
+        elif args.command == "plan":
+            return run_plan(args)
         elif args.command == "prepare":
             run_prepare(args)
         else:

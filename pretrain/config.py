@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from models.attention import BACKENDS
+from models.attention import BACKENDS, splash_blocks
 from models.diffusion import SCHEDULES, TARGETS
 from models.layers import REMAT_POLICIES
 from models.transformer import TransformerConfig
@@ -115,6 +115,8 @@ class TrainConfig:
     # > 0: keep an exponential moving average of the parameters, with decay min(ema_decay,
     # (1 + n) / (10 + n)) at update n so that early updates are not swamped by the random start.
     ema_decay: float = 0.0
+    # [start, end]: a JAX profiler trace of these steps under run.output_dir/profile/; []: none.
+    profile_steps: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -348,6 +350,11 @@ def validate(cfg: Config, num_devices: int, platform: str) -> tuple[int, int]:
     _require(cfg.train.log_every > 0, "train.log_every must be positive")
     _require(cfg.train.microbatches > 0, "train.microbatches must be positive")
     _require(0 <= cfg.train.ema_decay < 1, f"train.ema_decay={cfg.train.ema_decay} must be in [0, 1); 0 turns the EMA off")
+    p = cfg.train.profile_steps
+    _require(
+        not p or (len(p) == 2 and 1 <= p[0] <= p[1] <= cfg.run.steps),
+        f"train.profile_steps={p} must be [start, end] with 1 <= start <= end <= run.steps={cfg.run.steps}, or [] for none",
+    )
     data, model = mesh_shape(cfg, num_devices)
 
     m = cfg.model
@@ -396,9 +403,15 @@ def validate_runtime(r: RuntimeConfig):
     _require(r.step_timeout_s >= 0, f"runtime.step_timeout_s={r.step_timeout_s} must be >= 0 (0: no watchdog)")
 
 
+AUTO_ATTENTION = {"tpu": "splash", "gpu": "cudnn"}  # model.attention=auto by platform; xla elsewhere
+
+
 def _validate_transformer(cfg: Config, data: int, model: int, platform: str):
     m = cfg.model
-    _require(m.attention in BACKENDS, f"model.attention='{m.attention}' is unknown; use one of {sorted(BACKENDS)}")
+    if m.attention == "auto":  # resolved here, so that the run's config.yaml names the backend it ran
+        m.attention = AUTO_ATTENTION.get(platform, "xla")
+    known = sorted(BACKENDS) + ["auto"]
+    _require(m.attention in known, f"model.attention='{m.attention}' is unknown; use one of {known}")
     _require(
         not (m.attention == "cudnn" and platform != "gpu"),
         f"model.attention=cudnn needs an NVIDIA GPU (this is {platform}); use model.attention=xla",
@@ -430,6 +443,24 @@ def _validate_transformer(cfg: Config, data: int, model: int, platform: str):
         f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower data.seq_len",
     )
     _require(cfg.data.seq_len > 0, "data.seq_len must be positive")
+    if m.attention == "splash":
+        _validate_splash(cfg, platform)
+
+
+def _validate_splash(cfg: Config, platform: str):
+    m, length = cfg.model, cfg.data.seq_len
+    _require(
+        platform in ("tpu", "cpu"),
+        f"model.attention=splash is a TPU kernel (this is {platform}); use model.attention=auto",
+    )
+    blocks = splash_blocks(length, m.splash_block_q, m.splash_block_kv)
+    for key, block in zip(("splash_block_q", "splash_block_kv"), blocks):
+        _require(
+            block % 128 == 0 and length % block == 0,
+            f"model.attention=splash: its blocks of {block} tokens (model.{key}={getattr(m, key)}, capped at "
+            f"data.seq_len={length}) must be a multiple of 128 that divides data.seq_len; change data.seq_len or "
+            f"model.{key}, or use model.attention=xla",
+        )
 
 
 def _validate_unet(cfg: DiffusionRun, data: int, model: int):

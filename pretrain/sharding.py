@@ -2,7 +2,10 @@
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+from pretrain.config import ConfigError
 
 MESH_AXES = ("data", "model")
 
@@ -40,7 +43,18 @@ def axis_rules(num_kv_heads: int, model_axis: int):
 def make_mesh(shape: tuple[int, int], devices=None) -> jax.sharding.Mesh:
     # Auto axes: the compiler propagates shardings from the annotated parameters and the
     # constraints in the models; shard_map marks the places where we want explicit collectives.
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    devices = jax.devices() if devices is None else devices
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices == 1:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    # Several TPU slices: `data` spans them (its gradient all-reduce crosses the slower DCN
+    # between slices), `model` stays within a slice.
+    data, model = shape
+    if data % slices:
+        raise ConfigError(f"mesh.data={data} must be a multiple of the {slices} slices, which split the data axis")
+    grid = mesh_utils.create_hybrid_device_mesh((data // slices, model), (slices, 1), devices)
+    return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def logical_spec(names, rules) -> PartitionSpec:

@@ -8,6 +8,7 @@ from run.seed and the step number, so a resumed run draws what an uninterrupted 
 """
 
 import contextlib
+import functools
 import signal
 import threading
 import time
@@ -22,6 +23,7 @@ from pretrain import optim
 from pretrain.checkpoint import Checkpointer, restore_params
 from pretrain.config import Config
 from pretrain.metrics import MetricsLogger, total_peak_flops
+from pretrain.profiling import StepProfiler
 from pretrain.runtime import Watchdog, wait_for_all
 from pretrain.sharding import global_batch, local_rows, logical_spec, process_rows
 
@@ -59,7 +61,6 @@ class Trainer:
             self.graphdef, self.abstract_state = nnx.split(abstract)
             self.state_shardings = nnx.get_named_sharding(self.abstract_state, mesh)
         self.batch_sharding = NamedSharding(mesh, logical_spec(("batch",), rules))
-        self.rows = process_rows(self.batch_sharding, cfg.train.global_batch)  # what this process reads
         self.batch_spec = {
             k: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_sharding)
             for k, (shape, dtype) in task.batch_shapes().items()
@@ -71,6 +72,11 @@ class Trainer:
             donate_argnums=0,
         )
         self._eval_step = jax.jit(self.eval_step, in_shardings=(self.state_shardings, self.batch_sharding))
+
+    @functools.cached_property
+    def rows(self) -> range:
+        """The rows of each global batch that this process reads (its devices hold them)."""
+        return process_rows(self.batch_sharding, self.cfg.train.global_batch)
 
     @contextlib.contextmanager
     def context(self):
@@ -207,6 +213,7 @@ class Trainer:
         checkpointer = Checkpointer(cfg)
         state, start = self.initial_state(plan, checkpointer, train_batches)
         logger = MetricsLogger(cfg.run.output_dir, cfg.run.steps, task.unit, resume_step=start)
+        profiler = StepProfiler(cfg.train.profile_steps, cfg.run.output_dir)
         units, flops = task.units_per_step(), task.flops_per_step()
         history = {"train_loss": [], "eval_loss": [], "preempted": False}
         run_start = window_start = time.perf_counter()
@@ -216,8 +223,10 @@ class Trainer:
         sigterm_flag = _SigtermFlag() if jax.process_count() == 1 else contextlib.nullcontext()
         with self.context(), sigterm_flag as sigterm, Watchdog(cfg.runtime.step_timeout_s, start) as watchdog:
             for step in range(start + 1, cfg.run.steps + 1):
+                profiler.begin(step)
                 state, metrics = compiled(state, self.place_batch(next(train_batches)))
                 watchdog.dispatched(step, metrics)
+                profiler.end(step, metrics)
                 window_steps += 1
                 if step % cfg.train.log_every == 0 or step == cfg.run.steps:
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
@@ -249,6 +258,7 @@ class Trainer:
                 if preempted:
                     history["preempted"] = True
                     break
+        profiler.close(state)  # a run preempted inside the traced steps
         waited = checkpointer.wait()
         checkpointer.close()
         logger.close()

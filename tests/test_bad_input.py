@@ -23,8 +23,14 @@ CASES = {
     "kv heads vs heads": (["model.num_kv_heads=3"], "model.num_kv_heads=3 must divide model.num_heads=4"),
     "seq_len": (["data.seq_len=64"], "data.seq_len=64 exceeds model.max_seq_len=32"),
     "remat": (["model.remat=some"], "model.remat='some' is unknown"),
+    "attention": (["model.attention=flash"], "model.attention='flash' is unknown; use one of .*'auto'"),
+    "splash blocks vs seq_len": (
+        ["model.attention=splash"],
+        r"model.attention=splash: its blocks of 16 tokens \(model.splash_block_q=512, capped at data.seq_len=16\) must be",
+    ),
     "offload on cpu": (["model.remat=offload"], "model.remat=offload needs host offload"),
     "steps": (["run.steps=0"], "run.steps=0 must be positive"),
+    "profile steps": (["train.profile_steps=[5,40]"], r"train.profile_steps=\[5, 40\] must be \[start, end\]"),
     "lr": (["optim.lr=-1e-3"], "optim.lr=-0.001 must be positive"),
     "vocab too small for the tokenizer": (
         ["data.source=stdlib", "data.max_corpus_mb=0.5", "model.vocab_size=128"], "cannot train a 128-piece tokenizer"

@@ -1,0 +1,175 @@
+"""`pretrain plan`: compile a config's train step for a TPU slice on this machine, and say whether
+it fits and how fast it could go, before renting the slice.
+
+libtpu (the `tpu` extra) lets JAX compile for a TPU topology without the hardware. The trainer is
+built by the same code as `pretrain train` (cli.build) over the topology's devices; only the
+compile's figures are read, nothing runs. The step-time estimate is the compute roofline (see
+`roofline`): a bound that real steps do not beat.
+"""
+
+import dataclasses
+import math
+import os
+import time
+
+import jax
+from jax.experimental import topologies
+
+from pretrain import cli, tpu
+from pretrain.config import Config, ConfigError
+
+GIB = 2**30
+
+
+def topology_devices(slice_: tpu.Slice, num_slices: int = 1) -> list:
+    """The devices of `num_slices` slices of this kind, as JAX sees them on a TPU VM."""
+    # Without a TPU, libtpu prints a long warning unless told it runs somewhere plausible; and
+    # compiling claims no chip, so plans (and test sessions) may load libtpu side by side.
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    kind = slice_.kind
+    dims = [int(d) for d in slice_.topology.split("x")]
+    # A single-host slice is all one host; bigger ones have 2x2x1 chips per host.
+    host = (dims + [1] * (3 - len(dims))) if slice_.vms == 1 else [2, 2, 1]
+    return topologies.get_topology_desc(
+        platform="tpu", topology_name=f"{kind.topology_prefix}:{slice_.topology}",
+        chip_config_name="megacore" if kind.cores_per_chip == 2 else "default",
+        chips_per_host_bounds=tuple(host), num_slices=num_slices,
+    ).devices
+
+
+def _state_bytes_per_chip(trainer) -> int:
+    """Parameters and optimizer state (and EMA) held by one chip, from their shardings."""
+    total = 0
+    for leaf in jax.tree.leaves(trainer.abstract_state_with_shardings()):
+        total += leaf.dtype.itemsize * math.prod(leaf.sharding.shard_shape(leaf.shape))
+    return total
+
+
+def _out_of_memory(error: Exception) -> str | None:
+    """XLA's one-line out-of-memory figure from a compile error, or None for any other error."""
+    lines = str(error).splitlines()
+    if not any("RESOURCE_EXHAUSTED" in line for line in lines):
+        return None
+    return next((line for line in lines if "exceeds" in line), lines[0]).strip()
+
+
+def plan(cfg: Config, accelerator_type: str, num_slices: int = 1) -> dict:
+    """Compile cfg's train step for `num_slices` slices of `accelerator_type`; the figures per chip."""
+    try:
+        slice_ = tpu.parse(accelerator_type)
+    except tpu.TpuError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.task != "llm":  # the roofline counts a transformer's recomputation and tokens
+        raise ConfigError(f"pretrain plan takes language-model configs (task llm), not task {cfg.task}")
+    if num_slices < 1:
+        raise ConfigError(f"--slices={num_slices} must be at least 1")
+    # The batch's shapes come from the config; plan reads no data.
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source="synthetic"))
+    devices = topology_devices(slice_, num_slices)
+    trainer = cli.build(cfg, devices)
+    chips, kind = len(devices), slice_.kind
+    out = {
+        "topology": accelerator_type + (f" x {num_slices}" if num_slices > 1 else ""),
+        "chips": chips,
+        "mesh": dict(trainer.mesh.shape),
+        "remat": cfg.model.remat,
+        "attention": cfg.model.attention,
+        "hbm_per_chip_gib": kind.hbm_gib,
+        "params_and_optimizer_gib": _state_bytes_per_chip(trainer) / GIB,
+        "flops_per_step": trainer.task.flops_per_step(),
+    }
+    start = time.perf_counter()
+    cache = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)  # a compile-only client cannot load what it caches
+    try:
+        compiled, _ = trainer.compile()
+    except Exception as e:  # XLA's out-of-memory is a compile error like any other
+        oom = _out_of_memory(e)
+        if oom is None:
+            raise
+        return out | {"temporaries_gib": None, "total_gib": None, "fits": False, "oom": oom,
+                      "est_step_s": None, "compile_s": time.perf_counter() - start}
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache)
+    out["compile_s"] = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    total = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+             + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
+    out |= {"temporaries_gib": memory.temp_size_in_bytes / GIB, "total_gib": total / GIB,
+            "fits": total <= kind.hbm_gib * GIB}
+    out |= roofline(trainer, chips, kind)
+    return out
+
+
+# Which forward work a remat policy makes the backward pass do again: (weight matmuls, attention).
+# Attention is recomputed unless its einsums are saved, which splash's kernel never is.
+RECOMPUTED = {"none": (0, 0), "full": (1, 1), "dots": (0, 0), "dots_no_batch": (0, 1), "offload": (0, 1)}
+
+
+def roofline(trainer, chips: int, kind: tpu.TpuKind) -> dict:
+    """The compute roofline: the step's executed FLOPs at the chips' peak, and the tokens/s and MFU
+    that implies. Executed FLOPs are the MFU count plus what remat recomputes (the forward pass is a
+    third of the count). HBM traffic, communication and imperfect overlap make real steps slower.
+
+    (XLA's cost analysis cannot stand in: it counts the bodies of the loops over layers and
+    microbatches once, and cannot see into Pallas kernels.)"""
+    m, task = trainer.cfg.model, trainer.task
+    tokens, model_flops = task.units_per_step(), task.flops_per_step()
+    head = 6 * m.embed_dim * m.vocab_size * tokens
+    attention = 12 * m.num_layers * m.num_heads * m.head_dim * trainer.cfg.data.seq_len * tokens
+    matmuls, recomputed_attention = RECOMPUTED[m.remat]
+    if m.attention == "splash" and m.remat != "none":
+        recomputed_attention = 1
+    executed = model_flops + (matmuls * (model_flops - head - attention) + recomputed_attention * attention) / 3
+    step_s = executed / (chips * kind.peak_bf16_flops)
+    return {"executed_flops_per_step": executed, "est_step_s": step_s, "tokens_per_s": tokens / step_s,
+            "mfu": model_flops / step_s / (chips * kind.peak_bf16_flops)}
+
+
+# --- what the command prints ---------------------------------------------------------------
+
+
+def _title(r: dict) -> str:
+    mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items())
+    return f"{r['topology']} ({r['chips']} chips, mesh {mesh}), attention {r['attention']}"
+
+
+def describe(r: dict) -> str:
+    """A few lines for one plan."""
+    state = f"params+optimizer {r['params_and_optimizer_gib']:.2f} GiB"
+    if r["total_gib"] is None:
+        memory = f"{state}; does not fit: {r['oom']}"
+    else:
+        memory = (f"{state} + temporaries {r['temporaries_gib']:.2f} GiB -> {r['total_gib']:.2f} of "
+                  f"{r['hbm_per_chip_gib']:.2f} GiB HBM: {'fits' if r['fits'] else 'does NOT fit'}")
+    lines = [f"{_title(r)}, remat {r['remat']}", f"  per chip: {memory}",
+             f"  FLOPs per step: {r['flops_per_step']:.3e} (the MFU count)"]
+    if r["est_step_s"] is not None:
+        lines.append(f"  roofline: step {r['est_step_s']:.3f} s, {r['tokens_per_s']:,.0f} tokens/s, "
+                     f"MFU {100 * r['mfu']:.1f}%")
+    lines.append(f"  compiled in {r['compile_s']:.1f} s")
+    return "\n".join(lines)
+
+
+def report(rows: list[dict]) -> str:
+    """One table row per plan (the remat sweep)."""
+    table = [("remat", "params+opt GiB", "temp GiB", "total GiB", "fits", "step s", "tokens/s", "MFU", "compile s")]
+    for r in rows:
+        done = r["total_gib"] is not None
+        figures = (f"{r['temporaries_gib']:.2f}", f"{r['total_gib']:.2f}", "yes" if r["fits"] else "no",
+                   f"{r['est_step_s']:.3f}", f"{r['tokens_per_s']:,.0f}", f"{100 * r['mfu']:.1f}%") if done else \
+                  ("-", "-", "no", "-", "-", "-")
+        table.append((r["remat"], f"{r['params_and_optimizer_gib']:.2f}", *figures, f"{r['compile_s']:.1f}"))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    title = f"{_title(rows[0])}, {rows[0]['hbm_per_chip_gib']:.2f} GiB HBM per chip"
+    return "\n".join([title] + ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table])
+
+
+def why_not(r: dict) -> str:
+    """The one line that says a plan does not fit."""
+    if r["total_gib"] is None:
+        return f"does not fit on {r['topology']}: {r['oom']}"
+    return (f"does not fit on {r['topology']}: {r['total_gib']:.2f} GiB per chip exceeds its "
+            f"{r['hbm_per_chip_gib']:.2f} GiB of HBM")
