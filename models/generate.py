@@ -21,7 +21,7 @@ def generate(model: Transformer, prompt, key, temperature, *, max_new_tokens: in
     hidden, cache = model.decode(prompt, jnp.broadcast_to(jnp.arange(length), (batch, length)), cache)
 
     def pick(hidden, key):
-        logits = model.logits(hidden[:, -1:])[:, 0].astype(jnp.float32)
+        logits = model.logits(hidden[:, -1:])[:, 0]
         logits = jnp.where(jnp.arange(logits.shape[-1]) < num_valid, logits, -jnp.inf)
         sampled = jax.random.categorical(key, logits / jnp.maximum(temperature, 1e-6))
         return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.attention import attention_fn, cached_attention
-from models.layers import RMSNorm, constrain, fan_in_init, param, remat
+from models.layers import RMSNorm, constrain, einsum_f32, fan_in_init, param, remat
 
 
 @dataclasses.dataclass
@@ -162,10 +162,10 @@ class Transformer(nnx.Module):
         return self.final_norm(x), cache
 
     def logits(self, hidden):
-        """[B, L, V] logits, sharded along `vocab`; never gathered whole by the trainer."""
+        """[B, L, V] float32 logits, sharded along `vocab`; never gathered whole by the trainer."""
         dtype = jnp.dtype(self.cfg.dtype)
         if self.cfg.tie_embeddings:
-            out = jnp.einsum("ble,ve->blv", hidden, self.embed[...].astype(dtype))
+            out = einsum_f32("ble,ve->blv", hidden, self.embed[...].astype(dtype))
         else:
-            out = jnp.einsum("ble,ev->blv", hidden, self.lm_head[...].astype(dtype))
+            out = einsum_f32("ble,ev->blv", hidden, self.lm_head[...].astype(dtype))
         return constrain(out, ("batch", "length", "vocab"))

@@ -4,7 +4,15 @@ Each device holds logits for its slice of the vocabulary. The softmax normaliser
 assembled from per-shard maxima and sums (pmax/psum over `model`), and the label's
 logit from the one shard that owns it, so the full [batch, length, vocab] logits are
 never gathered onto one device.
+
+The logits are the largest tensors of the step, so the loss touches them as few times as
+it can: the label's logit is picked with a compare/select against the shard's vocabulary
+ids (a gather would turn into a full-size scatter in the backward pass), and the gradient,
+softmax minus one-hot, is one elementwise pass recomputed from the logits rather than from
+a saved float32 copy of their exponentials.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,23 +20,43 @@ import jax.numpy as jnp
 from pretrain.sharding import logical_spec
 
 
+def _owned(logits, labels, vocab_axis):
+    """[B, L, V_shard] boolean: which of this shard's vocabulary ids is each token's label."""
+    start = jax.lax.axis_index(vocab_axis) * logits.shape[-1] if vocab_axis else 0
+    ids = start + jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return ids == labels[..., None]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _local_cross_entropy(logits, labels, vocab_axis):
-    logits = logits.astype(jnp.float32)
-    shard_size = logits.shape[-1]
-    start = jax.lax.axis_index(vocab_axis) * shard_size if vocab_axis else 0
-    # The max only stabilises the exponentials; its gradient would cancel, so stop it.
-    local_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
-    global_max = jax.lax.pmax(local_max, vocab_axis) if vocab_axis else local_max
-    sum_exp = jnp.sum(jnp.exp(logits - global_max[..., None]), axis=-1)
-    local_label = labels - start
-    owned = (local_label >= 0) & (local_label < shard_size)
-    picked = jnp.take_along_axis(logits, jnp.clip(local_label, 0, shard_size - 1)[..., None], axis=-1)[..., 0]
-    label_logit = jnp.where(owned, picked, 0.0)
+    return _forward(logits, labels, vocab_axis)[0]
+
+
+def _forward(logits, labels, vocab_axis):
+    x = logits.astype(jnp.float32)
+    # The max only stabilises the exponentials.
+    global_max = jnp.max(x, axis=-1)
+    label_logit = jnp.sum(jnp.where(_owned(logits, labels, vocab_axis), x, 0.0), axis=-1)
     if vocab_axis:
-        sum_exp = jax.lax.psum(sum_exp, vocab_axis)
-        label_logit = jax.lax.psum(label_logit, vocab_axis)
+        global_max = jax.lax.pmax(global_max, vocab_axis)
+    sum_exp = jnp.sum(jnp.exp(x - global_max[..., None]), axis=-1)
+    if vocab_axis:
+        sum_exp, label_logit = jax.lax.psum((sum_exp, label_logit), vocab_axis)
     log_z = global_max + jnp.log(sum_exp)
-    return log_z - label_logit, log_z
+    return (log_z - label_logit, log_z), (logits, labels, log_z)
+
+
+def _backward(vocab_axis, residuals, cotangents):
+    logits, labels, log_z = residuals
+    d_loss, d_log_z = cotangents
+    # d loss / d logits = softmax - one_hot(label); d log_z / d logits = softmax.
+    softmax = jnp.exp(logits.astype(jnp.float32) - log_z[..., None])
+    owned = _owned(logits, labels, vocab_axis)
+    grad = softmax * (d_loss + d_log_z)[..., None] - jnp.where(owned, d_loss[..., None], 0.0)
+    return grad.astype(logits.dtype), None
+
+
+_local_cross_entropy.defvjp(_forward, _backward)
 
 
 def cross_entropy(logits, labels, mesh, rules):

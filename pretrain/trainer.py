@@ -222,12 +222,19 @@ class Trainer:
         # tells every process to stop at the same step (checkpointer.reached_preemption).
         sigterm_flag = _SigtermFlag() if jax.process_count() == 1 else contextlib.nullcontext()
         with self.context(), sigterm_flag as sigterm, Watchdog(cfg.runtime.step_timeout_s, start) as watchdog:
+            batch = self.place_batch(next(train_batches)) if start < cfg.run.steps else None
             for step in range(start + 1, cfg.run.steps + 1):
                 profiler.begin(step)
-                state, metrics = compiled(state, self.place_batch(next(train_batches)))
+                state, metrics = compiled(state, batch)
                 watchdog.dispatched(step, metrics)
                 profiler.end(step, metrics)
                 window_steps += 1
+                preempted = (sigterm is not None and sigterm.received) or checkpointer.reached_preemption(step)
+                every = cfg.checkpoint.every
+                save = preempted or step == cfg.run.steps or (every and step % every == 0)
+                # Batch n+1 goes to the devices while step n runs (a checkpoint keeps step n's data position).
+                if not save:
+                    batch = self.place_batch(next(train_batches))
                 if step % cfg.train.log_every == 0 or step == cfg.run.steps:
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
                     step_time = (time.perf_counter() - window_start) / window_steps
@@ -247,13 +254,13 @@ class Trainer:
                             history["eval_loss"].append(eval_loss)
                         task.write_samples(self.sampling_model(state), step)
                     window_start, window_steps = time.perf_counter(), 0  # eval time is not step time
-                preempted = (sigterm is not None and sigterm.received) or checkpointer.reached_preemption(step)
-                every = cfg.checkpoint.every
-                if preempted or step == cfg.run.steps or (every and step % every == 0):
+                if save:
                     with watchdog.paused():
                         logger.flush()  # metrics up to this step are stored before the checkpoint that covers them
                         blocked = checkpointer.save(step, state, self.data_position(train_batches))
                     logger.note(f"checkpoint {step}: the loop was blocked {blocked:.2f} s; writing in the background")
+                    if not preempted and step < cfg.run.steps:
+                        batch = self.place_batch(next(train_batches))
                     window_start, window_steps = time.perf_counter(), 0  # nor is checkpoint time
                 if preempted:
                     history["preempted"] = True

@@ -1,0 +1,252 @@
+"""This project's train step against MaxText's, on the same model, mesh, batch, dtype and remat.
+
+    python benchmarks/vs_maxtext.py [--shapes tiny,125m,tiny-1dev] [--rounds 6] [--steps 3]
+
+Each side runs in a worker process of its own: ours with this Python, MaxText 0.2.5 in a
+Python 3.12 virtualenv (installed on first use under ~/.cache/pretrain/maxtext-venv). The two
+workers compile one after the other (no persistent compilation cache), then take turns: a few
+steps of ours, a few of MaxText's, and again, so both see the same machine load. Prints the
+median step time of each, their ratio and both compile times, one row per shape.
+
+Both run synthetic batches on faked CPU devices, bfloat16 compute, float32 weights, full remat,
+scanned layers, AdamW (weight decay 0.1, clipping at 1.0), no z-loss. Our mesh data x model is
+MaxText's fsdp x tensor (our `data` axis shards the batch and, FSDP-style, the weights).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MAXTEXT = "maxtext[tpu]==0.2.5"
+MAXTEXT_VENV = Path("~/.cache/pretrain/maxtext-venv").expanduser()
+# MaxText 0.2.5 needs Python 3.12 (this machine's pyenv has one); PYTHON312=... picks another.
+PYTHON312 = os.environ.get("PYTHON312") or shutil.which("python3.12") or "/root/.pyenv/versions/3.12.1/bin/python3"
+
+SHAPES = {
+    # The tiny Llama of issue 13 on 8 faked devices.
+    "tiny": dict(layers=4, embed=256, heads=4, kv_heads=4, head_dim=64, mlp=1024, vocab=32000, tied=False,
+                 seq=256, batch=8, mesh=(2, 4)),
+    # A 125m-class model (configs/llm/125m.yaml's widths) at a CPU-sized sequence.
+    "125m": dict(layers=12, embed=768, heads=12, kv_heads=12, head_dim=64, mlp=2048, vocab=32000, tied=True,
+                 seq=256, batch=8, mesh=(2, 4)),
+    # The tiny Llama on one device.
+    "tiny-1dev": dict(layers=4, embed=256, heads=4, kv_heads=4, head_dim=64, mlp=1024, vocab=32000, tied=False,
+                      seq=256, batch=8, mesh=(1, 1)),
+}
+
+REPLY = "@@ "  # prefix of the workers' protocol lines on stdout; everything else goes to their log
+
+
+# --- workers: each builds, compiles, then runs `run K` commands read from stdin ------------------
+
+
+def reply(**fields):
+    print(REPLY + json.dumps(fields), flush=True)
+
+
+def serve(step):
+    """Answer `run K` with K step times (each step waited for), until stdin closes."""
+    import jax
+
+    for line in sys.stdin:
+        times, cpu = [], []
+        for _ in range(int(line.split()[1])):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            jax.block_until_ready(step())
+            times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
+        reply(times=times, cpu=cpu)
+
+
+def ours_worker(s: dict):
+    sys.path.insert(0, str(ROOT))
+    from pretrain import cli, config as config_lib
+
+    overrides = [
+        f"runtime.fake_cpu_devices={s['mesh'][0] * s['mesh'][1]}", "runtime.compilation_cache_dir=",
+        f"mesh.data={s['mesh'][0]}", f"mesh.model={s['mesh'][1]}",
+        f"model.num_layers={s['layers']}", f"model.embed_dim={s['embed']}", f"model.num_heads={s['heads']}",
+        f"model.num_kv_heads={s['kv_heads']}", f"model.head_dim={s['head_dim']}", f"model.mlp_dim={s['mlp']}",
+        f"model.vocab_size={s['vocab']}", f"model.tie_embeddings={str(s['tied']).lower()}",
+        f"model.max_seq_len={s['seq']}", "model.dtype=bfloat16", "model.remat=full", "model.scan_layers=true",
+        f"data.seq_len={s['seq']}", "data.source=synthetic", f"train.global_batch={s['batch']}",
+        "optim.weight_decay=0.1", "optim.clip_norm=1.0", "optim.z_loss=0",
+    ]
+    trainer = cli.build(config_lib.load(str(ROOT / "configs/llm/smoke.yaml"), overrides))
+    compiled, compile_s = trainer.compile()
+    state = trainer.init_state()
+    batch = trainer.place_batch(next(trainer.task.batches("train", 0, 1)))
+    box = {"state": state}
+
+    def step():
+        box["state"], metrics = compiled(box["state"], batch)
+        return metrics
+
+    with trainer.context():
+        step(), step()  # warm-up
+        reply(compile_s=compile_s, jax=jax_version())
+        serve(step)
+
+
+def maxtext_worker(s: dict):
+    devices = s["mesh"][0] * s["mesh"][1]
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    import jax
+    from flax import nnx
+    from maxtext.configs import pyconfig
+    from maxtext.trainers.pre_train import train
+    from maxtext.utils import maxtext_utils, sharding, train_utils
+    from maxtext.utils.max_utils import parse_libtpu_flags_to_dict
+
+    argv = [
+        "train", str(Path(pyconfig.__file__).parent / "base.yml"), "run_name=vs_maxtext",
+        f"base_output_directory={tempfile.mkdtemp(prefix='vs-maxtext-')}",
+        "hardware=cpu", "skip_jax_distributed_system=true", "dataset_type=synthetic", "jax_cache_dir=",
+        "enable_checkpointing=false", "enable_tensorboard=false", "enable_dropout=false", "steps=1000000",
+        f"base_num_decoder_layers={s['layers']}", f"base_emb_dim={s['embed']}", f"base_num_query_heads={s['heads']}",
+        f"base_num_kv_heads={s['kv_heads']}", f"head_dim={s['head_dim']}", f"base_mlp_dim={s['mlp']}",
+        f"vocab_size={s['vocab']}", f"logits_via_embedding={str(s['tied']).lower()}",
+        "normalize_embedding_logits=false",
+        f"max_target_length={s['seq']}", f"per_device_batch_size={s['batch'] / devices}",
+        "dtype=bfloat16", "weight_dtype=float32", "remat_policy=full", "scan_layers=true", "attention=dot_product",
+        f"ici_fsdp_parallelism={s['mesh'][0]}", f"ici_tensor_parallelism={s['mesh'][1]}",
+        "opt_type=adamw", "adam_weight_decay=0.1", "gradient_clipping_threshold=1.0", "z_loss_multiplier=0",
+    ]
+    config = pyconfig.initialize(argv)
+    jax.config.update("jax_use_shardy_partitioner", config.shardy)
+    # The first half of MaxText's train.train_loop: its state, shardings and jitted step.
+    _, _, state_shardings, model, mesh, _, _, _, _, _, state = train_utils.setup_train_loop(config, None)
+    graphdef, state = nnx.split(state)
+    params_shardings, state_shardings = sharding.maybe_update_params_sharding_with_opt(config, state_shardings)
+    p_train_step, _ = train_utils.jit_train_and_eval_step(
+        config, graphdef, mesh, state, state_shardings, train.train_step, train.eval_step, None, params_shardings
+    )
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(config.logical_axis_rules):
+        shaped = maxtext_utils.get_shaped_batch(config, batch_sharding=sharding.get_input_data_sharding(config, mesh))
+        start = time.perf_counter()
+        options = parse_libtpu_flags_to_dict(config.compile_xla_flags)
+        compiled = p_train_step.lower(state, shaped).compile(compiler_options=options)
+        compile_s = time.perf_counter() - start
+        batch = train.make_synthetic_batch(config, shaped)
+    box = {"state": state}
+
+    def step():
+        box["state"], metrics = compiled(box["state"], batch)
+        return metrics
+
+    step(), step()
+    reply(compile_s=compile_s, jax=jax_version())
+    serve(step)
+
+
+def jax_version():
+    import jax
+
+    return jax.__version__
+
+
+# --- the driver --------------------------------------------------------------------------------
+
+
+def maxtext_python() -> Path:
+    python = MAXTEXT_VENV / "bin/python"
+    if not python.exists() or subprocess.run([python, "-c", "import maxtext"], capture_output=True).returncode:
+        print(f"installing {MAXTEXT} into {MAXTEXT_VENV} (once) ...", flush=True)
+        subprocess.run([PYTHON312, "-m", "venv", MAXTEXT_VENV], check=True)
+        subprocess.run([python, "-m", "pip", "install", "-q", MAXTEXT], check=True)
+    return python
+
+
+class Worker:
+    def __init__(self, python, side: str, shape: str, log: Path):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT) if side == "ours" else ""}
+        self.log = log
+        self.proc = subprocess.Popen(
+            [str(python), __file__, "--worker", side, "--shapes", shape], cwd=ROOT, env=env, text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log.open("w"),
+        )
+
+    def receive(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(REPLY):
+                return json.loads(line[len(REPLY):])
+        tail = self.log.read_text().splitlines()[-30:]
+        raise RuntimeError(f"worker exited ({self.proc.wait()}); end of {self.log}:\n" + "\n".join(tail))
+
+    def run(self, steps: int) -> dict:
+        """Wall and process CPU seconds of each of `steps` steps."""
+        self.proc.stdin.write(f"run {steps}\n")
+        self.proc.stdin.flush()
+        return self.receive()
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def compare(shape: str, rounds: int, steps: int, maxtext_py: Path, logs: Path) -> dict:
+    ours = Worker(sys.executable, "ours", shape, logs / f"{shape}-ours.log")
+    ours_ready = ours.receive()  # compile one at a time: compile times are not shared cores
+    theirs = Worker(maxtext_py, "maxtext", shape, logs / f"{shape}-maxtext.log")
+    theirs_ready = theirs.receive()
+    times = {"ours": [], "maxtext": []}
+    cpu = {"ours": [], "maxtext": []}
+    for _ in range(rounds):
+        for side, worker in (("ours", ours), ("maxtext", theirs)):
+            r = worker.run(steps)
+            times[side] += r["times"]
+            cpu[side] += r["cpu"]
+    ours.close(), theirs.close()
+    return {
+        "ours_ms": 1000 * statistics.median(times["ours"]), "maxtext_ms": 1000 * statistics.median(times["maxtext"]),
+        "ours_cpu_s": statistics.median(cpu["ours"]), "maxtext_cpu_s": statistics.median(cpu["maxtext"]),
+        "ours_compile_s": ours_ready["compile_s"], "maxtext_compile_s": theirs_ready["compile_s"],
+        "jax": (ours_ready["jax"], theirs_ready["jax"]),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
+    parser.add_argument("--rounds", type=int, default=6, help="turns each side takes")
+    parser.add_argument("--steps", type=int, default=3, help="steps per turn")
+    parser.add_argument("--worker", choices=("ours", "maxtext"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    shapes = args.shapes.split(",")
+    if args.worker:
+        (ours_worker if args.worker == "ours" else maxtext_worker)(SHAPES[shapes[0]])
+        return 0
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        print(f"error: unknown shape(s) {', '.join(unknown)}; choose from {', '.join(SHAPES)}", file=sys.stderr)
+        return 2
+    maxtext_py = maxtext_python()
+    logs = Path(tempfile.mkdtemp(prefix="vs-maxtext-logs-"))
+    print(f"{args.rounds} turns of {args.steps} steps each; worker logs in {logs}")
+    header = (f"{'shape':>10} {'mesh':>5} {'ours ms':>9} {'MaxText ms':>10} {'speed-up':>8} {'ours compile s':>14} "
+              f"{'MaxText compile s':>17} {'CPU s/step ours':>15} {'MaxText':>7}")
+    print(header, flush=True)
+    for shape in shapes:
+        r = compare(shape, args.rounds, args.steps, maxtext_py, logs)
+        mesh = "x".join(map(str, SHAPES[shape]["mesh"]))
+        print(
+            f"{shape:>10} {mesh:>5} {r['ours_ms']:9.0f} {r['maxtext_ms']:10.0f} {r['maxtext_ms'] / r['ours_ms']:7.2f}x "
+            f"{r['ours_compile_s']:14.1f} {r['maxtext_compile_s']:17.1f} "
+            f"{r['ours_cpu_s']:15.2f} {r['maxtext_cpu_s']:7.2f}",
+            flush=True,
+        )
+    print(f"jax {r['jax'][0]} (ours), {r['jax'][1]} (MaxText); speed-up = MaxText's step time / ours (medians).")
+    print("CPU s/step: the process's CPU time per step, which the load of other programs inflates less than wall time.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
