@@ -4,6 +4,7 @@ processes, a real Slurm, and the runtime's bad input."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -172,8 +173,6 @@ BAD = {
 
 @pytest.mark.parametrize("overrides, message", BAD.values(), ids=BAD.keys())
 def test_bad_runtime_input_exits_2_with_one_line_before_writing(tmp_path, overrides, message):
-    import re
-
     port = free_port()
     overrides = [o.format(port=port) for o in overrides]
     # A fresh process: jax.distributed must start before JAX's backends, which the test session has up.
