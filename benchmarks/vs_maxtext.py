@@ -1,6 +1,6 @@
 """This project's train step against MaxText's, on the same model, mesh, batch, dtype and remat.
 
-    python benchmarks/vs_maxtext.py [--shapes tiny,125m,tiny-1dev] [--rounds 6] [--steps 3]
+    python benchmarks/vs_maxtext.py [--shapes tiny,125m,tiny-1dev,125m-1dev] [--rounds 6] [--steps 3]
 
 Each side runs in a worker process of its own: ours with this Python, MaxText 0.2.5 in a
 Python 3.12 virtualenv (installed on first use under ~/.cache/pretrain/maxtext-venv). The two
@@ -39,6 +39,9 @@ SHAPES = {
                  seq=256, batch=8, mesh=(2, 4)),
     # The tiny Llama on one device.
     "tiny-1dev": dict(layers=4, embed=256, heads=4, kv_heads=4, head_dim=64, mlp=1024, vocab=32000, tied=False,
+                      seq=256, batch=8, mesh=(1, 1)),
+    # The 125m-class model on one device.
+    "125m-1dev": dict(layers=12, embed=768, heads=12, kv_heads=12, head_dim=64, mlp=2048, vocab=32000, tied=True,
                       seq=256, batch=8, mesh=(1, 1)),
 }
 
@@ -83,7 +86,7 @@ def ours_worker(s: dict):
     trainer = cli.build(config_lib.load(str(ROOT / "configs/llm/smoke.yaml"), overrides))
     compiled, compile_s = trainer.compile()
     state = trainer.init_state()
-    batch = trainer.place_batch(next(trainer.task.batches("train", 0, 1)))
+    batch = trainer.place_batch(next(trainer.task.batches("train", trainer.rows)))
     box = {"state": state}
 
     def step():

@@ -38,23 +38,6 @@ def constrain(x: jax.Array, names) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
-def einsum_f32(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    """einsum of compute-dtype operands whose result keeps the matmul's float32 accumulator (for
-    logits, which the loss wants in float32: no rounded copy to convert back up). Its gradient
-    goes back in the operands' dtype, so the backward matmuls run in it too."""
-
-    @jax.custom_vjp
-    def product(x, w):
-        return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
-
-    def backward(operands, grad):
-        _, pullback = jax.vjp(lambda x, w: jnp.einsum(spec, x, w), *operands)
-        return pullback(grad.astype(x.dtype))
-
-    product.defvjp(lambda x, w: (product(x, w), (x, w)), backward)
-    return product(x, w)
-
-
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, *, eps: float, rngs: nnx.Rngs):
         self.eps = eps

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.attention import attention_fn, cached_attention
-from models.layers import RMSNorm, constrain, einsum_f32, fan_in_init, param, remat
+from models.layers import RMSNorm, constrain, fan_in_init, param, remat
 
 
 @dataclasses.dataclass
@@ -34,6 +34,9 @@ class TransformerConfig:
     attention: str = "xla"  # a backend of models.attention.BACKENDS; the trainer resolves "auto"
     splash_block_q: int = 512  # splash's query and key/value block sizes (capped at the sequence length)
     splash_block_kv: int = 512
+    # Tokens per chunk of the output layer and loss (pretrain.loss), which bounds the float32
+    # logits held at once to chunk x vocab/model per device.
+    loss_chunk_tokens: int = 256
 
     def num_params(self, *, embedding: bool = True) -> int:
         e, h, k, d, m, v = (self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim, self.mlp_dim, self.vocab_size)
@@ -161,11 +164,13 @@ class Transformer(nnx.Module):
         x, cache = jax.lax.scan(block, x, (stacked, cache))
         return self.final_norm(x), cache
 
+    def output_weight(self):
+        """The [E, V] float32 matrix that maps hidden states onto the vocabulary (the embedding
+        table, transposed, when tied), sharded along `vocab`."""
+        return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+
     def logits(self, hidden):
-        """[B, L, V] float32 logits, sharded along `vocab`; never gathered whole by the trainer."""
-        dtype = jnp.dtype(self.cfg.dtype)
-        if self.cfg.tie_embeddings:
-            out = einsum_f32("ble,ve->blv", hidden, self.embed[...].astype(dtype))
-        else:
-            out = einsum_f32("ble,ev->blv", hidden, self.lm_head[...].astype(dtype))
+        """[B, L, V] float32 logits, sharded along `vocab` (training never builds them: pretrain.loss)."""
+        w = self.output_weight().astype(jnp.dtype(self.cfg.dtype))
+        out = jnp.einsum("ble,ev->blv", hidden, w, preferred_element_type=jnp.float32)
         return constrain(out, ("batch", "length", "vocab"))

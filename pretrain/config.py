@@ -416,7 +416,7 @@ def _validate_transformer(cfg: Config, data: int, model: int, platform: str):
         not (m.attention == "cudnn" and platform != "gpu"),
         f"model.attention=cudnn needs an NVIDIA GPU (this is {platform}); use model.attention=xla",
     )
-    for key in ("num_layers", "embed_dim", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "vocab_size", "max_seq_len"):
+    for key in ("num_layers", "embed_dim", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "vocab_size", "max_seq_len", "loss_chunk_tokens"):
         _require(getattr(m, key) > 0, f"model.{key} must be positive")
     _require(m.head_dim % 2 == 0, f"model.head_dim={m.head_dim} must be even for rotary embeddings")
     _require(

@@ -1,18 +1,20 @@
-"""Cross-entropy over a vocabulary sharded along the `model` axis.
+"""The language model's output layer and cross-entropy in one pass, vocabulary sharded along `model`.
 
-Each device holds logits for its slice of the vocabulary. The softmax normaliser is
-assembled from per-shard maxima and sums (pmax/psum over `model`), and the label's
-logit from the one shard that owns it, so the full [batch, length, vocab] logits are
-never gathered onto one device.
+The logits are the largest tensors of a training step ([tokens, vocab] in float32), yet all the
+loss needs from them is, per token, the log-normaliser and the label's logit. So they are never
+built whole: the tokens are cut into chunks, and each chunk's logits live only while that chunk
+is reduced.
 
-The logits are the largest tensors of the step, so the loss touches them as few times as
-it can: the label's logit is picked with a compare/select against the shard's vocabulary
-ids (a gather would turn into a full-size scatter in the backward pass), and the gradient,
-softmax minus one-hot, is one elementwise pass recomputed from the logits rather than from
-a saved float32 copy of their exponentials.
+- Vocabulary-parallel: each device multiplies by its slice of the output weight, and the softmax
+  normaliser is assembled from per-shard maxima and sums (pmax/psum over `model`); the label's
+  logit comes from the one shard that owns it (a compare/select: a gather would become a
+  full-size scatter in the backward pass).
+- Gradients in the forward pass: the objective is a weighted sum over tokens, so its gradient
+  with respect to a chunk's logits, w * ((1 + 2 z log_z) softmax - one_hot), is known as soon as
+  the chunk's normaliser is. The chunk's share of the hidden-state and weight gradients is
+  computed right there, and the backward pass only scales them by the incoming cotangent. The
+  three matmuls are those of an ordinary output layer: nothing is recomputed.
 """
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -20,54 +22,90 @@ import jax.numpy as jnp
 from pretrain.sharding import logical_spec
 
 
-def _owned(logits, labels, vocab_axis):
-    """[B, L, V_shard] boolean: which of this shard's vocabulary ids is each token's label."""
-    start = jax.lax.axis_index(vocab_axis) * logits.shape[-1] if vocab_axis else 0
-    ids = start + jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-    return ids == labels[..., None]
+def _axes(entry) -> tuple:
+    """The mesh axes of one PartitionSpec entry."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _local_cross_entropy(logits, labels, vocab_axis):
-    return _forward(logits, labels, vocab_axis)[0]
+def chunk_size(tokens: int, target: int) -> int:
+    """The largest divisor of `tokens` that is at most `target`."""
+    return max(d for d in range(1, min(tokens, target) + 1) if tokens % d == 0)
 
 
-def _forward(logits, labels, vocab_axis):
-    x = logits.astype(jnp.float32)
-    # The max only stabilises the exponentials.
-    global_max = jnp.max(x, axis=-1)
-    label_logit = jnp.sum(jnp.where(_owned(logits, labels, vocab_axis), x, 0.0), axis=-1)
-    if vocab_axis:
-        global_max = jax.lax.pmax(global_max, vocab_axis)
-    sum_exp = jnp.sum(jnp.exp(x - global_max[..., None]), axis=-1)
-    if vocab_axis:
-        sum_exp, label_logit = jax.lax.psum((sum_exp, label_logit), vocab_axis)
-    log_z = global_max + jnp.log(sum_exp)
-    return (log_z - label_logit, log_z), (logits, labels, log_z)
+def output_cross_entropy(hidden, weight, targets, mask, *, z_loss: float, chunk_tokens: int, mesh, rules):
+    """Sums over the tokens where `mask` is 1: (cross-entropy + z_loss * log_z**2, cross-entropy, log_z**2).
 
+    hidden [B, L, E] in the compute dtype, sharded (batch, -, -); weight [E, V] (float32 parameter,
+    or a view of one) sharded (-, vocab); targets and mask [B, L]. Only the first sum is
+    differentiable (the other two are metrics); chunk_tokens bounds the tokens per chunk.
+    """
+    h_spec = logical_spec(("batch", "length", None), rules)
+    w_spec = logical_spec((None, "vocab"), rules)
+    t_spec = logical_spec(("batch", "length"), rules)
+    vocab_axes, batch_axes = _axes(w_spec[1]), _axes(h_spec[0]) + _axes(h_spec[1])
 
-def _backward(vocab_axis, residuals, cotangents):
-    logits, labels, log_z = residuals
-    d_loss, d_log_z = cotangents
-    # d loss / d logits = softmax - one_hot(label); d log_z / d logits = softmax.
-    softmax = jnp.exp(logits.astype(jnp.float32) - log_z[..., None])
-    owned = _owned(logits, labels, vocab_axis)
-    grad = softmax * (d_loss + d_log_z)[..., None] - jnp.where(owned, d_loss[..., None], 0.0)
-    return grad.astype(logits.dtype), None
+    def local(h, w, y, m, grads: bool):
+        """This device's sums (and gradients): its rows, its slice of the vocabulary."""
+        b, length, e = h.shape
+        n = b * length // chunk_size(b * length, chunk_tokens)
+        wc = w.astype(h.dtype)
+        start = jax.lax.axis_index(vocab_axes) * w.shape[1] if vocab_axes else 0
 
+        def chunk(dw, xs):
+            hc, yc, mc = xs
+            logits = jnp.einsum("te,ev->tv", hc, wc, preferred_element_type=jnp.float32)
+            owned = start + jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == yc[:, None]
+            peak = jnp.max(logits, axis=-1)  # only stabilises the exponentials
+            label = jnp.sum(jnp.where(owned, logits, 0.0), axis=-1)
+            if vocab_axes:
+                peak = jax.lax.pmax(peak, vocab_axes)
+            exp = jnp.exp(logits - peak[:, None])
+            total = jnp.sum(exp, axis=-1)
+            if vocab_axes:
+                total, label = jax.lax.psum((total, label), vocab_axes)
+            log_z = peak + jnp.log(total)
+            ce, z = log_z - label, jnp.square(log_z)
+            sums = jnp.stack([jnp.sum(mc * (ce + z_loss * z)), jnp.sum(mc * ce), jnp.sum(mc * z)])
+            if not grads:
+                return dw, sums
+            softmax = exp / total[:, None]
+            g = (mc * (1 + 2 * z_loss * log_z))[:, None] * softmax - jnp.where(owned, mc[:, None], 0.0)
+            g = g.astype(h.dtype)
+            dh = jnp.einsum("tv,ev->te", g, wc, preferred_element_type=jnp.float32)
+            return dw + jnp.einsum("te,tv->ev", hc, g, preferred_element_type=jnp.float32), (sums, dh)
 
-_local_cross_entropy.defvjp(_forward, _backward)
+        xs = (h.reshape(n, -1, e), y.reshape(n, -1), m.reshape(n, -1).astype(jnp.float32))
+        # The weight's gradient sums over this device's rows (its carry varies along their axes).
+        dw = jax.lax.pcast(jnp.zeros_like(w, jnp.float32), batch_axes, to="varying") if grads else None
+        dw, ys = jax.lax.scan(chunk, dw, xs)
+        sums = jnp.sum(ys[0] if grads else ys, axis=0)
+        if batch_axes:
+            sums = jax.lax.psum(sums, batch_axes)
+        if not grads:
+            return sums
+        dh = ys[1]
+        # The hidden states were replicated over the vocabulary shards, the weight over the rows.
+        dh = jax.lax.psum(dh.reshape(h.shape), vocab_axes) if vocab_axes else dh.reshape(h.shape)
+        dw = jax.lax.psum(dw, batch_axes) if batch_axes else dw
+        return sums, dh, dw
 
+    in_specs = (h_spec, w_spec, t_spec, t_spec)
+    forward = jax.shard_map(lambda *a: local(*a, grads=False), mesh=mesh, in_specs=in_specs, out_specs=jax.P())
+    with_grads = jax.shard_map(lambda *a: local(*a, grads=True), mesh=mesh, in_specs=in_specs,
+                               out_specs=(jax.P(), h_spec, w_spec))
 
-def cross_entropy(logits, labels, mesh, rules):
-    """Per-token (loss, log_z) for logits [B, L, V] sharded (batch, -, vocab) and labels [B, L]."""
-    logit_spec = logical_spec(("batch", "length", "vocab"), rules)
-    token_spec = logical_spec(("batch", "length"), rules)
-    vocab_axis = logit_spec[2]
-    fn = jax.shard_map(
-        lambda lg, lb: _local_cross_entropy(lg, lb, vocab_axis),
-        mesh=mesh,
-        in_specs=(logit_spec, token_spec),
-        out_specs=(token_spec, token_spec),
-    )
-    return fn(logits, labels)
+    @jax.custom_vjp
+    def sums(h, w, y, m):
+        return forward(h, w, y, m)
+
+    def fwd(h, w, y, m):
+        s, dh, dw = with_grads(h, w, y, m)
+        return s, (dh, dw)
+
+    def bwd(residuals, cotangent):
+        dh, dw = residuals
+        return (cotangent[0] * dh).astype(hidden.dtype), (cotangent[0] * dw).astype(weight.dtype), None, None
+
+    sums.defvjp(fwd, bwd)
+    objective, ce, z = sums(hidden, weight, targets, mask)
+    return objective, jax.lax.stop_gradient(ce), jax.lax.stop_gradient(z)

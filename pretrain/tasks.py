@@ -18,7 +18,7 @@ from models import diffusion
 from models.transformer import Transformer
 from models.unet import UNet
 from pretrain.config import Config, ConfigError, DiffusionRun
-from pretrain.loss import cross_entropy
+from pretrain.loss import output_cross_entropy
 from pretrain.sample import draw_images, grid_columns
 
 
@@ -63,11 +63,12 @@ class LanguageModelTask(Task):
     def loss(self, model, batch, mesh, rules, key=None):
         """(summed loss, number of target tokens, summed metrics) over a batch; needs no randomness."""
         hidden = model(batch["inputs"], batch["segment_ids"], batch["positions"])
-        ce, log_z = cross_entropy(model.logits(hidden), batch["targets"], mesh, rules)
-        weight = (batch["segment_ids"] > 0).astype(jnp.float32)
-        ce_sum = jnp.sum(ce * weight)
-        z_sum = jnp.sum(jnp.square(log_z) * weight)
-        return ce_sum + self.cfg.optim.z_loss * z_sum, jnp.sum(weight), {"loss": ce_sum, "z_loss": z_sum}
+        mask = (batch["segment_ids"] > 0).astype(jnp.float32)
+        total, ce_sum, z_sum = output_cross_entropy(
+            hidden, model.output_weight(), batch["targets"], mask, z_loss=self.cfg.optim.z_loss,
+            chunk_tokens=self.cfg.model.loss_chunk_tokens, mesh=mesh, rules=rules,
+        )
+        return total, jnp.sum(mask), {"loss": ce_sum, "z_loss": z_sum}
 
     def units_per_step(self) -> int:
         return self.cfg.train.global_batch * self.cfg.data.seq_len
