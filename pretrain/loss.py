@@ -5,16 +5,18 @@ loss needs from them is, per token, the log-normaliser and the label's logit. So
 built whole: the tokens are cut into chunks, and each chunk's logits live only while that chunk
 is reduced.
 
-- Vocabulary-parallel: each device multiplies by its slice of the output weight, and the softmax
-  normaliser is assembled from per-shard maxima and sums (pmax/psum over `model`); the label's
-  logit comes from the one shard that owns it (a compare/select: a gather would become a
-  full-size scatter in the backward pass).
+- Vocabulary-parallel: each device multiplies by its slice of the output weight. The softmax
+  normaliser is assembled from per-shard maxima and sums of exponentials, gathered over `model`
+  in one collective per chunk together with the label's logit, which comes from the one shard
+  that owns it (a compare/select: a gather would become a full-size scatter in the backward pass).
 - Gradients in the forward pass: the objective is a weighted sum over tokens, so its gradient
   with respect to a chunk's logits, w * ((1 + 2 z log_z) softmax - one_hot), is known as soon as
   the chunk's normaliser is. The chunk's share of the hidden-state and weight gradients is
   computed right there, and the backward pass only scales them by the incoming cotangent. The
   three matmuls are those of an ordinary output layer: nothing is recomputed.
 """
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -43,35 +45,41 @@ def output_cross_entropy(hidden, weight, targets, mask, *, z_loss: float, chunk_
     w_spec = logical_spec((None, "vocab"), rules)
     t_spec = logical_spec(("batch", "length"), rules)
     vocab_axes, batch_axes = _axes(w_spec[1]), _axes(h_spec[0]) + _axes(h_spec[1])
+    shards = math.prod(mesh.shape[a] for a in vocab_axes)
 
     def local(h, w, y, m, grads: bool):
         """This device's sums (and gradients): its rows, its slice of the vocabulary."""
         b, length, e = h.shape
         n = b * length // chunk_size(b * length, chunk_tokens)
-        wc = w.astype(h.dtype)
         start = jax.lax.axis_index(vocab_axes) * w.shape[1] if vocab_axes else 0
 
         def chunk(dw, xs):
             hc, yc, mc = xs
-            logits = jnp.einsum("te,ev->tv", hc, wc, preferred_element_type=jnp.float32)
+            logits = jnp.einsum("te,ev->tv", hc, w, preferred_element_type=jnp.float32)
             owned = start + jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == yc[:, None]
             peak = jnp.max(logits, axis=-1)  # only stabilises the exponentials
-            label = jnp.sum(jnp.where(owned, logits, 0.0), axis=-1)
-            if vocab_axes:
-                peak = jax.lax.pmax(peak, vocab_axes)
             exp = jnp.exp(logits - peak[:, None])
             total = jnp.sum(exp, axis=-1)
+            label = jnp.sum(jnp.where(owned, logits, 0.0), axis=-1)
+            scale = 1 / total  # turns this shard's exponentials into softmax probabilities
             if vocab_axes:
-                total, label = jax.lax.psum((total, label), vocab_axes)
+                # One collective per chunk: every shard's (max, sum of exponentials, label logit),
+                # each written to its own slot and summed (a gather whose result is the same everywhere).
+                slots = jnp.arange(shards)[:, None, None] == jax.lax.axis_index(vocab_axes)
+                stats = jax.lax.psum(jnp.where(slots, jnp.stack([peak, total, label])[None], 0.0), vocab_axes)
+                peaks, totals, labels = jnp.moveaxis(stats, 1, 0)
+                shard_peak, peak = peak, jnp.max(peaks, axis=0)
+                total = jnp.sum(totals * jnp.exp(peaks - peak), axis=0)
+                label = jnp.sum(labels, axis=0)
+                scale = jnp.exp(shard_peak - peak) / total
             log_z = peak + jnp.log(total)
             ce, z = log_z - label, jnp.square(log_z)
             sums = jnp.stack([jnp.sum(mc * (ce + z_loss * z)), jnp.sum(mc * ce), jnp.sum(mc * z)])
             if not grads:
                 return dw, sums
-            softmax = exp / total[:, None]
-            g = (mc * (1 + 2 * z_loss * log_z))[:, None] * softmax - jnp.where(owned, mc[:, None], 0.0)
+            g = (mc * (1 + 2 * z_loss * log_z) * scale)[:, None] * exp - jnp.where(owned, mc[:, None], 0.0)
             g = g.astype(h.dtype)
-            dh = jnp.einsum("tv,ev->te", g, wc, preferred_element_type=jnp.float32)
+            dh = jnp.einsum("tv,ev->te", g, w, preferred_element_type=jnp.float32)
             return dw + jnp.einsum("te,tv->ev", hc, g, preferred_element_type=jnp.float32), (sums, dh)
 
         xs = (h.reshape(n, -1, e), y.reshape(n, -1), m.reshape(n, -1).astype(jnp.float32))
@@ -96,10 +104,11 @@ def output_cross_entropy(hidden, weight, targets, mask, *, z_loss: float, chunk_
 
     @jax.custom_vjp
     def sums(h, w, y, m):
-        return forward(h, w, y, m)
+        return forward(h, w.astype(h.dtype), y, m)
 
     def fwd(h, w, y, m):
-        s, dh, dw = with_grads(h, w, y, m)
+        # Cast before the shard_map, so the weight is gathered over the rows in the compute dtype.
+        s, dh, dw = with_grads(h, w.astype(h.dtype), y, m)
         return s, (dh, dw)
 
     def bwd(residuals, cotangent):
