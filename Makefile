@@ -19,4 +19,4 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
 
 bench: $(STAMP)
-	$(VENV)/bin/python benchmarks/train_throughput.py configs/llm/smoke.yaml
+	$(VENV)/bin/python benchmarks/train_throughput.py configs/llm/smoke.yaml runtime.fake_cpu_devices=8

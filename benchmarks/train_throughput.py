@@ -1,7 +1,7 @@
 """Train-step throughput on the present devices, with synthetic batches (no input pipeline).
 
     python benchmarks/train_throughput.py configs/llm/125m.yaml [key=value ...] [--steps N] [--variants]
-    python benchmarks/train_throughput.py configs/llm/smoke.yaml --depths 2,32
+    python benchmarks/train_throughput.py configs/llm/smoke.yaml runtime.fake_cpu_devices=8 --depths 2,32
     python benchmarks/train_throughput.py configs/diffusion/smoke.yaml runtime.fake_cpu_devices=8
 
 Prints compile time, steady-state step time, tokens/s (or images/s), MFU and the compiled
