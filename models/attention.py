@@ -17,7 +17,7 @@ from flax.core import spmd
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec
 
-from models.layers import constrain
+from models.layers import compile_platform, constrain, einsum
 
 
 def segment_mask(segment_ids):
@@ -31,10 +31,9 @@ def masked_attention(q, k, v, mask):
     # Repeating K/V to all heads keeps every tensor sharded on `heads`, however few K/V heads there are.
     k = constrain(jnp.repeat(k, groups, axis=2), ("batch", "length", "heads", None))
     v = constrain(jnp.repeat(v, groups, axis=2), ("batch", "length", "heads", None))
-    scores = jnp.einsum("blhd,bshd->bhls", q, k, preferred_element_type=jnp.float32)
+    scores = einsum("blhd,bshd->bhls", q, k, dtype=q.dtype, out=jnp.float32)
     scores = jnp.where(mask, scores * q.shape[-1] ** -0.5, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhls,bshd->blhd", probs, v)
+    return einsum("bhls,bshd->blhd", jax.nn.softmax(scores, axis=-1), v, dtype=v.dtype)
 
 
 def xla_attention(q, k, v, segment_ids):
@@ -68,8 +67,7 @@ def splash_attention(q, k, v, segment_ids, *, block_q: int = 512, block_kv: int 
     """The splash kernel under shard_map: each device runs it on its own rows (`batch`) and heads
     (`heads`), the mesh axes named by the active logical rules."""
     mesh = jax.sharding.get_abstract_mesh()
-    # The mesh's devices say what the step compiles for (a TPU topology, in `pretrain plan`).
-    on_tpu = (mesh.abstract_device.platform if mesh.abstract_device else jax.default_backend()) == "tpu"
+    on_tpu = compile_platform() == "tpu"
     heads, kv_heads = q.shape[2], k.shape[2]
     q = q * q.shape[-1] ** -0.5  # the kernel leaves scaling to its caller
     q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [B, heads, L, D], the kernel's layout

@@ -1,5 +1,5 @@
 """Building blocks shared by the model families: annotated parameters, activation
-sharding constraints, RMSNorm and remat policies."""
+sharding constraints, matmuls in the compute dtype, RMSNorm and remat policies."""
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +36,26 @@ def constrain(x: jax.Array, names) -> jax.Array:
         return x
     spec = jax.sharding.PartitionSpec(*spmd.from_sharding_rules(names, spmd.get_logical_axis_rules()))
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+def compile_platform() -> str:
+    """The platform being compiled for: the active mesh's devices (a TPU topology's, in `pretrain
+    plan` on a CPU host), or the default backend's without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.abstract_device.platform if mesh.abstract_device else jax.default_backend()
+
+
+def einsum(spec: str, *operands, dtype, out=None) -> jax.Array:
+    """jnp.einsum of the operands rounded to the compute `dtype`; the result in `out` (default `dtype`).
+
+    XLA's CPU backend multiplies bfloat16 matrices at about 2/3 of its float32 speed, so there the
+    rounded operands are multiplied as float32. The numbers are the same: a product of two bfloat16
+    values is exact in float32, and the sums accumulate in float32 either way.
+    """
+    operands, accumulate = [x.astype(dtype) for x in operands], out
+    if jnp.dtype(dtype) == jnp.bfloat16 and compile_platform() == "cpu":
+        operands, accumulate = [x.astype(jnp.float32) for x in operands], jnp.float32
+    return jnp.einsum(spec, *operands, preferred_element_type=accumulate).astype(out or dtype)
 
 
 class RMSNorm(nnx.Module):

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.attention import attention_fn, cached_attention
-from models.layers import RMSNorm, constrain, fan_in_init, param, remat
+from models.layers import RMSNorm, constrain, einsum, fan_in_init, param, remat
 
 
 @dataclasses.dataclass
@@ -79,21 +79,21 @@ class DecoderLayer(nnx.Module):
     def _qkv(self, x, positions):
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         y = self.attn_norm(x)
-        q = constrain(jnp.einsum("ble,ehd->blhd", y, self.wq[...].astype(dtype)), ("batch", "length", "heads", None))
-        k = jnp.einsum("ble,ekd->blkd", y, self.wk[...].astype(dtype))
-        v = jnp.einsum("ble,ekd->blkd", y, self.wv[...].astype(dtype))
+        q = constrain(einsum("ble,ehd->blhd", y, self.wq[...], dtype=dtype), ("batch", "length", "heads", None))
+        k = einsum("ble,ekd->blkd", y, self.wk[...], dtype=dtype)
+        v = einsum("ble,ekd->blkd", y, self.wv[...], dtype=dtype)
         return rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta), v
 
     def _finish(self, x, attn):
         """Output projection, residual, then the SwiGLU MLP block."""
         dtype = jnp.dtype(self.cfg.dtype)
         attn = constrain(attn, ("batch", "length", "heads", None))
-        x = x + constrain(jnp.einsum("blhd,hde->ble", attn, self.wo[...].astype(dtype)), ("batch", "length", None))
+        x = x + constrain(einsum("blhd,hde->ble", attn, self.wo[...], dtype=dtype), ("batch", "length", None))
         y = self.mlp_norm(x)
         mlp = ("batch", "length", "mlp")
-        gate = constrain(jnp.einsum("ble,em->blm", y, self.w_gate[...].astype(dtype)), mlp)
-        up = constrain(jnp.einsum("ble,em->blm", y, self.w_up[...].astype(dtype)), mlp)
-        down = jnp.einsum("blm,me->ble", jax.nn.silu(gate) * up, self.w_down[...].astype(dtype))
+        gate = constrain(einsum("ble,em->blm", y, self.w_gate[...], dtype=dtype), mlp)
+        up = constrain(einsum("ble,em->blm", y, self.w_up[...], dtype=dtype), mlp)
+        down = einsum("blm,me->ble", jax.nn.silu(gate) * up, self.w_down[...], dtype=dtype)
         return x + constrain(down, ("batch", "length", None))
 
     def __call__(self, x, segment_ids, positions):
@@ -171,6 +171,5 @@ class Transformer(nnx.Module):
 
     def logits(self, hidden):
         """[B, L, V] float32 logits, sharded along `vocab` (training never builds them: pretrain.loss)."""
-        w = self.output_weight().astype(jnp.dtype(self.cfg.dtype))
-        out = jnp.einsum("ble,ev->blv", hidden, w, preferred_element_type=jnp.float32)
+        out = einsum("ble,ev->blv", hidden, self.output_weight(), dtype=self.cfg.dtype, out=jnp.float32)
         return constrain(out, ("batch", "length", "vocab"))

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import constrain, fan_in_init, param, remat
+from models.layers import constrain, einsum, fan_in_init, param, remat
 
 
 @dataclasses.dataclass
@@ -57,7 +57,7 @@ class Dense(nnx.Module):
         self.bias = param(rngs, nnx.initializers.zeros, (cout,), ("conv_out",))
 
     def __call__(self, x):
-        return x @ self.kernel[...].astype(x.dtype) + self.bias[...].astype(x.dtype)
+        return einsum("...i,io->...o", x, self.kernel[...], dtype=x.dtype) + self.bias[...].astype(x.dtype)
 
 
 class Conv(nnx.Module):

@@ -21,6 +21,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from models.layers import einsum
 from pretrain.sharding import logical_spec
 
 
@@ -55,7 +56,7 @@ def output_cross_entropy(hidden, weight, targets, mask, *, z_loss: float, chunk_
 
         def chunk(dw, xs):
             hc, yc, mc = xs
-            logits = jnp.einsum("te,ev->tv", hc, w, preferred_element_type=jnp.float32)
+            logits = einsum("te,ev->tv", hc, w, dtype=h.dtype, out=jnp.float32)
             owned = start + jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == yc[:, None]
             peak = jnp.max(logits, axis=-1)  # only stabilises the exponentials
             exp = jnp.exp(logits - peak[:, None])
@@ -78,9 +79,8 @@ def output_cross_entropy(hidden, weight, targets, mask, *, z_loss: float, chunk_
             if not grads:
                 return dw, sums
             g = (mc * (1 + 2 * z_loss * log_z) * scale)[:, None] * exp - jnp.where(owned, mc[:, None], 0.0)
-            g = g.astype(h.dtype)
-            dh = jnp.einsum("tv,ev->te", g, w, preferred_element_type=jnp.float32)
-            return dw + jnp.einsum("te,tv->ev", hc, g, preferred_element_type=jnp.float32), (sums, dh)
+            dh = einsum("tv,ev->te", g, w, dtype=h.dtype, out=jnp.float32)
+            return dw + einsum("te,tv->ev", hc, g, dtype=h.dtype, out=jnp.float32), (sums, dh)
 
         xs = (h.reshape(n, -1, e), y.reshape(n, -1), m.reshape(n, -1).astype(jnp.float32))
         # The weight's gradient sums over this device's rows (its carry varies along their axes).

@@ -9,7 +9,9 @@ import optax
 from flax import nnx
 
 from models.attention import BACKENDS, fused_attention
+from models.layers import einsum
 from models.transformer import Transformer
+from pretrain import plan, sharding, tpu
 from pretrain.loss import output_cross_entropy
 
 from conftest import tiny_config
@@ -113,6 +115,40 @@ def test_chunked_output_cross_entropy_equals_optax(trainer):
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
     # Never more than a chunk's logits (16 tokens x the shard's 80 ids), and never the whole vocabulary.
     assert "[16,80]" in hlo and f",{vocab}]" not in hlo and "[64,80]" not in hlo
+
+
+def test_bfloat16_loss_is_the_float32_loss_of_the_rounded_values(trainer):
+    """With bfloat16 compute, the fused loss multiplies the rounded hidden states and weight (as
+    float32 on CPU) and accumulates in float32: the float32 reference on the same rounded values."""
+    vocab = 320
+    hidden = jax.random.normal(jax.random.key(0), (8, 16, 32)).astype(jnp.bfloat16)
+    weight = jax.random.normal(jax.random.key(1), (32, vocab))
+    labels = jax.random.randint(jax.random.key(2), (8, 16), 0, vocab)
+    mask = jnp.ones((8, 16))
+    with trainer.context():
+        total = jax.jit(lambda h, w: output_cross_entropy(
+            h, w, labels, mask, z_loss=0.0, chunk_tokens=16, mesh=trainer.mesh, rules=trainer.rules)[0])(hidden, weight)
+    logits = hidden.astype(jnp.float32) @ weight.astype(jnp.bfloat16).astype(jnp.float32)
+    np.testing.assert_allclose(total, jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels)), rtol=1e-5)
+
+
+def test_bfloat16_matmuls_run_as_float32_on_cpu_only():
+    """einsum rounds to the compute dtype; on CPU it then multiplies in float32 (the same products,
+    faster there), while a step compiled for a TPU keeps bfloat16 operands for the MXU."""
+    rng = np.random.default_rng(0)
+    x, w = rng.normal(size=(64, 256)).astype(np.float32), rng.normal(size=(256, 96)).astype(np.float32)
+    rounded = [np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64) for a in (x, w)]
+    got = einsum("te,ev->tv", x, w, dtype=jnp.bfloat16, out=jnp.float32)
+    np.testing.assert_allclose(got, rounded[0] @ rounded[1], rtol=1e-5, atol=1e-4)
+
+    def operand_dtypes():
+        jaxpr = jax.make_jaxpr(lambda a, b: einsum("te,ev->tv", a, b, dtype=jnp.bfloat16))(x, w)
+        (dot,) = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+        return {v.aval.dtype.name for v in dot.invars}, jaxpr.out_avals[0].dtype.name
+
+    assert operand_dtypes() == ({"float32"}, "bfloat16")
+    with jax.set_mesh(sharding.make_mesh((2, 2), plan.topology_devices(tpu.parse("v5e-4")))):
+        assert operand_dtypes() == ({"bfloat16"}, "bfloat16")
 
 
 def test_packed_rows_equal_documents_run_one_by_one():
