@@ -6,6 +6,7 @@ content-hash train/validation split, ArrayRecord shards) once per setting, into 
 cache directory.
 """
 
+import fcntl
 import hashlib
 import json
 import sys
@@ -36,13 +37,17 @@ def stdlib_files(max_bytes: int) -> list[Path]:
 
 
 def stdlib_dataset(cache_dir: str, *, vocab_size: int, seq_len: int, max_bytes: int, val_fraction: float) -> Path:
-    """The prepared directory for these settings, built on first use."""
+    """The prepared directory for these settings, built on first use (by one process at a time: the
+    processes of a multi-process run on one machine share the cache)."""
     files = stdlib_files(max_bytes)
     key = json.dumps([sys.version, tokenizer.VERSION, vocab_size, seq_len, val_fraction, [(f.name, f.stat().st_size) for f in files]])
     out = Path(cache_dir).expanduser() / "datasets" / f"stdlib-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-    if not (out / MANIFEST).exists():
-        prepare.prepare_text(
-            [str(f) for f in files], str(out), vocab_size=vocab_size, seq_len=seq_len,
-            val_fraction=val_fraction, overwrite=out.exists(),  # only an incomplete one is replaced
-        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / MANIFEST).exists():
+            prepare.prepare_text(
+                [str(f) for f in files], str(out), vocab_size=vocab_size, seq_len=seq_len,
+                val_fraction=val_fraction, overwrite=out.exists(),  # only an incomplete one is replaced
+            )
     return out
