@@ -1,0 +1,297 @@
+"""Collective traffic of a compiled, SPMD-partitioned XLA program, read from its optimized HLO text.
+
+`collective_bytes(jax.jit(f).lower(...).compile().as_text(), device_slices)` counts, per device and
+per execution of the entry computation, the collectives of each kind and the bytes of data they
+carry, split by whether a collective's device group stays within one TPU slice (ICI) or crosses
+slices (DCN, the data-centre network). Loops multiply by their trip counts. The bytes are the size of
+the collective's data (its result; the un-scattered input of a reduce-scatter), not the wire traffic
+of any particular algorithm.
+"""
+
+import functools
+import math
+import re
+from collections import Counter
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+_ELEMENT_BYTES = {
+    "pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4,
+    "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16,
+}
+# These -start ops return (operand, result, ...) tuples; their data is the result, element 1.
+_OPERAND_RESULT_STARTS = ("all-gather-start", "collective-permute-start")
+_MIRROR = {"LT": "GT", "GT": "LT", "LE": "GE", "GE": "LE"}  # a CMP b == b MIRROR[CMP] a
+_PASS_THROUGH = ("copy", "convert", "bitcast", "reshape")
+
+_HEADER = re.compile(r"(ENTRY\s+)?%?([\w.\-]+)\s*\(.*->.*\{$")
+_INSTR = re.compile(r"(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_COMMENT = re.compile(r"/\*.*?\*/")
+_METADATA = re.compile(r',\s*metadata=\{(?:[^{}"]|"[^"]*")*\}')  # may hold any text: drop it
+_ARRAY = re.compile(r"([a-z]\w*)\[([^\]]*)\]")
+_GROUPS = re.compile(
+    r"(?:replica_groups|source_target_pairs)=(\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?|\{[{}\d,\s]*\})")
+_IOTA = re.compile(r"\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
+_TRIP_COUNT = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
+
+
+class Instr(NamedTuple):
+    name: str
+    shape: str
+    opcode: str
+    operands: list[str]  # names, without '%'
+    attrs: str  # the text after the operands, metadata removed
+
+
+class Computation(NamedTuple):
+    instrs: dict[str, Instr]
+    root: str
+
+
+def collective_bytes(hlo_text: str, device_slices: Sequence[int]) -> dict:
+    """{"ici": {kind: bytes}, "dcn": {kind: bytes}, "counts": {"ici": {kind: n}, "dcn": {kind: n}}}
+    per device per step; device_slices[i] is the slice index of the device with logical id i
+    (partition id i, i.e. mesh.devices.flat[i] of the jitted program's mesh)."""
+    comps, entry = _parse(hlo_text)
+    slices = list(device_slices)
+
+    @functools.cache
+    def totals(name: str) -> Counter:
+        """(field, link, kind) -> count or bytes, for one execution of computation `name`."""
+        comp, acc = comps[name], Counter()
+        for ins in comp.instrs.values():
+            if found := _megascale(ins):
+                kind, nbytes = found
+                link = "dcn"
+            elif found := _collective(comp, ins):
+                kind, nbytes = found
+                link = "dcn" if _crosses(_groups(ins.attrs, len(slices)), slices) else "ici"
+            if found:
+                acc["bytes", link, kind] += nbytes
+                acc["counts", link, kind] += 1
+            for callee, times in _callees(comps, comp, ins):
+                for key, value in totals(callee).items():
+                    acc[key] += times * value
+        return acc
+
+    acc = totals(entry)
+
+    def by_link(field: str) -> dict:
+        return {link: {kind: acc[field, link, kind] for kind in KINDS} for link in ("ici", "dcn")}
+
+    return {**by_link("bytes"), "counts": by_link("counts")}
+
+
+# --- parsing ---
+
+def _parse(text: str) -> tuple[dict[str, Computation], str]:
+    """The module's computations by name, and the entry's name."""
+    comps, entry, instrs, name, root = {}, None, None, None, None
+    for line in text.splitlines():
+        line = _COMMENT.sub("", line).strip()
+        if instrs is None:
+            if m := _HEADER.match(line):
+                instrs, name, root = {}, m[2], None
+                entry = name if m[1] else entry
+        elif line == "}":
+            comps[name], instrs = Computation(instrs, root), None
+        elif m := _INSTR.match(line):
+            instrs[m[2]] = _instr(m[2], m[3])
+            root = m[2] if m[1] else root
+    return comps, entry
+
+
+def _instr(name: str, text: str) -> Instr:
+    """`SHAPE opcode(operands), attrs`; a tuple SHAPE is parenthesised and may hold spaces."""
+    end = _closing(text, 0) + 1 if text.startswith("(") else text.index(" ")
+    shape, rest = text[:end], text[end:].lstrip()
+    open_ = rest.index("(")
+    close = _closing(rest, open_)
+    # An operand may be printed with its shape: `f32[8]{0} %x`; the name is the last word.
+    operands = [o.split()[-1].lstrip("%") for o in _split_top(rest[open_ + 1:close]) if o.strip()]
+    return Instr(name, shape, rest[:open_], operands, _METADATA.sub("", rest[close + 1:]))
+
+
+def _closing(text: str, start: int) -> int:
+    """Index of the bracket that closes the one at text[start]."""
+    depth = 0
+    for i in range(start, len(text)):
+        depth += (text[i] in "([{") - (text[i] in ")]}")
+        if depth == 0:
+            return i
+    raise ValueError(f"unbalanced HLO text: {text[start:start + 80]!r}")
+
+
+def _split_top(text: str) -> list[str]:
+    """Split at the commas outside any brackets."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch in "([{") - (ch in ")]}")
+        if ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]]
+
+
+def _attr(ins: Instr, key: str) -> str | None:
+    m = re.search(rf"\b{key}=%?([\w.\-]+)", ins.attrs)
+    return m[1] if m else None
+
+
+# --- collectives ---
+
+def _shape_bytes(shape: str) -> int:
+    """Bytes of an array or (nested) tuple shape: the sum of its arrays."""
+    total = 0
+    for dtype, dims in _ARRAY.findall(shape):
+        size = 1 if dtype.startswith("f8") else _ELEMENT_BYTES.get(dtype)
+        if size is None:
+            raise ValueError(f"unknown HLO element type {dtype!r} in {shape!r}")
+        total += size * math.prod(int(d.strip().lstrip("<=")) for d in dims.split(",") if d.strip())
+    return total
+
+
+def _collective(comp: Computation, ins: Instr) -> tuple[str, int] | None:
+    """(kind, bytes) of the collective that starts at `ins`, None if none does. A generic
+    async-start's collective is counted inside the computation it calls."""
+    kind = ins.opcode.removesuffix("-start")
+    if kind not in KINDS:
+        return None
+    if kind == "reduce-scatter":
+        return kind, sum(_shape_bytes(comp.instrs[o].shape) for o in ins.operands)
+    shape = ins.shape
+    if ins.opcode in _OPERAND_RESULT_STARTS and shape.startswith("("):
+        shape = _split_top(shape[1:-1])[1]
+    return kind, _shape_bytes(shape)
+
+
+# Over several slices, XLA:TPU compiles one slice's program: its replica groups stay within the
+# slice, and what crosses slices becomes a pair of host-transfer send/recv ops for the Megascale
+# runtime, tagged with the collective they carry out.
+_MEGASCALE = re.compile(r'_xla_megascale_transfer_type="?(\w+)')
+_MEGASCALE_KINDS = {"ALL_GATHER": "all-gather", "REDUCE_SCATTER": "reduce-scatter", "ALL_REDUCE": "all-reduce",
+                    "ALL_TO_ALL": "all-to-all", "ONE_TO_ONE": "collective-permute"}
+
+
+def _megascale(ins: Instr) -> tuple[str, int] | None:
+    """(kind, bytes) of a collective between slices, counted once: at its recv (whose buffer is the
+    result), or for a reduce-scatter at its send (the un-scattered input)."""
+    m = _MEGASCALE.search(ins.attrs) if ins.opcode in ("send", "recv") else None
+    if m is None:
+        return None
+    if m[1] not in _MEGASCALE_KINDS:
+        raise ValueError(f"unknown Megascale transfer type {m[1]!r} in {ins.name}")
+    kind = _MEGASCALE_KINDS[m[1]]
+    if (ins.opcode == "send") != (kind == "reduce-scatter"):
+        return None
+    return kind, _shape_bytes(_split_top(ins.shape[1:-1])[0])  # (data, context, token)
+
+
+def _groups(attrs: str, num_devices: int) -> list[list[int]]:
+    """Device groups of `replica_groups` (explicit or iota form) or the pairs of a permute."""
+    m = _GROUPS.search(attrs)
+    text = m[1] if m else "{}"
+    if iota := _IOTA.fullmatch(text):
+        shape, dims, perm = ([int(x) for x in g.split(",")] if g else None for g in iota.groups())
+        ids = np.arange(math.prod(dims)).reshape(dims)
+        ids = ids.transpose(perm) if perm else ids
+        return ids.reshape(shape[0], -1).tolist()
+    groups = [[int(x) for x in g.split(",") if x.strip()] for g in re.findall(r"\{([\d,\s]*)\}", text)]
+    return [g for g in groups if g] or [list(range(num_devices))]  # {}: all devices
+
+
+def _crosses(groups: list[list[int]], slices: list[int]) -> bool:
+    return any(len({slices[d] for d in group}) > 1 for group in groups)
+
+
+# --- control flow ---
+
+def _callees(comps: dict, comp: Computation, ins: Instr) -> list[tuple[str, int]]:
+    """(computation, executions per execution of `ins`) for each computation `ins` runs. Reducers
+    (`to_apply` of collectives and reductions) and async-done's `calls` are not followed."""
+    if ins.opcode == "while":
+        known = _TRIP_COUNT.search(ins.attrs)
+        n = int(known[1]) if known else _derived_trip_count(comps, comp, ins)
+        n = 1 if n is None else n
+        return [(_attr(ins, "body"), n), (_attr(ins, "condition"), n + 1)]  # the condition runs once more
+    if ins.opcode in ("fusion", "async-start"):
+        return [(_attr(ins, "calls"), 1)]
+    if ins.opcode == "call":
+        return [(_attr(ins, "to_apply"), 1)]
+    if ins.opcode == "conditional":  # one branch runs; count each once
+        m = re.search(r"branch_computations=\{([^}]*)\}", ins.attrs)
+        names = m[1].split(",") if m else [_attr(ins, "true_computation"), _attr(ins, "false_computation")]
+        return [(name.strip().lstrip("%"), 1) for name in names if name]
+    return []
+
+
+def _derived_trip_count(comps: dict, comp: Computation, loop: Instr) -> int | None:
+    """Trip count of `for (i = start; i CMP bound; i += step)` read from the loop's init tuple, its
+    condition's compare and its body's root; None if the loop has another form."""
+    cond, body = comps[_attr(loop, "condition")], comps[_attr(loop, "body")]
+    ccomp, compare, couter = _source(comps, cond, cond.root, None)
+    if compare.opcode != "compare":
+        return None
+    a, b = (_value(comps, ccomp, o, couter) for o in compare.operands)
+    direction = re.search(r"direction=(\w+)", compare.attrs)[1]
+    if a and a[0] is None:
+        a, b, direction = b, a, _MIRROR.get(direction, direction)
+    if not (a and b and a[0] is not None and b[0] is None):
+        return None
+    k, bound = a[0], b[1] - a[1]
+    start = _element(comps, comp, loop.operands[0], k, None)
+    step = _element(comps, body, body.root, k, None)
+    if not (start and step and start[0] is None and step[0] == k):
+        return None
+    start, step = start[1], step[1]
+    if direction in ("GT", "GE"):  # a count-down loop, mirrored into a count-up one
+        start, bound, step, direction = -start, -bound, -step, _MIRROR[direction]
+    if step <= 0 or direction not in ("LT", "LE"):
+        return None
+    if direction == "LE":  # i <= bound is i < bound + 1 for integers
+        bound += 1
+    return max(0, -(-(bound - start) // step))
+
+
+def _source(comps: dict, comp: Computation, name: str, outer):
+    """(computation, instruction, outer) that defines `name`, seen through copies, fusions and
+    fusion parameters; `outer` is (computation, fusion operands, its outer) inside a fusion."""
+    ins = comp.instrs[name]
+    if ins.opcode in _PASS_THROUGH:
+        return _source(comps, comp, ins.operands[0], outer)
+    if ins.opcode == "parameter" and outer:
+        outer_comp, args, outer_outer = outer
+        return _source(comps, outer_comp, args[int(ins.operands[0])], outer_outer)
+    if ins.opcode == "fusion":
+        callee = comps[_attr(ins, "calls")]
+        return _source(comps, callee, callee.root, (comp, ins.operands, outer))
+    return comp, ins, outer
+
+
+def _value(comps: dict, comp: Computation, name: str, outer) -> tuple[int | None, int] | None:
+    """(k, c) if `name` is loop-state element k plus the constant c (k None: the constant c)."""
+    comp, ins, outer = _source(comps, comp, name, outer)
+    if ins.opcode == "constant":
+        return (None, int(ins.operands[0])) if re.fullmatch(r"-?\d+", ins.operands[0]) else None
+    if ins.opcode == "get-tuple-element":
+        return _element(comps, comp, ins.operands[0], int(re.search(r"index=(\d+)", ins.attrs)[1]), outer)
+    if ins.opcode in ("add", "subtract"):
+        x, y = (_value(comps, comp, o, outer) for o in ins.operands)
+        if ins.opcode == "add" and x and x[0] is None:
+            x, y = y, x
+        if x and y and y[0] is None:
+            return x[0], (x[1] + y[1] if ins.opcode == "add" else x[1] - y[1])
+    return None
+
+
+def _element(comps: dict, comp: Computation, name: str, k: int, outer):
+    """`_value` of element k of the tuple `name`: the loop state's own if `name` is the state."""
+    comp, ins, outer = _source(comps, comp, name, outer)
+    if ins.opcode == "parameter":
+        return k, 0
+    if ins.opcode == "tuple":
+        return _value(comps, comp, ins.operands[k], outer)
+    return None

@@ -1,0 +1,227 @@
+"""pretrain/hlo.py: collective bytes and counts read from optimized HLO, checked against figures
+worked out by hand, on a program compiled for the 8 faked CPU devices and on hand-written HLO."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from pretrain import hlo
+
+TWO_SLICES = [0] * 4 + [1] * 4  # devices 0-3 in slice 0, 4-7 in slice 1
+ONE_SLICE = [0] * 8
+
+
+def expect(ici=None, dcn=None):
+    """The full result for {kind: (count, bytes)} per link; every other kind 0."""
+    out = {"ici": {}, "dcn": {}, "counts": {"ici": {}, "dcn": {}}}
+    for link, figures in (("ici", ici or {}), ("dcn", dcn or {})):
+        for kind in hlo.KINDS:
+            out["counts"][link][kind], out[link][kind] = figures.get(kind, (0, 0))
+    return out
+
+
+@pytest.fixture(scope="module")
+def program_hlo():
+    """On a 2 x 4 mesh (mesh.devices.flat is the logical id order, so "x" pairs devices i and i + 4
+    across the two halves and "y" groups 0-3 and 4-7 within them), per device: a psum over "y" of
+    f32[16,32] (2048 B) in a 5-step loop, an all_gather over "x" of f32[4,8] into f32[8,8] (256 B), a
+    psum_scatter over "y" of f32[8,16] (512 B in, 128 B out), a ppermute over "x" of f32[2,4] (32 B; XLA
+    CPU would upcast a bf16 one to f32) and an all_to_all over "x" of s32[4,4] (64 B)."""
+    mesh = jax.make_mesh((2, 4), ("x", "y"))
+
+    def step(a, b, c, d, e):
+        a = jax.lax.fori_loop(0, 5, lambda i, v: jax.lax.psum(v, "y") * 0.5, a)
+        g = jax.lax.all_gather(b, "x", tiled=True)
+        s = jax.lax.psum_scatter(c, "y", scatter_dimension=0, tiled=True)
+        p = jax.lax.ppermute(e, "x", [(0, 1), (1, 0)])
+        t = jax.lax.all_to_all(d, "x", 0, 0, tiled=True)
+        return a, g, s, p, t
+
+    # Some outputs differ across devices yet are declared replicated: only the HLO matters here.
+    out_specs = (P(), P("x"), P(), P(), P())
+    f = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=P(), out_specs=out_specs, check_vma=False))
+    args = (jnp.ones((16, 32)), jnp.ones((4, 8)), jnp.ones((8, 16)), jnp.ones((4, 4), jnp.int32), jnp.ones((2, 4)))
+    return f.lower(*args).compile().as_text()
+
+
+OVER_Y = {"all-reduce": (5, 5 * 2048), "reduce-scatter": (1, 512)}
+OVER_X = {"all-gather": (1, 256), "collective-permute": (1, 32), "all-to-all": (1, 64)}
+
+
+def test_compiled_program_on_one_slice(program_hlo):
+    # XLA CPU splits the all-to-all into a variadic one over two s32[2,4] halves: 64 B all the same.
+    assert hlo.collective_bytes(program_hlo, ONE_SLICE) == expect(ici=OVER_Y | OVER_X)
+
+
+def test_compiled_program_split_by_slice(program_hlo):
+    assert hlo.collective_bytes(program_hlo, TWO_SLICES) == expect(ici=OVER_Y, dcn=OVER_X)
+
+
+def test_trip_count_derived_without_backend_config(program_hlo):
+    """Without known_trip_count the count comes from the loop's compare, init and step (each wrapped
+    in a fusion by XLA CPU)."""
+    stripped = re.sub(r',?"known_trip_count":\{"n":"\d+"\}', "", program_hlo)
+    assert stripped != program_hlo
+    assert hlo.collective_bytes(stripped, ONE_SLICE) == expect(ici=OVER_Y | OVER_X)
+
+
+def module(*computations: str) -> str:
+    return "HloModule m, num_partitions=8\n\n" + "\n\n".join(computations)
+
+
+ADD = """%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %sum = f32[] add(%a, %b)
+}"""
+
+
+def test_replica_groups_explicit_iota_and_empty():
+    text = module(ADD, """ENTRY %main (p: f32[1]) -> f32[1] {
+  %p = f32[1]{0} parameter(0)
+  %rows = f32[1]{0} all-reduce(%p), channel_id=1, replica_groups=[2,4]<=[8], use_global_device_ids=true, to_apply=%add
+  %pairs = f32[2]{0} all-reduce(%p), channel_id=2, replica_groups=[4,2]<=[8], use_global_device_ids=true, to_apply=%add
+  %cols = f32[4]{0} all-reduce(%p), channel_id=3, replica_groups=[4,2]<=[2,4]T(1,0), use_global_device_ids=true, \
+to_apply=%add
+  %all = f64[4]{0:S(1)} all-reduce(%p), channel_id=4, replica_groups={}, to_apply=%add
+  %half = bf16[4]{0} all-gather(%p), channel_id=5, replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}
+  ROOT %cross = bf16[8]{0} all-gather(%p), channel_id=6, replica_groups={{0,1,2,4},{3,5,6,7}}, dimensions={0}
+}""")
+    # [2,4]<=[8]: {0-3},{4-7}; [4,2]<=[8]: {0,1},{2,3},..; [4,2]<=[2,4]T(1,0): {0,4},{1,5},..; {}: all 8.
+    assert hlo.collective_bytes(text, TWO_SLICES) == expect(
+        ici={"all-reduce": (2, 4 + 8), "all-gather": (1, 8)},
+        dcn={"all-reduce": (2, 16 + 32), "all-gather": (1, 16)},
+    )
+    assert hlo.collective_bytes(text, ONE_SLICE) == expect(ici={"all-reduce": (4, 60), "all-gather": (2, 24)})
+
+
+def test_async_start_done_pairs_count_once_with_result_bytes():
+    text = module(ADD, """ENTRY %main (p: f32[4,8]) -> f32[8,8] {
+  %p = f32[4,8]{1,0} parameter(0)
+  %ags = (f32[4,8]{1,0}, f32[8,8]{1,0}) all-gather-start(%p), channel_id=1, replica_groups=[4,2]<=[8], \
+dimensions={0}, use_global_device_ids=true
+  %agd = f32[8,8]{1,0} all-gather-done(%ags)
+  %cps = (f32[4,8]{1,0}, f32[4,8]{1,0}, u32[], u32[]) collective-permute-start(%p), channel_id=2, \
+source_target_pairs={{0,4},{4,0}}
+  %cpd = f32[4,8]{1,0} collective-permute-done(%cps)
+  %ars = (f32[4,8]{1,0}, f32[2]{0}) all-reduce-start(%p, %p), channel_id=3, replica_groups={{0,1,2,3},{4,5,6,7}}, \
+to_apply=%add
+  %ard = (f32[4,8]{1,0}, f32[2]{0}) all-reduce-done(%ars)
+  ROOT %out = f32[8,8]{1,0} copy(%agd)
+}""")
+    assert hlo.collective_bytes(text, TWO_SLICES) == expect(
+        ici={"all-gather": (1, 256), "all-reduce": (1, 128 + 8)},
+        dcn={"collective-permute": (1, 128)},
+    )
+
+
+def test_async_start_wrapping_reduce_scatter_and_all_to_all():
+    text = module(ADD, """%wrapped_reduce_scatter (p0: f32[8,16]) -> f32[2,16] {
+  %p0 = f32[8,16]{1,0} parameter(0)
+  ROOT %rs = f32[2,16]{1,0} reduce-scatter(%p0), channel_id=1, replica_groups=[2,4]<=[8], use_global_device_ids=true, \
+dimensions={0}, to_apply=%add
+}""", """%wrapped_all_to_all (p0: s32[4,4]) -> s32[4,4] {
+  %p0 = s32[4,4]{1,0} parameter(0)
+  ROOT %a2a = s32[4,4]{1,0} all-to-all(%p0), channel_id=2, replica_groups={{0,4},{1,5},{2,6},{3,7}}, dimensions={0}
+}""", """ENTRY %main (p: f32[8,16], q: s32[4,4]) -> f32[2,16] {
+  %p = f32[8,16]{1,0} parameter(0)
+  %q = s32[4,4]{1,0} parameter(1)
+  %rs-start = ((f32[8,16]{1,0}), f32[2,16]{1,0}, u32[]) async-start(%p), calls=%wrapped_reduce_scatter
+  %a2a-start = ((s32[4,4]{1,0}), s32[4,4]{1,0}, u32[]) async-start(%q), calls=%wrapped_all_to_all
+  %a2a-done = s32[4,4]{1,0} async-done(%a2a-start), calls=%wrapped_all_to_all
+  ROOT %rs-done = f32[2,16]{1,0} async-done(%rs-start), calls=%wrapped_reduce_scatter
+}""")
+    assert hlo.collective_bytes(text, TWO_SLICES) == expect(
+        ici={"reduce-scatter": (1, 512)}, dcn={"all-to-all": (1, 64)})
+
+
+# An inner loop of 4 steps (an all-reduce of f32[8], 32 B) inside an outer loop of 3 steps (the inner
+# loop, then an all-gather into f32[8], 32 B); both count i from 0 while i < bound, stepping by 1.
+NESTED = module(ADD, """%inner_cond (s: (s32[], f32[8])) -> pred[] {
+  %s = (s32[], f32[8]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%s), index=0
+  %n = s32[] constant(4)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}""", """%inner_body (s: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %s = (s32[], f32[8]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%s), index=0
+  %x = f32[8]{0} get-tuple-element(%s), index=1
+  %y = f32[8]{0} all-reduce(%x), channel_id=1, replica_groups=[2,4]<=[8], to_apply=%add
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  ROOT %t = (s32[], f32[8]{0}) tuple(%next, %y)
+}""", """%outer_cond (s: (s32[], f32[8])) -> pred[] {
+  %s = (s32[], f32[8]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%s), index=0
+  %n = s32[] constant(3)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}""", """%outer_body (s: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %s = (s32[], f32[8]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%s), index=0
+  %x = f32[8]{0} get-tuple-element(%s), index=1
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[8]{0}) tuple(%zero, %x)
+  %loop = (s32[], f32[8]{0}) while(%init), condition=%inner_cond, body=%inner_body, \
+backend_config={"known_trip_count":{"n":"4"}}
+  %z = f32[8]{0} get-tuple-element(%loop), index=1
+  %h = f32[4]{0} slice(%z), slice={[0:4]}
+  %y = f32[8]{0} all-gather(%h), channel_id=2, replica_groups=[4,2]<=[8], dimensions={0}
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  ROOT %t = (s32[], f32[8]{0}) tuple(%next, %y)
+}""", """ENTRY %main (p: f32[8]) -> f32[8] {
+  %p = f32[8]{0} parameter(0)
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[8]{0}) tuple(%zero, %p)
+  %loop = (s32[], f32[8]{0}) while(%init), condition=%outer_cond, body=%outer_body, \
+backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %out = f32[8]{0} get-tuple-element(%loop), index=1
+}""")
+NESTED_FIGURES = {"all-reduce": (12, 12 * 32), "all-gather": (3, 3 * 32)}
+
+
+def test_nested_loops_multiply_trip_counts():
+    assert hlo.collective_bytes(NESTED, ONE_SLICE) == expect(ici=NESTED_FIGURES)
+
+
+def test_trip_counts_derived_else_once():
+    derived = re.sub(r", backend_config=\{.*\}", "", NESTED)
+    assert "known_trip_count" not in derived
+    assert hlo.collective_bytes(derived, ONE_SLICE) == expect(ici=NESTED_FIGURES)
+    # i <= 3 from 0 runs 4 times too.
+    less_equal = derived.replace("constant(4)\n  ROOT %lt = pred[] compare(%i, %n), direction=LT",
+                                 "constant(3)\n  ROOT %lt = pred[] compare(%i, %n), direction=LE")
+    assert less_equal != derived
+    assert hlo.collective_bytes(less_equal, ONE_SLICE) == expect(ici=NESTED_FIGURES)
+    # A counter that is multiplied, not stepped: the inner loop's count is unknown, so it counts once.
+    inner_step = "all-reduce(%x), channel_id=1, replica_groups=[2,4]<=[8], to_apply=%add\n  %one = s32[] constant(1)\n"
+    unknown = derived.replace(inner_step + "  %next = s32[] add", inner_step + "  %next = s32[] multiply")
+    assert unknown != derived
+    assert hlo.collective_bytes(unknown, ONE_SLICE) == expect(ici={"all-reduce": (3, 3 * 32), "all-gather": (3, 96)})
+
+
+def test_loop_condition_runs_once_more_than_body():
+    check = "  %v = s32[] all-reduce(%i), channel_id=3, replica_groups={}, to_apply=%add\n"
+    in_condition = NESTED.replace("constant(3)\n", "constant(3)\n" + check)  # the outer loop's condition
+    assert in_condition != NESTED
+    assert hlo.collective_bytes(in_condition, ONE_SLICE) == expect(
+        ici={"all-reduce": (12 + 4, 12 * 32 + 4 * 4), "all-gather": (3, 3 * 32)})
+
+
+def test_calls_and_conditional_branches_add_up():
+    text = module("""%permute (x: f32[4]) -> f32[4] {
+  %x = f32[4]{0} parameter(0)
+  ROOT %y = f32[4]{0} collective-permute(%x), channel_id=1, source_target_pairs={{0,1},{1,0}}
+}""", """%identity (x: f32[4]) -> f32[4] {
+  ROOT %x = f32[4]{0} parameter(0)
+}""", """ENTRY %main (b: s32[], p: f32[4]) -> f32[4] {
+  %b = s32[] parameter(0)
+  %p = f32[4]{0} parameter(1)
+  %c1 = f32[4]{0} call(%p), to_apply=%permute
+  %c2 = f32[4]{0} call(%c1), to_apply=%permute
+  ROOT %c3 = f32[4]{0} conditional(%b, %c2, %c2), branch_computations={%permute, %identity}
+}""")
+    assert hlo.collective_bytes(text, TWO_SLICES) == expect(ici={"collective-permute": (3, 48)})
