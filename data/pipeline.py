@@ -18,6 +18,7 @@ belongs to one iterator; a lane's state is a single count.
 """
 
 import functools
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import grain
@@ -30,7 +31,7 @@ ENDLESS = 2**62  # length of the synthetic streams
 
 
 class Rows:
-    """Rows `rows` (a range of the global batch's row indices) of every global batch.
+    """Rows `rows` (the global batch's row indices, in any order or layout) of every global batch.
 
     `stream` is random-access (a Grain MapDataset); `make_row(read, k)` builds one row from
     the lane's records k, k+1, ... (`read(i)` is the lane's i-th record, None past the end of
@@ -39,7 +40,7 @@ class Rows:
     out or a lane has no row to give (`make_row` returned None).
     """
 
-    def __init__(self, stream, make_row, *, global_batch: int, rows: range, workers: int = 0):
+    def __init__(self, stream, make_row, *, global_batch: int, rows: Sequence[int], workers: int = 0):
         self.stream, self.make_row, self.global_batch, self.rows = stream, make_row, global_batch, rows
         self.positions = np.zeros(len(rows), np.int64)
         self.last_read = {}  # lane -> (k, its k-th record)
@@ -104,8 +105,8 @@ def pack_text_row(read, k: int, seq_len: int):
     return row, used
 
 
-def text_rows(source, *, seq_len: int, global_batch: int, rows: range, seed: int, num_epochs: int | None = None,
-              workers: int = 0) -> Rows:
+def text_rows(source, *, seq_len: int, global_batch: int, rows: Sequence[int], seed: int,
+              num_epochs: int | None = None, workers: int = 0) -> Rows:
     """Packed rows of `seq_len` tokens from a source of token-id pieces."""
     stream = _stream(source, seed, num_epochs).map(_text_piece)
     return Rows(stream, functools.partial(pack_text_row, seq_len=seq_len), global_batch=global_batch, rows=rows,
@@ -120,7 +121,7 @@ def _one_per_row(read, k: int):
     return (example, 1) if example is not None else (None, 0)
 
 
-def image_rows(source, *, size: int, channels: int, global_batch: int, rows: range, seed: int,
+def image_rows(source, *, size: int, channels: int, global_batch: int, rows: Sequence[int], seed: int,
                num_epochs: int | None = None, augment: bool = True, workers: int = 0) -> Rows:
     """Rows of {"images": [size, size, channels] in [-1, 1], "labels": int32} from image records."""
     stream = _stream(source, seed, num_epochs).map(functools.partial(images.to_array, size=size, channels=channels))
@@ -145,14 +146,15 @@ class _Random:
         return self.draw(np.random.default_rng([self.seed, i]))
 
 
-def synthetic_text_rows(*, vocab_size: int, seq_len: int, global_batch: int, rows: range, seed: int) -> Rows:
+def synthetic_text_rows(*, vocab_size: int, seq_len: int, global_batch: int, rows: Sequence[int], seed: int) -> Rows:
     """Random token rows of the right shape, one document per row."""
     draw = lambda rng: rng.integers(4, vocab_size, seq_len + 1, dtype=np.int32)  # noqa: E731
     return Rows(grain.MapDataset.source(_Random(seed, draw)), functools.partial(pack_text_row, seq_len=seq_len),
                 global_batch=global_batch, rows=rows)
 
 
-def synthetic_image_rows(*, size: int, channels: int, num_classes: int, global_batch: int, rows: range, seed: int) -> Rows:
+def synthetic_image_rows(*, size: int, channels: int, num_classes: int, global_batch: int, rows: Sequence[int],
+                         seed: int) -> Rows:
     """Random images in [-1, 1] (and labels, -1 if unconditional) of the right shape."""
 
     def draw(rng):

@@ -129,8 +129,10 @@ class Transformer(nnx.Module):
     def __call__(self, tokens, segment_ids, positions):
         """Final hidden states [B, L, E]; `logits` maps them onto the vocabulary."""
         cfg = self.cfg
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(jnp.dtype(cfg.dtype))
-        x = constrain(x, ("batch", "length", None))
+        # The table is gathered whole along `embed` first (the FSDP gather every weight gets), so each
+        # device looks up its own rows: the partitioner is left no lookup that moves activations.
+        table = constrain(self.embed[...], ("vocab", None))
+        x = constrain(jnp.take(table, tokens, axis=0), ("batch", "length", None)).astype(jnp.dtype(cfg.dtype))
 
         graphdef, stacked = nnx.split(self.layers)
 

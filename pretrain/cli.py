@@ -14,7 +14,7 @@ from data.tokenizer import MODEL_TYPES
 from models.layers import REMAT_POLICIES
 
 from pretrain import config as config_lib
-from pretrain import checkpoint, export, hf, runtime, sample, sharding
+from pretrain import checkpoint, export, hf, runtime, sample, sharding, tpu
 from pretrain.config import ConfigError
 from pretrain.tasks import TASKS
 from pretrain.trainer import Trainer
@@ -28,7 +28,10 @@ def build(cfg: config_lib.Config, devices=None) -> Trainer:
     runtime.setup(cfg)  # before anything asks JAX for its devices
     devices = jax.devices() if devices is None else devices
     shape = config_lib.validate(cfg, len(devices), devices[0].platform)
-    mesh = sharding.make_mesh(shape, devices)
+    if cfg.runtime.fake_topology:  # this run's CPU devices, laid out as the slice's chips
+        mesh = sharding.rehearsal_mesh(shape, tpu.topology_devices(tpu.parse(cfg.runtime.fake_topology)), devices)
+    else:
+        mesh = sharding.make_mesh(shape, devices)
     rules = sharding.axis_rules(cfg.model.num_kv_heads, shape[1]) if cfg.task == "llm" else sharding.LOGICAL_RULES
     task = TASKS[cfg.task](cfg)
     task.prepare(shape[1])
@@ -66,7 +69,11 @@ def run_plan(args) -> int:
     rows = []
     for policy in policies:
         cfg.model.remat = policy
-        rows.append(plan.plan(copy.deepcopy(cfg), args.topology, args.slices))
+        try:
+            rows.append(plan.plan(copy.deepcopy(cfg), args.topology, args.slices))
+        except plan.StartupError as e:
+            print(f"error: a host of {args.topology} would not start: {e}", file=sys.stderr)
+            return 1
         if args.json:
             print(json.dumps(rows[-1]), flush=True)
     if not args.json:
@@ -166,6 +173,7 @@ def run_serving(args):
 
 
 def main(argv=None) -> int:
+    tpu.quiet_libtpu()
     parser = argparse.ArgumentParser(prog="pretrain", description="Pretrain language and diffusion models with JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train from a YAML config; key=value pairs override it")

@@ -19,6 +19,7 @@ from models.diffusion import SCHEDULES, TARGETS
 from models.layers import REMAT_POLICIES
 from models.transformer import TransformerConfig
 from models.unet import UNetConfig
+from pretrain import tpu
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -38,6 +39,9 @@ class RunConfig:
 @dataclasses.dataclass
 class RuntimeConfig:
     fake_cpu_devices: int = 0  # > 0: run on this many faked CPU devices (per process)
+    # A TPU accelerator type (v5p-64): with faked CPU devices on as many processes as the slice has
+    # hosts, each mesh position gets the CPU device of the process that owns that chip on the slice.
+    fake_topology: str = ""
     peak_flops_per_device: float = 0.0  # 0: from the device table, or measured on CPU
     compilation_cache_dir: str = "~/.cache/pretrain/xla"  # "" turns JAX's persistent cache off
     # auto: jax.distributed with JAX's own cluster detection (TPU VM, GKE, Slurm, Open MPI) when it
@@ -398,6 +402,13 @@ def validate_runtime(r: RuntimeConfig):
         _require(r.num_processes > 0, "runtime.num_processes must be positive with runtime.distributed=explicit")
         _require(0 <= r.process_id < r.num_processes,
                  f"runtime.process_id={r.process_id} must be in [0, runtime.num_processes={r.num_processes})")
+    if r.fake_topology:
+        _require(r.fake_cpu_devices > 0, f"runtime.fake_topology={r.fake_topology} lays out faked CPU devices; "
+                                         "set runtime.fake_cpu_devices to the slice's chips per host")
+        try:
+            tpu.parse(r.fake_topology)
+        except tpu.TpuError as e:
+            raise ConfigError(f"runtime.fake_topology: {e}") from None
     for key in ("init_timeout_s", "heartbeat_timeout_s"):
         _require(getattr(r, key) > 0, f"runtime.{key}={getattr(r, key)} must be positive")
     _require(r.step_timeout_s >= 0, f"runtime.step_timeout_s={r.step_timeout_s} must be >= 0 (0: no watchdog)")

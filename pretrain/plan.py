@@ -9,34 +9,14 @@ compile's figures are read, nothing runs. The step-time estimate is the compute 
 
 import dataclasses
 import math
-import os
 import time
 
 import jax
-from jax.experimental import topologies
 
-from pretrain import cli, tpu
+from pretrain import cli, hlo, sharding, tpu
 from pretrain.config import Config, ConfigError
 
 GIB = 2**30
-
-
-def topology_devices(slice_: tpu.Slice, num_slices: int = 1) -> list:
-    """The devices of `num_slices` slices of this kind, as JAX sees them on a TPU VM."""
-    # Without a TPU, libtpu prints a long warning unless told it runs somewhere plausible; and
-    # compiling claims no chip, so plans (and test sessions) may load libtpu side by side.
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    kind = slice_.kind
-    dims = [int(d) for d in slice_.topology.split("x")]
-    # A single-host slice is all one host; bigger ones have 2x2x1 chips per host.
-    host = (dims + [1] * (3 - len(dims))) if slice_.vms == 1 else [2, 2, 1]
-    return topologies.get_topology_desc(
-        platform="tpu", topology_name=f"{kind.topology_prefix}:{slice_.topology}",
-        chip_config_name="megacore" if kind.cores_per_chip == 2 else "default",
-        chips_per_host_bounds=tuple(host), num_slices=num_slices,
-    ).devices
 
 
 def _state_bytes_per_chip(trainer) -> int:
@@ -45,6 +25,21 @@ def _state_bytes_per_chip(trainer) -> int:
     for leaf in jax.tree.leaves(trainer.abstract_state_with_shardings()):
         total += leaf.dtype.itemsize * math.prod(leaf.sharding.shard_shape(leaf.shape))
     return total
+
+
+class StartupError(Exception):
+    """Something that would stop a host of the slice before its first step."""
+
+
+def host_rows(trainer) -> dict[int, list[int]]:
+    """Each host's rows of the global batch on the slice (what its data pipeline reads and where its
+    data position lives in a checkpoint), checked as every host's start-up checks them."""
+    batch = trainer.cfg.train.global_batch
+    rows = sharding.rows_by_process(trainer.batch_sharding, batch)
+    missing = sorted(set(range(batch)).difference(*rows.values()))
+    if missing:
+        raise StartupError(f"rows {sharding.blocks(missing)} of the global batch are held by no host")
+    return rows
 
 
 def _out_of_memory(error: Exception) -> str | None:
@@ -65,15 +60,21 @@ def plan(cfg: Config, accelerator_type: str, num_slices: int = 1) -> dict:
         raise ConfigError(f"pretrain plan takes language-model configs (task llm), not task {cfg.task}")
     if num_slices < 1:
         raise ConfigError(f"--slices={num_slices} must be at least 1")
-    # The batch's shapes come from the config; plan reads no data.
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source="synthetic"))
-    devices = topology_devices(slice_, num_slices)
+    # The batch's shapes come from the config; plan reads no data, and joins no cluster even on a
+    # TPU VM worker: it compiles for the topology's devices alone.
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source="synthetic"),
+                              runtime=dataclasses.replace(cfg.runtime, distributed="off", fake_topology=""))
+    devices = tpu.topology_devices(slice_, num_slices)
     trainer = cli.build(cfg, devices)
     chips, kind = len(devices), slice_.kind
+    rows = host_rows(trainer)
     out = {
         "topology": accelerator_type + (f" x {num_slices}" if num_slices > 1 else ""),
         "chips": chips,
         "mesh": dict(trainer.mesh.shape),
+        "hosts": len(rows),
+        "rows_per_host": [len(r) for r in rows.values()],
+        "host0_rows": sharding.blocks(rows[0]),
         "remat": cfg.model.remat,
         "attention": cfg.model.attention,
         "hbm_per_chip_gib": kind.hbm_gib,
@@ -99,8 +100,18 @@ def plan(cfg: Config, accelerator_type: str, num_slices: int = 1) -> dict:
              + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
     out |= {"temporaries_gib": memory.temp_size_in_bytes / GIB, "total_gib": total / GIB,
             "fits": total <= kind.hbm_gib * GIB}
+    out |= traffic(compiled, trainer.mesh)
     out |= roofline(trainer, chips, kind)
     return out
+
+
+def traffic(compiled, mesh) -> dict:
+    """Bytes per chip per step that the step's collectives carry within a slice (ICI) and between
+    slices (DCN), by kind, from the compiled program (loops counted as often as they run)."""
+    slices = [getattr(d, "slice_index", 0) or 0 for d in mesh.devices.flat]  # by the program's device ids
+    counted = hlo.collective_bytes(compiled.as_text(), slices)
+    return {"ici_bytes_per_step": sum(counted["ici"].values()), "dcn_bytes_per_step": sum(counted["dcn"].values()),
+            "collective_bytes": {"ici": counted["ici"], "dcn": counted["dcn"]}}
 
 
 # Which forward work a remat policy makes the backward pass do again: (weight matmuls, attention).
@@ -132,7 +143,7 @@ def roofline(trainer, chips: int, kind: tpu.TpuKind) -> dict:
 
 
 def _title(r: dict) -> str:
-    mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items())
+    mesh = sharding.describe(r["mesh"])
     return f"{r['topology']} ({r['chips']} chips, mesh {mesh}), attention {r['attention']}"
 
 
@@ -144,11 +155,19 @@ def describe(r: dict) -> str:
     else:
         memory = (f"{state} + temporaries {r['temporaries_gib']:.2f} GiB -> {r['total_gib']:.2f} of "
                   f"{r['hbm_per_chip_gib']:.2f} GiB HBM: {'fits' if r['fits'] else 'does NOT fit'}")
+    counts = sorted(set(r["rows_per_host"]))
     lines = [f"{_title(r)}, remat {r['remat']}", f"  per chip: {memory}",
+             f"  hosts: {r['hosts']}, each reading {' to '.join(map(str, counts))} rows of the global batch "
+             f"(host 0: rows {r['host0_rows']})",
              f"  FLOPs per step: {r['flops_per_step']:.3e} (the MFU count)"]
     if r["est_step_s"] is not None:
         lines.append(f"  roofline: step {r['est_step_s']:.3f} s, {r['tokens_per_s']:,.0f} tokens/s, "
                      f"MFU {100 * r['mfu']:.1f}%")
+    if r["total_gib"] is not None:
+        for link in ("ici", "dcn"):
+            kinds = ", ".join(f"{k} {b / 1e9:.2f}" for k, b in r["collective_bytes"][link].items() if b)
+            lines.append(f"  {link.upper()} per chip per step: {r[f'{link}_bytes_per_step'] / 1e9:.2f} GB"
+                         + (f" ({kinds})" if kinds else ""))
     lines.append(f"  compiled in {r['compile_s']:.1f} s")
     return "\n".join(lines)
 

@@ -5,6 +5,7 @@ only place the language model and the diffusion model differ.
 """
 
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,7 @@ class Task:
     unit: str  # what throughput counts
     sources: dict | None  # split -> random-access source of records, or None for an empty split
 
-    def batches(self, split: str, rows: range):
+    def batches(self, split: str, rows: Sequence[int]):
         """Endless iterator (data.pipeline.Rows) over rows `rows` of each global batch; None if the
         split is empty. Its `positions` are the data position a checkpoint keeps."""
         cfg = self.cfg
@@ -113,7 +114,7 @@ class LanguageModelTask(Task):
         self.manifest, self.sources = manifest, sources
         self.tokenizer = (directory / TOKENIZER_FILE).read_bytes()
 
-    def _synthetic(self, rows: range):
+    def _synthetic(self, rows: Sequence[int]):
         c = self.cfg
         return pipeline.synthetic_text_rows(vocab_size=c.model.vocab_size, seq_len=c.data.seq_len,
                                             global_batch=c.train.global_batch, rows=rows, seed=c.run.seed)
@@ -210,7 +211,7 @@ class DiffusionTask(Task):
                               f"{m.num_classes}; set model.num_classes={len(classes)}")
         self.sources = sources
 
-    def _synthetic(self, rows: range):
+    def _synthetic(self, rows: Sequence[int]):
         c = self.cfg
         return pipeline.synthetic_image_rows(size=c.model.image_size, channels=c.model.channels,
                                              num_classes=c.model.num_classes, global_batch=c.train.global_batch,

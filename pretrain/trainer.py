@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from pretrain import optim
+from pretrain import optim, sharding
 from pretrain.checkpoint import Checkpointer, restore_params
 from pretrain.config import Config
 from pretrain.metrics import MetricsLogger, total_peak_flops
@@ -74,7 +74,7 @@ class Trainer:
         self._eval_step = jax.jit(self.eval_step, in_shardings=(self.state_shardings, self.batch_sharding))
 
     @functools.cached_property
-    def rows(self) -> range:
+    def rows(self) -> list[int]:
         """The rows of each global batch that this process reads (its devices hold them)."""
         return process_rows(self.batch_sharding, self.cfg.train.global_batch)
 
@@ -281,9 +281,15 @@ class Trainer:
 
     def _compile_logged(self):
         if jax.process_index() == 0:
-            print(f"compiling the train step ({self.cfg.task}, mesh data={self.mesh.shape['data']} x model={self.mesh.shape['model']}) ...", flush=True)
+            if jax.process_count() > 1:
+                batch = self.cfg.train.global_batch
+                rows = sharding.rows_by_process(self.batch_sharding, batch)
+                counts = " to ".join(map(str, sorted({len(r) for r in rows.values()})))
+                print(f"data: {len(rows)} processes read {counts} of the {batch} rows each "
+                      f"(process 0: rows {sharding.blocks(rows[0])})", flush=True)
+            mesh = sharding.describe(self.mesh.shape)
+            print(f"compiling the train step ({self.cfg.task}, mesh {mesh}) ...", flush=True)
         compiled, seconds = self.compile()
         if jax.process_index() == 0:
             print(f"compiled in {seconds:.1f} s", flush=True)
         return compiled, seconds
-

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -51,26 +52,44 @@ def assert_batches_equal(got, want):
         np.testing.assert_array_equal(got[k], want[k])
 
 
+def assemble(parts, splits):
+    """The global batch from each process's rows (`splits[i]`, in any layout)."""
+    order = np.argsort(np.concatenate(splits))
+    return {k: np.concatenate([p[k] for p in parts])[order] for k in parts[0]}
+
+
 @pytest.mark.parametrize("workers", [0, 2])
-def test_the_global_batch_does_not_depend_on_how_its_rows_are_split(workers):
-    """Rows read by two processes, each its half, make the batches one process reads whole;
-    with worker threads too, and after a resume from the positions of the other split."""
+@pytest.mark.parametrize("splits", [([0, 1], [2, 3]), ([0, 3], [1, 2])], ids=["blocks", "interleaved"])
+def test_the_global_batch_does_not_depend_on_how_its_rows_are_split(workers, splits):
+    """Rows read by two processes, each its share (one block, or rows apart as on a TPU slice), make
+    the batches one process reads whole; with worker threads too, and after a resume from the
+    positions of the other split."""
     source = as_records(DOCS * 5)
     whole = text_rows(source, range(4))
-    halves = [text_rows(source, range(0, 2), workers), text_rows(source, range(2, 4), workers)]
+    parts = [text_rows(source, rows, workers) for rows in splits]
     for _ in range(5):
         want = next(whole)
-        got = [next(h) for h in halves]
-        assert_batches_equal({k: np.concatenate([g[k] for g in got]) for k in want}, want)
-    # The whole batch's data position, handed to the halves: a resume on another process count.
+        assert_batches_equal(assemble([next(p) for p in parts], splits), want)
+    # The whole batch's data position, handed to the parts: a resume on another process count.
     position = whole.positions.copy()
     expected = [next(whole) for _ in range(6)]
-    resumed = [text_rows(source, range(0, 2), workers), text_rows(source, range(2, 4), workers)]
-    resumed[0].set_positions(position[:2])
-    resumed[1].set_positions(position[2:])
+    resumed = [text_rows(source, rows, workers) for rows in splits]
+    for part, rows in zip(resumed, splits):
+        part.set_positions(position[rows])
     for want in expected:
-        got = [next(h) for h in resumed]
-        assert_batches_equal({k: np.concatenate([g[k] for g in got]) for k in want}, want)
+        assert_batches_equal(assemble([next(p) for p in resumed], splits), want)
+
+
+def test_processes_sharing_a_cache_prepare_the_embedded_corpus_once(tmp_path):
+    """The processes of a run on one machine all ask for the stdlib corpus at once: one builds it,
+    the others wait and read it."""
+    ask = lambda: corpus.stdlib_dataset(str(tmp_path), vocab_size=512, seq_len=64, max_bytes=200_000,  # noqa: E731
+                                        val_fraction=0.1)
+    with ThreadPoolExecutor(3) as pool:
+        dirs = list(pool.map(lambda _: ask(), range(3)))
+    assert len(set(dirs)) == 1
+    manifest = records.read_manifest(dirs[0], "text")
+    assert len(records.open_split(dirs[0], manifest, "train")) == manifest["splits"]["train"]["records"] > 0
 
 
 def test_tokenizer_round_trips_code_and_has_fixed_special_ids():

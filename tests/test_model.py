@@ -11,7 +11,7 @@ from flax import nnx
 from models.attention import BACKENDS, fused_attention
 from models.layers import einsum
 from models.transformer import Transformer
-from pretrain import plan, sharding, tpu
+from pretrain import sharding, tpu
 from pretrain.loss import output_cross_entropy
 
 from conftest import tiny_config
@@ -147,7 +147,7 @@ def test_bfloat16_matmuls_run_as_float32_on_cpu_only():
         return {v.aval.dtype.name for v in dot.invars}, jaxpr.out_avals[0].dtype.name
 
     assert operand_dtypes() == ({"float32"}, "bfloat16")
-    with jax.set_mesh(sharding.make_mesh((2, 2), plan.topology_devices(tpu.parse("v5e-4")))):
+    with jax.set_mesh(sharding.make_mesh((2, 2), tpu.topology_devices(tpu.parse("v5e-4")))):
         assert operand_dtypes() == ({"bfloat16"}, "bfloat16")
 
 

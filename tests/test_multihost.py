@@ -30,14 +30,15 @@ DIFFUSION = ["data.source=digits", CACHE, "run.steps=6", "train.log_every=1", "t
              "model.attention_resolutions=[8]", "diffusion.sample_num=8", "diffusion.sample_steps=2"]
 
 
-def launch(n: int, args, **popen):
-    """`launch/local.sh n pretrain-args...` with n x (8 / n) faked CPU devices, started."""
-    return subprocess.Popen(["bash", str(ROOT / "launch" / "local.sh"), str(n), *args, f"runtime.fake_cpu_devices={8 // n}"],
+def launch(n: int, args, devices: int = 8, **popen):
+    """`launch/local.sh n pretrain-args...` with n x (devices / n) faked CPU devices, started."""
+    return subprocess.Popen(["bash", str(ROOT / "launch" / "local.sh"), str(n), *args,
+                             f"runtime.fake_cpu_devices={devices // n}"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
-def run_launched(n: int, args) -> str:
-    proc = launch(n, args)
+def run_launched(n: int, args, devices: int = 8) -> str:
+    proc = launch(n, args, devices)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
     return out
@@ -86,6 +87,45 @@ def test_a_two_process_checkpoint_resumes_on_another_process_count(reference, tw
     out = resumable_copy(two_processes[0], tmp_path, keep_up_to=6)
     assert "resumed from step 6" in run_launched(processes, ["train", SMOKE, *LLM, f"run.output_dir={out}"])
     assert losses(out) == losses(reference) and len(losses(out)) == STEPS
+
+
+# A TPU slice's layout rehearsed on CPU processes: v5p-64 is 8 hosts x 4 chips, mesh 8 x 4, and each
+# host's chips hold two blocks of rows (FACTS: 0-63 and 256-319 of 512).
+SLICE_RUN = [*TINY, *REAL_DATA, "data.val_fraction=0.2", CACHE, "run.steps=6", "train.log_every=1", "train.global_batch=64",
+             "checkpoint.every=3", "checkpoint.keep=0", "runtime.init_timeout_s=300"]
+V5P_64 = [*SLICE_RUN, "mesh.data=8", "mesh.model=4"]
+
+
+@pytest.fixture(scope="module")
+def v5p_64(tmp_path_factory):
+    """8 processes x 4 devices, each mesh position on the process that owns that chip on a v5p-64."""
+    out = tmp_path_factory.mktemp("v5p") / "run"
+    printed = run_launched(8, ["train", SMOKE, *V5P_64, "runtime.fake_topology=v5p-64", f"run.output_dir={out}"], 32)
+    return out, printed
+
+
+def test_a_v5p_64_layout_on_8_processes_gives_the_losses_of_one(v5p_64, tmp_path):
+    out, printed = v5p_64
+    assert "[0] data: 8 processes read 16 of the 64 rows each (process 0: rows 0-7, 32-39)" in printed
+    run_launched(1, ["train", SMOKE, *V5P_64, f"run.output_dir={tmp_path}"], 32)
+    assert losses(out) == losses(tmp_path) and len(losses(out)) == 6
+    assert eval_losses(out) == eval_losses(tmp_path) and len(eval_losses(out)) == 1
+
+
+@pytest.mark.parametrize("processes", [2, 1])
+def test_a_v5p_64_layout_resumes_on_other_process_counts(v5p_64, tmp_path, processes):
+    out = resumable_copy(v5p_64[0], tmp_path, keep_up_to=3)
+    assert "resumed from step 3" in run_launched(processes, ["train", SMOKE, *V5P_64, f"run.output_dir={out}"], 32)
+    assert losses(out) == losses(v5p_64[0]) and len(losses(out)) == 6
+
+
+def test_a_v5e_16_layout_on_4_processes_gives_the_losses_of_one(tmp_path):
+    """v5e-16: 4 hosts x 4 chips, mesh 16 x 1; host 0 holds three blocks of rows."""
+    v5e_16 = [*SLICE_RUN, "mesh.data=16", "mesh.model=1"]
+    printed = run_launched(4, ["train", SMOKE, *v5e_16, "runtime.fake_topology=v5e-16", f"run.output_dir={tmp_path / 'four'}"], 16)
+    assert "(process 0: rows 0-7, 24-27, 60-63)" in printed
+    run_launched(1, ["train", SMOKE, *v5e_16, f"run.output_dir={tmp_path / 'one'}"], 16)
+    assert losses(tmp_path / "four") == losses(tmp_path / "one") and len(losses(tmp_path / "one")) == 6
 
 
 def wait_for(proc, text: str, lines: list) -> None:
@@ -166,6 +206,11 @@ BAD = {
                        "the coordinator 127.0.0.1:{port} was not reached within runtime.init_timeout_s=2"),
     "no cluster": (["runtime.num_processes=2"], "runtime.num_processes=2, but no cluster was detected"),
     "unknown mode": (["runtime.distributed=mpi"], "runtime.distributed='mpi' is unknown"),
+    "slice vs processes": (["runtime.fake_topology=v5p-64"],
+                           r"the slice has 8 hosts x 4 chips, but this run has 1 processes x 8 devices; launch 8 processes"),
+    "topology without faked devices": (["runtime.fake_topology=v5e-16", "runtime.fake_cpu_devices=0"],
+                                       "runtime.fake_topology=v5e-16 lays out faked CPU devices"),
+    "unknown topology": (["runtime.fake_topology=v5p-63"], "runtime.fake_topology: accelerator type 'v5p-63' does not exist"),
     "rank out of range": (["runtime.distributed=explicit", "runtime.coordinator=h:1", "runtime.num_processes=2",
                            "runtime.process_id=2"], r"runtime.process_id=2 must be in \[0, runtime.num_processes=2\)"),
 }

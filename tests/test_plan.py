@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
 
-from pretrain import cli, plan, sharding, tpu
+from pretrain import cli, runtime, sharding, tpu
 from pretrain import config as config_lib
 
 from conftest import TINY, make_trainer
@@ -41,7 +42,7 @@ def test_state_per_chip_is_the_hand_count_and_flops_the_mfu_count(topology, mesh
     overrides = [f"mesh.data={mesh[0]}", f"mesh.model={mesh[1]}"]
     rc, r, _ = run_plan(capsys, topology, *overrides)
     assert rc == 0 and r["fits"] is True
-    assert (r["chips"], r["mesh"]) == (chips, {"data": mesh[0], "model": mesh[1]})
+    assert (r["chips"], r["mesh"]) == (chips, {"replica": 1, "data": mesh[0], "model": mesh[1]})
     cfg = config_lib.load(SMOKE, PLAN + overrides)
     scalars = r["params_and_optimizer_gib"] * 2**30 - hand_count(cfg)
     assert 0 <= scalars <= 32, scalars  # the optimizer's step counters
@@ -102,16 +103,66 @@ def test_topology_devices_match_the_table():
     """Each kind's topology string gives its chip count of devices, whose kind the table knows."""
     for name, slices, chips in (("v5p-64", 1, 32), ("v5e-16", 1, 16), ("v5e-8", 1, 8), ("v6e-4", 2, 8), ("v4-8", 1, 4)):
         slice_ = tpu.parse(name)
-        devices = plan.topology_devices(slice_, slices)
+        devices = tpu.topology_devices(slice_, slices)
         assert len(devices) == chips == slice_.chips * slices
         assert tpu.peak_flops(devices[0].device_kind) == slice_.kind.peak_bf16_flops, devices[0].device_kind
 
 
 def test_several_slices_split_the_data_axis():
-    """Over 2 slices, each slice holds whole rows of the model axis: only `data` crosses slices."""
-    devices = plan.topology_devices(tpu.parse("v5e-4"), 2)
+    """Over 2 slices, `replica` has one position per slice: `data` and `model` stay within a slice."""
+    devices = tpu.topology_devices(tpu.parse("v5e-4"), 2)
     mesh = sharding.make_mesh((4, 2), devices)
+    assert dict(mesh.shape) == {"replica": 2, "data": 2, "model": 2}
     slice_of = np.vectorize(lambda d: d.slice_index)(mesh.devices)
-    assert (slice_of[:2] == slice_of[0, 0]).all() and (slice_of[2:] != slice_of[0, 0]).all()
+    assert (slice_of[0] == slice_of[0, 0, 0]).all() and (slice_of[1] != slice_of[0, 0, 0]).all()
     with pytest.raises(config_lib.ConfigError, match="multiple of the 2 slices"):
         sharding.make_mesh((1, 8), devices)
+
+
+def test_plan_reports_each_hosts_rows(capsys):
+    rc, r, _ = run_plan(capsys, "v5e-16", "mesh.model=1", "train.global_batch=64")
+    assert rc == 0 and r["hosts"] == 4 and r["rows_per_host"] == [16] * 4
+    assert r["host0_rows"] == "0-7, 24-27, 60-63"  # the torus order: 0-63, 192-223, 480-511 of 512 rows
+
+
+def test_plan_never_joins_a_cluster(monkeypatch, capsys):
+    """On a TPU VM worker JAX's cluster detection finds the pod; plan must not start jax.distributed."""
+    monkeypatch.setattr(runtime, "_detected_cluster", lambda timeout_s: ("10.0.0.1:8476", 2, 1))  # worker 1 of 2
+    monkeypatch.setattr(runtime, "_wait_for_coordinator", lambda *a: pytest.fail("plan waited for a coordinator"))
+    monkeypatch.setattr("jax.distributed.initialize", lambda *a, **k: pytest.fail("plan started jax.distributed"))
+    rc, r, _ = run_plan(capsys, "v5e-4")
+    assert rc == 0 and r["fits"]
+
+
+def test_two_slices_send_only_the_gradient_reduction_over_dcn(capsys):
+    """The 8b preset (2 of its layers) on 2 slices of v5p-64: within a slice FSDP and tensor parallelism
+    over ICI; between slices only the all-reduce of each chip's gradient shard. Its bytes are the
+    parameters a chip holds (params / 32) in the gradients' dtypes: bfloat16 for the layers' weights,
+    which come out of the backward pass in the compute dtype, float32 for the embedding and output layer."""
+    eight_b = config_lib.preset_path("llm", "8b")
+    small = ["model.num_layers=2", "data.seq_len=1024", "train.global_batch=128", "train.microbatches=1"]
+    rc = cli.main(["plan", str(eight_b), "--topology", "v5p-64", "--slices", "2", "--json", *small])
+    r = json.loads(capsys.readouterr().out)
+    assert rc == 0 and r["mesh"] == {"replica": 2, "data": 8, "model": 4} and r["hosts"] == 16
+    dcn = r["collective_bytes"]["dcn"]
+    assert {k for k, b in dcn.items() if b} == {"all-reduce"}  # no parameter is gathered over DCN
+    m = config_lib.load(eight_b, small).model
+    layer = m.embed_dim * (2 * m.num_heads + 2 * m.num_kv_heads) * m.head_dim + 3 * m.embed_dim * m.mlp_dim
+    vocab = 2 * m.vocab_size * m.embed_dim  # embedding and output layer (not tied)
+    expected = (2 * m.num_layers * layer + 4 * vocab) / 32
+    assert expected <= dcn["all-reduce"] <= expected + 2**20, (dcn["all-reduce"], expected)  # + norms and metrics
+    assert r["ici_bytes_per_step"] > 10 * r["dcn_bytes_per_step"]
+
+
+def built_batch_sharding(topology: str):
+    mesh = sharding.make_mesh((16, 1), tpu.topology_devices(tpu.parse(topology)))
+    return NamedSharding(mesh, sharding.logical_spec(("batch",), sharding.LOGICAL_RULES)), 64
+
+
+def test_a_row_no_host_would_read_fails_the_plan_with_one_line(monkeypatch, capsys):
+    rows_by_process = sharding.rows_by_process
+    monkeypatch.setattr(sharding, "rows_by_process", lambda *a: {p: r[1:] for p, r in rows_by_process(*a).items()})
+    assert cli.main(["plan", SMOKE, *PLAN, "--topology", "v5e-16", "mesh.model=1", "train.global_batch=64"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    first_rows = sharding.blocks(sorted(r[0] for r in rows_by_process(*built_batch_sharding("v5e-16")).values()))
+    assert err == [f"error: a host of v5e-16 would not start: rows {first_rows} of the global batch are held by no host"]
