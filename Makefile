@@ -16,7 +16,7 @@ smoke: $(STAMP)
 	$(VENV)/bin/pretrain smoke llm
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=15
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/train_throughput.py configs/llm/smoke.yaml runtime.fake_cpu_devices=8

@@ -54,7 +54,7 @@ def main() -> int:
 
     overrides = ["runtime.fake_cpu_devices=8", "data.source=synthetic", f"run.output_dir={output_dir}", *args.overrides]
     cfg = config_lib.load(args.config, overrides)
-    trainer = cli.build(cfg)
+    trainer = cli.start(cfg)
     state = trainer.init_state()
     size = sum(x.nbytes for x in jax.tree.leaves(state))
     checkpointer = Checkpointer(cfg)

@@ -28,8 +28,8 @@ def main() -> int:
 
     overrides = ["runtime.fake_cpu_devices=8", "data.source=synthetic", f"run.output_dir={root / 'run'}", *args.overrides]
     cfg = config_lib.load(args.config, overrides)
-    trainer = cli.build(cfg)
-    checkpoint.save_params(cfg, trainer.init_state()[0])
+    trainer = cli.start(cfg)
+    checkpoint.save_params(cfg, trainer.init_state()["params"])
     params = cfg.model.num_params()
     print(f"{args.config}: {params / 1e6:,.1f}M parameters")
 

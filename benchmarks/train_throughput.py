@@ -8,7 +8,7 @@ Prints compile time, steady-state step time, tokens/s (or images/s), MFU and the
 step's peak memory per device; --variants repeats it for remat none/full (and, for the
 language model, scan on/off); --depths for each number of layers, then how compile time grows
 with depth (with scanned layers it should hardly grow). "host ms" is the host's work per step
-on the next batch (take it from the input, place it on the devices), which Trainer.fit does
+on the next batch (take it from the input, place it on the devices), which pretrain.loop.fit does
 while the step runs: it costs nothing as long as it stays below the step time.
 """
 
@@ -37,7 +37,7 @@ def measure(trainer, steps: int, peak: float) -> dict:
 
     def run() -> tuple[float, float]:
         """Seconds per step, and of it the host's work on the next batch, over `steps` steps
-        dispatched back to back as in Trainer.fit, synced only at the end."""
+        dispatched back to back as in pretrain.loop.fit, synced only at the end."""
         nonlocal state, batch
         start, host = time.perf_counter(), 0.0
         for _ in range(steps):
@@ -87,12 +87,12 @@ def main() -> int:
                 dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_layers=int(d)))
                 for d in args.depths.split(",")
             ]
-        trainers = [cli.build(v) for v in variants]  # validates every variant before compiling any
+        trainers = [cli.start(v) for v in variants]  # validates every variant before compiling any
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     peak = total_peak_flops(cfg.runtime.peak_flops_per_device)
-    params = sum(x.size for x in jax.tree.leaves(trainers[0].abstract_state[0]))
+    params = sum(x.size for x in jax.tree.leaves(trainers[0].abstract_state["params"]))
     batch = next(iter(trainers[0].task.batch_shapes().values()))[0]
     print(
         f"{Path(args.config).name}: {params / 1e6:.1f}M params, batch {' x '.join(map(str, batch))}, "

@@ -83,7 +83,7 @@ def ours_worker(s: dict):
         f"data.seq_len={s['seq']}", "data.source=synthetic", f"train.global_batch={s['batch']}",
         "optim.weight_decay=0.1", "optim.clip_norm=1.0", "optim.z_loss=0",
     ]
-    trainer = cli.build(config_lib.load(str(ROOT / "configs/llm/smoke.yaml"), overrides))
+    trainer = cli.start(config_lib.load(str(ROOT / "configs/llm/smoke.yaml"), overrides))
     compiled, compile_s = trainer.compile()
     state = trainer.init_state()
     batch = trainer.place_batch(next(trainer.task.batches("train", trainer.rows)))

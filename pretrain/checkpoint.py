@@ -10,6 +10,7 @@ and commits it only when complete, so a kill mid-save leaves the previous steps 
 the partial one invisible to a resume (`committed_steps`).
 """
 
+import dataclasses
 import os
 import time
 
@@ -21,7 +22,6 @@ from pretrain import config as config_lib
 from pretrain.config import Config, ConfigError
 
 
-STATE_ITEMS = ("params", "optimizer", "ema")  # the parts of the train state, in order
 DATA_ITEM = "data_position"  # records read by each row of the global batch (data/pipeline.py)
 
 
@@ -62,25 +62,24 @@ class Checkpointer:
         self.manager = _manager(absolute(cfg.run.output_dir) / "checkpoints", cfg)
 
     def save(self, step: int, state, data_position) -> float:
-        """Start saving `step` (the train state and the data position, a global array); returns the
-        seconds the loop was blocked (the device-to-host copy)."""
+        """Start saving `step` (the train state, one item per part, and the data position, a global
+        array); returns the seconds the loop was blocked (the device-to-host copy)."""
         start = time.perf_counter()
-        items = {name: ocp.args.StandardSave(state[i]) for i, name in enumerate(STATE_ITEMS[: len(state)])}
+        items = {name: ocp.args.StandardSave(part) for name, part in state.items()}
         items[DATA_ITEM] = ocp.args.StandardSave({"positions": data_position})
         items["config"] = ocp.args.JsonSave(config_lib.to_dict(self.cfg))
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         return time.perf_counter() - start
 
-    def restore(self, step: int, abstract_state, abstract_position) -> tuple[list, object]:
-        """(the parts of the state of `step` (STATE_ITEMS), the data position or None if the
-        checkpoint has none), placed straight into the shardings of the abstract arguments."""
-        names = STATE_ITEMS[: len(abstract_state)]
-        items = {name: ocp.args.StandardRestore(abstract_state[i]) for i, name in enumerate(names)}
+    def restore(self, step: int, abstract_state, abstract_position) -> tuple[dict, object]:
+        """(the parts of the state of `step` by name, the data position or None if the checkpoint has
+        none), placed straight into the shardings of the abstract arguments."""
+        items = {name: ocp.args.StandardRestore(part) for name, part in abstract_state.items()}
         if DATA_ITEM in self._items(step):
             items[DATA_ITEM] = ocp.args.StandardRestore({"positions": abstract_position})
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         position = restored[DATA_ITEM]["positions"] if DATA_ITEM in items else None
-        return [restored[name] for name in names], position
+        return {name: restored[name] for name in abstract_state}, position
 
     def _items(self, step: int) -> set[str]:
         return {p.name for p in (self.manager.directory / str(step)).iterdir()}
@@ -164,9 +163,30 @@ def _model_differences(cfg: Config, saved_model: dict) -> str:
     return ", ".join(f"model.{k}={saved_model.get(k)}" for k in changed)
 
 
-def resume_plan(cfg: Config) -> tuple[str, int | str] | None:
-    """What the run starts from: ("full", step) of its own checkpoints, ("params", path) of another
-    checkpoint, or None (fresh). Checked before anything is written."""
+@dataclasses.dataclass(frozen=True)
+class Fresh:
+    """Start from new parameters."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Resume:
+    """Continue this run from its checkpoint of `step`."""
+
+    step: int
+
+
+@dataclasses.dataclass(frozen=True)
+class InitFrom:
+    """Start from the parameters of another checkpoint (`path`), with a fresh optimizer and data."""
+
+    path: str
+
+
+ResumePlan = Fresh | Resume | InitFrom
+
+
+def resume_plan(cfg: Config) -> ResumePlan:
+    """What the run starts from, checked before anything is written."""
     wanted = cfg.checkpoint.resume_from
     own = [] if cfg.checkpoint.overwrite else committed_steps(epath.Path(cfg.run.output_dir) / "checkpoints")
     if wanted.isdigit():
@@ -177,9 +197,9 @@ def resume_plan(cfg: Config) -> tuple[str, int | str] | None:
         if later:  # they would be overwritten as the run goes on
             raise ConfigError(f"checkpoint.resume_from={wanted}: later steps {later} exist in {cfg.run.output_dir}; "
                               f"start a new run.output_dir with checkpoint.resume_from={cfg.run.output_dir}/checkpoints/{wanted}")
-        return "full", int(wanted)
+        return Resume(int(wanted))
     if own:  # a preempted run continues from its own latest step, also when it began from another's params
-        return "full", max(own)
+        return Resume(max(own))
     if wanted:
         try:
             directory, step = locate(wanted)
@@ -188,8 +208,8 @@ def resume_plan(cfg: Config) -> tuple[str, int | str] | None:
         was = _model_differences(cfg, config_lib.to_dict(saved_config(directory, step))["model"])
         if was:
             raise ConfigError(f"checkpoint.resume_from={wanted} holds a model with {was}; set the model keys to match it")
-        return "params", wanted
-    return None
+        return InitFrom(wanted)
+    return Fresh()
 
 
 def clear_output_dir(cfg: Config):

@@ -14,34 +14,26 @@ from data.tokenizer import MODEL_TYPES
 from models.layers import REMAT_POLICIES
 
 from pretrain import config as config_lib
-from pretrain import checkpoint, export, hf, runtime, sample, sharding, tpu
+from pretrain import checkpoint, export, hf, loop, runtime, sample, tpu
+from pretrain.build import build
 from pretrain.config import ConfigError
-from pretrain.tasks import TASKS
-from pretrain.trainer import Trainer
+from pretrain.step import TrainStep
 
 SMOKE_OVERRIDES = {family: ["runtime.fake_cpu_devices=8", f"run.output_dir=runs/smoke-{family}"] for family in ("llm", "diffusion")}
 
 
-def build(cfg: config_lib.Config, devices=None) -> Trainer:
-    """Devices, validation, mesh, task and trainer: everything up to the first compile. `devices`
-    (default: this run's) may be another machine's, such as a TPU topology's for `pretrain plan`."""
+def start(cfg: config_lib.Config) -> TrainStep:
+    """This process's runtime started, the train step built over its devices, and the data opened."""
     runtime.setup(cfg)  # before anything asks JAX for its devices
-    devices = jax.devices() if devices is None else devices
-    shape = config_lib.validate(cfg, len(devices), devices[0].platform)
-    if cfg.runtime.fake_topology:  # this run's CPU devices, laid out as the slice's chips
-        mesh = sharding.rehearsal_mesh(shape, tpu.topology_devices(tpu.parse(cfg.runtime.fake_topology)), devices)
-    else:
-        mesh = sharding.make_mesh(shape, devices)
-    rules = sharding.axis_rules(cfg.model.num_kv_heads, shape[1]) if cfg.task == "llm" else sharding.LOGICAL_RULES
-    task = TASKS[cfg.task](cfg)
-    task.prepare(shape[1])
-    return Trainer(cfg, task, mesh, rules)
+    step = build(cfg, jax.devices())
+    step.task.prepare(step.mesh.shape["model"])
+    return step
 
 
 def train(cfg_path, overrides) -> dict:
     """Load and validate first (data, output dir, what to resume from); only then write anything, and train."""
     cfg = config_lib.load(cfg_path, overrides)
-    trainer = build(cfg)
+    step = start(cfg)
     checkpoint.check_output_dir(cfg)
     plan = checkpoint.resume_plan(cfg)
     if jax.process_index() == 0:
@@ -50,15 +42,15 @@ def train(cfg_path, overrides) -> dict:
         out = epath.Path(cfg.run.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_lib.to_yaml(cfg))
-        tokenizer = getattr(trainer.task, "tokenizer", None)
+        tokenizer = getattr(step.task, "tokenizer", None)
         if tokenizer is not None:  # export and sample find it here
             (out / prepare.TOKENIZER_FILE).write_bytes(tokenizer)
-    return trainer.fit(plan)
+    return loop.fit(step, plan)
 
 
 def run_plan(args) -> int:
     """Plan one config, or each remat policy; exit 1 if nothing fits."""
-    from pretrain import plan  # it builds with build() above; only this command needs libtpu
+    from pretrain import plan  # only this command needs libtpu
 
     try:  # plan runs nothing here: the local CPU will do, whatever accelerators this machine has
         jax.config.update("jax_platforms", "cpu")

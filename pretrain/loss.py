@@ -16,6 +16,7 @@ is reduced.
   three matmuls are those of an ordinary output layer: nothing is recomputed.
 """
 
+import functools
 import math
 
 import jax
@@ -35,6 +36,61 @@ def chunk_size(tokens: int, target: int) -> int:
     return max(d for d in range(1, min(tokens, target) + 1) if tokens % d == 0)
 
 
+def _chunk(dw, xs, *, w, start, vocab_axes: tuple, shards: int, z_loss: float, grads: bool):
+    """One chunk of a device's tokens against its slice of the vocabulary: the three sums, and with
+    `grads` the chunk's hidden-state gradient and its share of the weight's (added to `dw`)."""
+    hc, yc, mc = xs
+    logits = einsum("te,ev->tv", hc, w, dtype=hc.dtype, out=jnp.float32)
+    owned = start + jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == yc[:, None]
+    peak = jnp.max(logits, axis=-1)  # only stabilises the exponentials
+    exp = jnp.exp(logits - peak[:, None])
+    total = jnp.sum(exp, axis=-1)
+    label = jnp.sum(jnp.where(owned, logits, 0.0), axis=-1)
+    scale = 1 / total  # turns this shard's exponentials into softmax probabilities
+    if vocab_axes:
+        # One collective per chunk: every shard's (max, sum of exponentials, label logit),
+        # each written to its own slot and summed (a gather whose result is the same everywhere).
+        slots = jnp.arange(shards)[:, None, None] == jax.lax.axis_index(vocab_axes)
+        stats = jax.lax.psum(jnp.where(slots, jnp.stack([peak, total, label])[None], 0.0), vocab_axes)
+        peaks, totals, labels = jnp.moveaxis(stats, 1, 0)
+        shard_peak, peak = peak, jnp.max(peaks, axis=0)
+        total = jnp.sum(totals * jnp.exp(peaks - peak), axis=0)
+        label = jnp.sum(labels, axis=0)
+        scale = jnp.exp(shard_peak - peak) / total
+    log_z = peak + jnp.log(total)
+    ce, z = log_z - label, jnp.square(log_z)
+    sums = jnp.stack([jnp.sum(mc * (ce + z_loss * z)), jnp.sum(mc * ce), jnp.sum(mc * z)])
+    if not grads:
+        return dw, sums
+    g = (mc * (1 + 2 * z_loss * log_z) * scale)[:, None] * exp - jnp.where(owned, mc[:, None], 0.0)
+    dh = einsum("tv,ev->te", g, w, dtype=hc.dtype, out=jnp.float32)
+    return dw + einsum("te,tv->ev", hc, g, dtype=hc.dtype, out=jnp.float32), (sums, dh)
+
+
+def _local(h, w, y, m, *, grads: bool, vocab_axes: tuple, batch_axes: tuple, shards: int, chunk_tokens: int,
+           z_loss: float):
+    """This device's sums (and gradients): its rows, its slice of the vocabulary, chunk by chunk."""
+    b, length, e = h.shape
+    n = b * length // chunk_size(b * length, chunk_tokens)
+    start = jax.lax.axis_index(vocab_axes) * w.shape[1] if vocab_axes else 0
+    chunk = functools.partial(_chunk, w=w, start=start, vocab_axes=vocab_axes, shards=shards, z_loss=z_loss,
+                              grads=grads)
+    xs = (h.reshape(n, -1, e), y.reshape(n, -1), m.reshape(n, -1).astype(jnp.float32))
+    # The weight's gradient sums over this device's rows (its carry varies along their axes).
+    dw = jax.lax.pcast(jnp.zeros_like(w, jnp.float32), batch_axes, to="varying") if grads else None
+    dw, ys = jax.lax.scan(chunk, dw, xs)
+    sums = jnp.sum(ys[0] if grads else ys, axis=0)
+    if batch_axes:
+        sums = jax.lax.psum(sums, batch_axes)
+    if not grads:
+        return sums
+    dh = ys[1]
+    # The hidden states were replicated over the vocabulary shards, the weight over the rows.
+    dh = jax.lax.psum(dh.reshape(h.shape), vocab_axes) if vocab_axes else dh.reshape(h.shape)
+    dw = jax.lax.psum(dw, batch_axes) if batch_axes else dw
+    return sums, dh, dw
+
+
 def output_cross_entropy(hidden, weight, targets, mask, *, z_loss: float, chunk_tokens: int, mesh, rules):
     """Sums over the tokens where `mask` is 1: (cross-entropy + z_loss * log_z**2, cross-entropy, log_z**2).
 
@@ -45,61 +101,13 @@ def output_cross_entropy(hidden, weight, targets, mask, *, z_loss: float, chunk_
     h_spec = logical_spec(("batch", "length", None), rules)
     w_spec = logical_spec((None, "vocab"), rules)
     t_spec = logical_spec(("batch", "length"), rules)
-    vocab_axes, batch_axes = _axes(w_spec[1]), _axes(h_spec[0]) + _axes(h_spec[1])
-    shards = math.prod(mesh.shape[a] for a in vocab_axes)
-
-    def local(h, w, y, m, grads: bool):
-        """This device's sums (and gradients): its rows, its slice of the vocabulary."""
-        b, length, e = h.shape
-        n = b * length // chunk_size(b * length, chunk_tokens)
-        start = jax.lax.axis_index(vocab_axes) * w.shape[1] if vocab_axes else 0
-
-        def chunk(dw, xs):
-            hc, yc, mc = xs
-            logits = einsum("te,ev->tv", hc, w, dtype=h.dtype, out=jnp.float32)
-            owned = start + jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == yc[:, None]
-            peak = jnp.max(logits, axis=-1)  # only stabilises the exponentials
-            exp = jnp.exp(logits - peak[:, None])
-            total = jnp.sum(exp, axis=-1)
-            label = jnp.sum(jnp.where(owned, logits, 0.0), axis=-1)
-            scale = 1 / total  # turns this shard's exponentials into softmax probabilities
-            if vocab_axes:
-                # One collective per chunk: every shard's (max, sum of exponentials, label logit),
-                # each written to its own slot and summed (a gather whose result is the same everywhere).
-                slots = jnp.arange(shards)[:, None, None] == jax.lax.axis_index(vocab_axes)
-                stats = jax.lax.psum(jnp.where(slots, jnp.stack([peak, total, label])[None], 0.0), vocab_axes)
-                peaks, totals, labels = jnp.moveaxis(stats, 1, 0)
-                shard_peak, peak = peak, jnp.max(peaks, axis=0)
-                total = jnp.sum(totals * jnp.exp(peaks - peak), axis=0)
-                label = jnp.sum(labels, axis=0)
-                scale = jnp.exp(shard_peak - peak) / total
-            log_z = peak + jnp.log(total)
-            ce, z = log_z - label, jnp.square(log_z)
-            sums = jnp.stack([jnp.sum(mc * (ce + z_loss * z)), jnp.sum(mc * ce), jnp.sum(mc * z)])
-            if not grads:
-                return dw, sums
-            g = (mc * (1 + 2 * z_loss * log_z) * scale)[:, None] * exp - jnp.where(owned, mc[:, None], 0.0)
-            dh = einsum("tv,ev->te", g, w, dtype=h.dtype, out=jnp.float32)
-            return dw + einsum("te,tv->ev", hc, g, dtype=h.dtype, out=jnp.float32), (sums, dh)
-
-        xs = (h.reshape(n, -1, e), y.reshape(n, -1), m.reshape(n, -1).astype(jnp.float32))
-        # The weight's gradient sums over this device's rows (its carry varies along their axes).
-        dw = jax.lax.pcast(jnp.zeros_like(w, jnp.float32), batch_axes, to="varying") if grads else None
-        dw, ys = jax.lax.scan(chunk, dw, xs)
-        sums = jnp.sum(ys[0] if grads else ys, axis=0)
-        if batch_axes:
-            sums = jax.lax.psum(sums, batch_axes)
-        if not grads:
-            return sums
-        dh = ys[1]
-        # The hidden states were replicated over the vocabulary shards, the weight over the rows.
-        dh = jax.lax.psum(dh.reshape(h.shape), vocab_axes) if vocab_axes else dh.reshape(h.shape)
-        dw = jax.lax.psum(dw, batch_axes) if batch_axes else dw
-        return sums, dh, dw
-
+    vocab_axes = _axes(w_spec[1])
+    local = functools.partial(_local, vocab_axes=vocab_axes, batch_axes=_axes(h_spec[0]) + _axes(h_spec[1]),
+                              shards=math.prod(mesh.shape[a] for a in vocab_axes), chunk_tokens=chunk_tokens,
+                              z_loss=z_loss)
     in_specs = (h_spec, w_spec, t_spec, t_spec)
-    forward = jax.shard_map(lambda *a: local(*a, grads=False), mesh=mesh, in_specs=in_specs, out_specs=jax.P())
-    with_grads = jax.shard_map(lambda *a: local(*a, grads=True), mesh=mesh, in_specs=in_specs,
+    forward = jax.shard_map(functools.partial(local, grads=False), mesh=mesh, in_specs=in_specs, out_specs=jax.P())
+    with_grads = jax.shard_map(functools.partial(local, grads=True), mesh=mesh, in_specs=in_specs,
                                out_specs=(jax.P(), h_spec, w_spec))
 
     @jax.custom_vjp

@@ -1,8 +1,8 @@
 """`pretrain plan`: compile a config's train step for a TPU slice on this machine, and say whether
 it fits and how fast it could go, before renting the slice.
 
-libtpu (the `tpu` extra) lets JAX compile for a TPU topology without the hardware. The trainer is
-built by the same code as `pretrain train` (cli.build) over the topology's devices; only the
+libtpu (the `tpu` extra) lets JAX compile for a TPU topology without the hardware. The train step is
+built by the same code as `pretrain train` (build.build) over the topology's devices; only the
 compile's figures are read, nothing runs. The step-time estimate is the compute roofline (see
 `roofline`): a bound that real steps do not beat.
 """
@@ -13,16 +13,16 @@ import time
 
 import jax
 
-from pretrain import cli, hlo, sharding, tpu
+from pretrain import build, hlo, sharding, tpu
 from pretrain.config import Config, ConfigError
 
 GIB = 2**30
 
 
-def _state_bytes_per_chip(trainer) -> int:
+def _state_bytes_per_chip(step_fn) -> int:
     """Parameters and optimizer state (and EMA) held by one chip, from their shardings."""
     total = 0
-    for leaf in jax.tree.leaves(trainer.abstract_state_with_shardings()):
+    for leaf in jax.tree.leaves(step_fn.abstract_state_with_shardings()):
         total += leaf.dtype.itemsize * math.prod(leaf.sharding.shard_shape(leaf.shape))
     return total
 
@@ -31,11 +31,11 @@ class StartupError(Exception):
     """Something that would stop a host of the slice before its first step."""
 
 
-def host_rows(trainer) -> dict[int, list[int]]:
+def host_rows(step_fn) -> dict[int, list[int]]:
     """Each host's rows of the global batch on the slice (what its data pipeline reads and where its
     data position lives in a checkpoint), checked as every host's start-up checks them."""
-    batch = trainer.cfg.train.global_batch
-    rows = sharding.rows_by_process(trainer.batch_sharding, batch)
+    batch = step_fn.cfg.train.global_batch
+    rows = sharding.rows_by_process(step_fn.batch_sharding, batch)
     missing = sorted(set(range(batch)).difference(*rows.values()))
     if missing:
         raise StartupError(f"rows {sharding.blocks(missing)} of the global batch are held by no host")
@@ -60,32 +60,31 @@ def plan(cfg: Config, accelerator_type: str, num_slices: int = 1) -> dict:
         raise ConfigError(f"pretrain plan takes language-model configs (task llm), not task {cfg.task}")
     if num_slices < 1:
         raise ConfigError(f"--slices={num_slices} must be at least 1")
-    # The batch's shapes come from the config; plan reads no data, and joins no cluster even on a
-    # TPU VM worker: it compiles for the topology's devices alone.
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source="synthetic"),
-                              runtime=dataclasses.replace(cfg.runtime, distributed="off", fake_topology=""))
+    # Built alone (build has no side effects): plan reads no data, and joins no cluster even on a
+    # TPU VM worker; it compiles for the topology's devices, not for a slice rehearsed on CPUs.
+    cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, fake_topology=""))
     devices = tpu.topology_devices(slice_, num_slices)
-    trainer = cli.build(cfg, devices)
+    step_fn = build.build(cfg, devices)
     chips, kind = len(devices), slice_.kind
-    rows = host_rows(trainer)
+    rows = host_rows(step_fn)
     out = {
         "topology": accelerator_type + (f" x {num_slices}" if num_slices > 1 else ""),
         "chips": chips,
-        "mesh": dict(trainer.mesh.shape),
+        "mesh": dict(step_fn.mesh.shape),
         "hosts": len(rows),
         "rows_per_host": [len(r) for r in rows.values()],
         "host0_rows": sharding.blocks(rows[0]),
         "remat": cfg.model.remat,
         "attention": cfg.model.attention,
         "hbm_per_chip_gib": kind.hbm_gib,
-        "params_and_optimizer_gib": _state_bytes_per_chip(trainer) / GIB,
-        "flops_per_step": trainer.task.flops_per_step(),
+        "params_and_optimizer_gib": _state_bytes_per_chip(step_fn) / GIB,
+        "flops_per_step": step_fn.task.flops_per_step(),
     }
     start = time.perf_counter()
     cache = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)  # a compile-only client cannot load what it caches
     try:
-        compiled, _ = trainer.compile()
+        compiled, _ = step_fn.compile()
     except Exception as e:  # XLA's out-of-memory is a compile error like any other
         oom = _out_of_memory(e)
         if oom is None:
@@ -100,8 +99,8 @@ def plan(cfg: Config, accelerator_type: str, num_slices: int = 1) -> dict:
              + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
     out |= {"temporaries_gib": memory.temp_size_in_bytes / GIB, "total_gib": total / GIB,
             "fits": total <= kind.hbm_gib * GIB}
-    out |= traffic(compiled, trainer.mesh)
-    out |= roofline(trainer, chips, kind)
+    out |= traffic(compiled, step_fn.mesh)
+    out |= roofline(step_fn, chips, kind)
     return out
 
 
@@ -119,17 +118,17 @@ def traffic(compiled, mesh) -> dict:
 RECOMPUTED = {"none": (0, 0), "full": (1, 1), "dots": (0, 0), "dots_no_batch": (0, 1), "offload": (0, 1)}
 
 
-def roofline(trainer, chips: int, kind: tpu.TpuKind) -> dict:
+def roofline(step_fn, chips: int, kind: tpu.TpuKind) -> dict:
     """The compute roofline: the step's executed FLOPs at the chips' peak, and the tokens/s and MFU
     that implies. Executed FLOPs are the MFU count plus what remat recomputes (the forward pass is a
     third of the count). HBM traffic, communication and imperfect overlap make real steps slower.
 
     (XLA's cost analysis cannot stand in: it counts the bodies of the loops over layers and
     microbatches once, and cannot see into Pallas kernels.)"""
-    m, task = trainer.cfg.model, trainer.task
+    m, task = step_fn.cfg.model, step_fn.task
     tokens, model_flops = task.units_per_step(), task.flops_per_step()
     head = 6 * m.embed_dim * m.vocab_size * tokens
-    attention = 12 * m.num_layers * m.num_heads * m.head_dim * trainer.cfg.data.seq_len * tokens
+    attention = 12 * m.num_layers * m.num_heads * m.head_dim * step_fn.cfg.data.seq_len * tokens
     matmuls, recomputed_attention = RECOMPUTED[m.remat]
     if m.attention == "splash" and m.remat != "none":
         recomputed_attention = 1

@@ -51,14 +51,10 @@ def tiny():
 
 
 def make_trainer(*overrides):
-    from pretrain import sharding
-    from pretrain.tasks import LanguageModelTask
-    from pretrain.trainer import Trainer
+    """The train step of the tiny model (pretrain.build over this session's devices)."""
+    from pretrain.build import build
 
-    cfg = tiny_config(*overrides)
-    mesh = sharding.make_mesh((cfg.mesh.data, cfg.mesh.model))
-    rules = sharding.axis_rules(cfg.model.num_kv_heads, cfg.mesh.model)
-    return Trainer(cfg, LanguageModelTask(cfg), mesh, rules)
+    return build(tiny_config(*overrides), jax.devices())
 
 
 @pytest.fixture(scope="session")

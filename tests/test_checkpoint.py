@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 
 from data import corpus
-from pretrain import checkpoint, cli, sharding
-from pretrain.tasks import LanguageModelTask
-from pretrain.trainer import Trainer
+from pretrain import checkpoint, cli, loop
+from pretrain.build import build
 
 from conftest import REAL_DATA, ROOT, TINY, tiny_config
 from test_trainer import SMOKE
@@ -116,11 +115,9 @@ def test_sigkill_during_saves_leaves_earlier_checkpoints_usable(reference, tmp_p
 def test_restore_onto_another_mesh(reference, tmp_path, shape):
     out = resumable_copy(reference, tmp_path, keep_up_to=40)
     cfg = tiny_config(*RUN, f"mesh.data={shape[0]}", f"mesh.model={shape[1]}", f"run.output_dir={out}")
-    mesh = sharding.make_mesh(shape, jax.devices()[: shape[0] * shape[1]])
-    task = LanguageModelTask(cfg)
-    task.prepare(shape[1])
-    trainer = Trainer(cfg, task, mesh, sharding.axis_rules(cfg.model.num_kv_heads, shape[1]))
-    result = trainer.fit(checkpoint.resume_plan(cfg))
+    trainer = build(cfg, jax.devices()[: shape[0] * shape[1]])
+    trainer.task.prepare(shape[1])
+    result = loop.fit(trainer, checkpoint.resume_plan(cfg))
     for array, want in zip(jax.tree.leaves(result["state"]), jax.tree.leaves(trainer.state_shardings)):
         assert array.sharding.is_equivalent_to(want, array.ndim)  # restored straight into the new layout
     got, expected = losses(out), losses(reference)

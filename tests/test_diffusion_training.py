@@ -13,7 +13,7 @@ from PIL import Image
 from data import prepare
 from pretrain import cli, config as config_lib, export, sharding
 from pretrain.tasks import DiffusionTask
-from pretrain.trainer import Trainer
+from pretrain.step import TrainStep
 
 from conftest import ROOT
 from test_checkpoint import losses, resumable_copy
@@ -104,21 +104,20 @@ def test_ema_update_matches_the_formula():
     cfg = config_lib.load(SMOKE, ["data.source=synthetic", "model.base_channels=8", "model.groups=4", "model.num_heads=2",
                                   "model.channel_mults=[1]", "model.attention_resolutions=[]", "model.image_size=8",
                                   "train.global_batch=8", f"train.ema_decay={decay}"])
-    mesh = sharding.make_mesh((2, 4))
-    trainer = Trainer(cfg, DiffusionTask(cfg), mesh, sharding.LOGICAL_RULES)
+    trainer = TrainStep(cfg, DiffusionTask(cfg), sharding.make_mesh((2, 4)), sharding.LOGICAL_RULES)
     batches = trainer.task.batches("train", trainer.rows)
     state = trainer.init_state()
-    ema = [np.asarray(x) for x in jax.tree.leaves(state[2])]
-    for p, e in zip(jax.tree.leaves(state[0]), ema):  # the average starts at the weights
+    ema = [np.asarray(x) for x in jax.tree.leaves(state["ema"])]
+    for p, e in zip(jax.tree.leaves(state["params"]), ema):  # the average starts at the weights
         np.testing.assert_array_equal(np.asarray(p), e)
     step = jax.jit(trainer.train_step, donate_argnums=0)
     with trainer.context():
         for n in range(2):
             state, _ = step(state, trainer.place_batch(next(batches)))
             d = min(decay, (1 + n) / (10 + n))
-            params = [np.asarray(x) for x in jax.tree.leaves(state[0])]
+            params = [np.asarray(x) for x in jax.tree.leaves(state["params"])]
             ema = [d * e + (1 - d) * p for e, p in zip(ema, params)]
-            for got, want in zip(jax.tree.leaves(state[2]), ema):
+            for got, want in zip(jax.tree.leaves(state["ema"]), ema):
                 np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-7)
     assert any(not np.allclose(e, p) for e, p in zip(ema, params))
 

@@ -34,7 +34,7 @@ def batch(cfg, seed=0):
 
 def test_parameters_are_sharded_by_the_rules_table(trainer):
     state = trainer.init_state()
-    model_state = state[0]
+    model_state = state["params"]
     table = dict(trainer.rules)
     checked = 0
     for path, var in nnx.to_flat_state(model_state):
@@ -48,7 +48,7 @@ def test_parameters_are_sharded_by_the_rules_table(trainer):
     assert table["kv_heads"] is None and table["heads"] == "model"
     # Optimizer moments shard like their parameters.
     wq = model_state["layers"]["wq"][...]
-    mu = state[1]["opt_state"][1]["mu"]["layers"]["wq"][...]
+    mu = state["optimizer"]["opt_state"][1]["mu"]["layers"]["wq"][...]
     assert mu.sharding == wq.sharding
 
 
@@ -74,12 +74,12 @@ def test_sharded_forward_and_loss_equal_unsharded(trainer):
     state = trainer.init_state()
     with trainer.context():
         sharded_loss = jax.jit(trainer.eval_step)(state, trainer.place_batch(b))
-        model, _ = nnx.merge(trainer.graphdef, state)
+        model = nnx.merge(trainer.graphdef, state)["params"]
         logits = jax.jit(lambda m, x: m.logits(m(x["inputs"], x["segment_ids"], x["positions"])))(
             model, trainer.place_batch(b)
         )
     host_state = jax.device_get(state)
-    ref_model, _ = nnx.merge(trainer.graphdef, host_state)
+    ref_model = nnx.merge(trainer.graphdef, host_state)["params"]
     ref_loss, ref_logits = jax.jit(unsharded_loss)(ref_model, b)  # numpy inputs: one device
     assert len(logits.sharding.device_set) == 8
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=1e-5, rtol=1e-5)

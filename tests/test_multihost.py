@@ -174,15 +174,15 @@ def test_a_killed_process_takes_the_other_down_within_the_heartbeat_timeout(tmp_
 # The training loop stalls for good before step 4: a hung read, say. The watchdog must end it.
 STALL = """
 import sys, time
-from pretrain import cli, trainer
-place = trainer.Trainer.place_batch
+from pretrain import cli, step
+place = step.TrainStep.place_batch
 calls = []
 def stalling(self, batch):
     calls.append(1)
     if len(calls) == 4:
         time.sleep(3600)
     return place(self, batch)
-trainer.Trainer.place_batch = stalling
+step.TrainStep.place_batch = stalling
 sys.exit(cli.main(sys.argv[1:]))
 """
 

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from pretrain import cli, runtime, sharding, tpu
+from pretrain import build, cli, runtime, sharding, tpu
 from pretrain import config as config_lib
 
 from conftest import TINY, make_trainer
@@ -67,17 +67,17 @@ def test_a_config_that_does_not_fit_reports_it_and_exits_1(capsys):
 
 
 def test_plan_builds_the_trainer_with_the_train_command_code(monkeypatch, capsys):
-    """plan goes through cli.build, as `train` does, over the topology's devices; the shardings are
+    """plan goes through build.build, as `train` does, over the topology's devices; the shardings are
     those a CPU run of the same config gets. On TPU, `auto` attention is the splash kernel, compiled
     by Mosaic (not interpreted, as on CPU)."""
-    build, built = cli.build, []
-    monkeypatch.setattr(cli, "build", lambda *args: built.append(build(*args)) or built[-1])
+    original, built = build.build, []
+    monkeypatch.setattr(build, "build", lambda *args: built.append(original(*args)) or built[-1])
     rc, r, _ = run_plan(capsys, "v5e-8", "mesh.data=2", "mesh.model=4", "model.attention=auto")
     assert rc == 0 and len(built) == 1 and r["attention"] == "splash"
     trainer = built[0]
     assert {d.platform for d in trainer.mesh.devices.flat} == {"tpu"} and trainer.mesh.devices.size == 8
     with trainer.context():
-        lowered = trainer._train_step.lower(trainer.abstract_state_with_shardings(), trainer.batch_spec)
+        lowered = trainer.train_jit.lower(trainer.abstract_state_with_shardings(), trainer.batch_spec)
     assert "tpu_custom_call" in lowered.as_text()
     cpu = make_trainer("data.seq_len=128", "model.max_seq_len=128")
     specs = lambda t: [s.spec for s in nnx.to_flat_state(t.state_shardings).leaves]  # noqa: E731
@@ -130,7 +130,7 @@ def test_plan_never_joins_a_cluster(monkeypatch, capsys):
     monkeypatch.setattr(runtime, "_detected_cluster", lambda timeout_s: ("10.0.0.1:8476", 2, 1))  # worker 1 of 2
     monkeypatch.setattr(runtime, "_wait_for_coordinator", lambda *a: pytest.fail("plan waited for a coordinator"))
     monkeypatch.setattr("jax.distributed.initialize", lambda *a, **k: pytest.fail("plan started jax.distributed"))
-    rc, r, _ = run_plan(capsys, "v5e-4")
+    rc, r, _ = run_plan(capsys, "v5e-4", "mesh.model=4")
     assert rc == 0 and r["fits"]
 
 

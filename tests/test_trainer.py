@@ -36,7 +36,7 @@ def test_microbatches_equal_one_step_on_the_whole_batch(trainer):
     np.testing.assert_allclose(split_loss, whole_loss, rtol=1e-6)
     # Adam's first moment is (1 - b1) x the (clipped) gradient: compare gradients through it,
     # since Adam's first step, ~sign(g), would amplify rounding in near-zero gradients.
-    first_moment = lambda state: jax.device_get(state[1]["opt_state"][1]["mu"])
+    first_moment = lambda state: jax.device_get(state["optimizer"]["opt_state"][1]["mu"])
     jax.tree.map(
         lambda a, c: np.testing.assert_allclose(a, c, atol=1e-8, rtol=1e-5), first_moment(split), first_moment(whole)
     )

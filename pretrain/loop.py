@@ -1,0 +1,300 @@
+"""The training loop: run the compiled step on the batch placed ahead of it, then hand the step to a
+few events (log, evaluate, save, ...) that each decide whether this step is theirs.
+
+A new per-step concern is one more `Event` (its `after(done)`, and `before(step)` if it must act
+before a step is dispatched), added to the list in `fit`.
+"""
+
+import contextlib
+import dataclasses
+import signal
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pretrain.checkpoint import Checkpointer, Fresh, InitFrom, Resume, ResumePlan, restore_params
+from pretrain.metrics import MetricsLogger, total_peak_flops
+from pretrain.profiling import StepProfiler
+from pretrain.runtime import Watchdog, wait_for_all
+from pretrain import sharding
+from pretrain.sharding import local_rows
+
+
+@dataclasses.dataclass
+class Done:
+    """A dispatched step, as the events see it."""
+
+    step: int
+    state: object
+    metrics: dict  # device arrays: reading them waits for the step
+    position: np.ndarray  # this process's data position after the step's batch
+    last: bool  # the run ends after it (run.steps reached, or preempted)
+
+
+class Throughput:
+    """Seconds per step over the steps since the last reading, time spent `paused()` left out."""
+
+    def __init__(self):
+        self.start, self.steps = time.perf_counter(), 0
+
+    def step_time(self) -> float:
+        return (time.perf_counter() - self.start) / max(self.steps, 1)
+
+    def reset(self):
+        self.start, self.steps = time.perf_counter(), 0
+
+    @contextlib.contextmanager
+    def paused(self):
+        try:
+            yield
+        finally:
+            self.reset()
+
+
+class Preemption(contextlib.AbstractContextManager):
+    """Whether the run must stop after this step to be resumed elsewhere. One process catches SIGTERM
+    (what TPU VMs and GKE send before preemption) itself; with several, JAX's preemption service
+    catches it and tells every process to stop at the same step (checkpointer.reached_preemption)."""
+
+    def __init__(self, checkpointer: Checkpointer):
+        self.checkpointer, self.received, self.previous = checkpointer, False, None
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._note)
+
+    def _note(self, signum, frame):
+        self.received = True
+
+    def requested(self, step: int) -> bool:
+        return self.received or (jax.process_count() > 1 and self.checkpointer.reached_preemption(step))
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+# --- the events ---------------------------------------------------------------------------
+
+
+class Event:
+    """One concern of the loop: `before` a step is dispatched, `after` it (both do nothing here)."""
+
+    def before(self, step: int):
+        pass
+
+    def after(self, done: Done):
+        pass
+
+
+class Every(Event):
+    """Due every `period` steps (0: never) and at run.steps."""
+
+    def __init__(self, period: int, total: int):
+        self.period, self.total = period, total
+
+    def due(self, done: Done) -> bool:
+        return done.step == self.total or (self.period > 0 and done.step % self.period == 0)
+
+
+class Log(Every):
+    """A metrics row every train.log_every steps, a progress line in between."""
+
+    def __init__(self, step_fn, logger: MetricsLogger, throughput: Throughput, history: dict):
+        super().__init__(step_fn.cfg.train.log_every, step_fn.cfg.run.steps)
+        self.total, self.unit = step_fn.cfg.run.steps, step_fn.task.unit
+        self.units, self.flops = step_fn.task.units_per_step(), step_fn.task.flops_per_step()
+        self.peak = total_peak_flops(step_fn.cfg.runtime.peak_flops_per_device)
+        self.logger, self.throughput, self.history = logger, throughput, history
+
+    def after(self, done: Done):
+        self.throughput.steps += 1
+        if not self.due(done):
+            self.logger.progress(done.step, self.throughput.step_time() * (self.total - done.step))
+            return
+        metrics = {k: float(v) for k, v in jax.device_get(done.metrics).items()}  # waits for the step
+        step_time = self.throughput.step_time()
+        self.logger.write({"step": done.step, **metrics, "step_time_s": step_time,
+                           f"{self.unit}_per_sec": self.units / step_time, "mfu": self.flops / step_time / self.peak,
+                           "eta_s": step_time * (self.total - done.step)})
+        self.history["train_loss"].append(metrics["loss"])
+        self.throughput.reset()
+
+
+class Evaluate(Every):
+    """The held-out loss (and the task's samples) every train.eval_every steps and at the end."""
+
+    def __init__(self, step_fn, logger: MetricsLogger, pauses, history: dict):
+        super().__init__(step_fn.cfg.train.eval_every, step_fn.cfg.run.steps)
+        self.step_fn, self.logger, self.pauses, self.history = step_fn, logger, pauses, history
+
+    def after(self, done: Done):
+        if not self.due(done):
+            return
+        with self.pauses():
+            loss = evaluate(self.step_fn, done.state)
+            if loss is not None:
+                self.logger.write({"step": done.step, **self.step_fn.task.eval_metrics(loss)})
+                self.history["eval_loss"].append(loss)
+            self.step_fn.task.write_samples(self.step_fn.sampling_model(done.state), done.step)
+
+
+class Save(Every):
+    """A checkpoint every checkpoint.every steps, at the end and when preempted."""
+
+    def __init__(self, step_fn, checkpointer: Checkpointer, logger: MetricsLogger, pauses):
+        super().__init__(step_fn.cfg.checkpoint.every, step_fn.cfg.run.steps)
+        self.step_fn, self.checkpointer, self.logger, self.pauses = step_fn, checkpointer, logger, pauses
+
+    def after(self, done: Done):
+        if not (done.last or self.due(done)):
+            return
+        with self.pauses():
+            self.logger.flush()  # metrics up to this step are stored before the checkpoint that covers them
+            blocked = self.checkpointer.save(done.step, done.state, self.step_fn.data_position(done.position))
+        self.logger.note(f"checkpoint {done.step}: the loop was blocked {blocked:.2f} s; writing in the background")
+
+
+class Profile(Event):
+    """The profiler trace of train.profile_steps."""
+
+    def __init__(self, profiler: StepProfiler):
+        self.profiler = profiler
+
+    def before(self, step: int):
+        self.profiler.begin(step)
+
+    def after(self, done: Done):
+        self.profiler.end(done.step, done.metrics)
+
+
+# --- the loop ------------------------------------------------------------------------------
+
+
+def fit(step_fn, plan: ResumePlan = Fresh()) -> dict:
+    """Train `step_fn` (a pretrain.step.TrainStep) to run.steps from `plan`, checkpointing as configured.
+    SIGTERM (or, multi-host, JAX's preemption sync point) ends the run after a checkpoint."""
+    cfg, task = step_fn.cfg, step_fn.task
+    history = {"train_loss": [], "eval_loss": [], "preempted": False}
+    rows = task.batches("train", step_fn.rows)
+    compiled, compile_s = _compile_logged(step_fn)
+    wait_for_all("compiled", cfg.runtime.init_timeout_s)
+    run_start = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        checkpointer = stack.enter_context(contextlib.closing(Checkpointer(cfg)))
+        state, start = initial_state(step_fn, plan, checkpointer, rows)
+        logger = stack.enter_context(contextlib.closing(MetricsLogger(cfg.run.output_dir, cfg.run.steps, task.unit,
+                                                                      resume_step=start)))
+        watchdog = stack.enter_context(Watchdog(cfg.runtime.step_timeout_s, start))
+        preemption = stack.enter_context(Preemption(checkpointer))
+        throughput = Throughput()
+
+        @contextlib.contextmanager
+        def pauses():  # evals and saves are neither step time nor a stuck step
+            with watchdog.paused(), throughput.paused():
+                yield
+
+        profiler = StepProfiler(cfg.train.profile_steps, cfg.run.output_dir)
+        events = [Profile(profiler), Log(step_fn, logger, throughput, history),
+                  Evaluate(step_fn, logger, pauses, history), Save(step_fn, checkpointer, logger, pauses)]
+        stack.enter_context(step_fn.context())  # after Log, whose CPU peak is measured off the mesh
+        feed = Feed(step_fn, rows)
+        batch, position = feed.next() if start < cfg.run.steps else (None, None)
+        done = None
+        for step in range(start + 1, cfg.run.steps + 1):
+            for event in events:
+                event.before(step)
+            state, metrics = compiled(state, batch)
+            watchdog.dispatched(step, metrics)
+            stop = preemption.requested(step)
+            done = Done(step, state, metrics, position, last=stop or step == cfg.run.steps)
+            if not done.last:  # batch n+1 goes to the devices while step n runs
+                batch, position = feed.next()
+            for event in events:
+                event.after(done)
+            if stop:
+                history["preempted"] = True
+                break
+        profiler.close(state)  # a run preempted inside the traced steps
+        waited = checkpointer.wait()
+        _closing_note(logger, cfg, start, done if history["preempted"] else None, waited, compile_s,
+                      time.perf_counter() - run_start)
+    return {"state": state, "compile_s": compile_s, "wall_s": time.perf_counter() - run_start, **history}
+
+
+class Feed:
+    """Global batches placed on the devices, each with this process's data position after it (what a
+    checkpoint of the step that trains on it keeps)."""
+
+    def __init__(self, step_fn, rows):
+        self.step_fn, self.rows = step_fn, rows
+
+    def next(self) -> tuple[dict, np.ndarray]:
+        batch = self.step_fn.place_batch(next(self.rows))
+        return batch, self.rows.positions.copy()
+
+
+def evaluate(step_fn, state) -> float | None:
+    """Mean loss over the same held-out batches every time; None without held-out data."""
+    batches = step_fn.task.batches("validation", step_fn.rows)
+    if batches is None:
+        return None
+    sums = [step_fn.eval_jit(state, step_fn.place_batch(next(batches)))
+            for _ in range(step_fn.cfg.train.eval_batches)]
+    total, count = jax.device_get(jax.tree.map(lambda *x: sum(x), *sums))  # one host sync for the whole eval
+    return float(total) / max(float(count), 1.0)
+
+
+def initial_state(step_fn, plan: ResumePlan, checkpointer: Checkpointer, rows):
+    """(state, step) to start from: fresh, a checkpoint of this run (the data position of `rows`
+    included), or another checkpoint's parameters with a fresh optimizer (checkpoint.resume_plan)."""
+    if isinstance(plan, Fresh):
+        return step_fn.init_state(), 0
+    abstract = step_fn.abstract_state_with_shardings()
+    if isinstance(plan, Resume):
+        parts, position = checkpointer.restore(plan.step, abstract, step_fn.abstract_position())
+        if position is not None:
+            rows.set_positions(local_rows(position))
+        elif jax.process_index() == 0:
+            print(f"checkpoint {plan.step} holds no data position; the data starts from the beginning")
+        step, note = plan.step, f"resumed from step {plan.step}"
+    else:
+        assert isinstance(plan, InitFrom)
+        params = restore_params(plan.path, abstract["params"])
+        parts = dict(step_fn.init_state()) | {"params": params}
+        if "ema" in parts:  # the average starts at the weights we start from
+            parts["ema"] = jax.tree.map(jnp.copy, params)
+        step, note = 0, f"starting from the parameters in {plan.path}"
+    if jax.process_index() == 0:
+        print(note)
+    # Back into the exact pytree the step was compiled for (restored subtrees may be plain dicts).
+    leaves = [leaf for name in step_fn.abstract_state for leaf in jax.tree.leaves(parts[name])]
+    return jax.tree.unflatten(jax.tree.structure(step_fn.abstract_state), leaves), step
+
+
+def _compile_logged(step_fn):
+    if jax.process_index() == 0:
+        if jax.process_count() > 1:
+            batch = step_fn.cfg.train.global_batch
+            rows = sharding.rows_by_process(step_fn.batch_sharding, batch)
+            counts = " to ".join(map(str, sorted({len(r) for r in rows.values()})))
+            print(f"data: {len(rows)} processes read {counts} of the {batch} rows each "
+                  f"(process 0: rows {sharding.blocks(rows[0])})", flush=True)
+        mesh = sharding.describe(step_fn.mesh.shape)
+        print(f"compiling the train step ({step_fn.cfg.task}, mesh {mesh}) ...", flush=True)
+    compiled, seconds = step_fn.compile()
+    if jax.process_index() == 0:
+        print(f"compiled in {seconds:.1f} s", flush=True)
+    return compiled, seconds
+
+
+def _closing_note(logger, cfg, start: int, preempted: Done | None, waited: float, compile_s: float, wall: float):
+    if preempted is not None:
+        logger.note(f"preempted: checkpoint {preempted.step} committed (waited {waited:.1f} s); run the same command to resume")
+    elif start >= cfg.run.steps:
+        logger.note(f"nothing to do: the checkpoint in {cfg.run.output_dir} is already at step {start} of {cfg.run.steps}; "
+                    "raise run.steps to continue, or train again with another run.output_dir or checkpoint.overwrite=true")
+    else:
+        logger.note(f"done: {cfg.run.steps - start} steps in {wall:.1f} s (+ compile {compile_s:.1f} s); "
+                    f"output in {cfg.run.output_dir}")
