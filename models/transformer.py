@@ -5,51 +5,14 @@ lax.scan, or unrolled over the same stacked parameters, so checkpoints do not de
 on `scan_layers`. Each layer is rematerialised with the policy named by `remat`.
 """
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from models.attention import attention_fn, cached_attention
+from models.configs import TransformerConfig
 from models.layers import RMSNorm, constrain, einsum, fan_in_init, param, remat
-
-
-@dataclasses.dataclass
-class TransformerConfig:
-    vocab_size: int = 512
-    num_layers: int = 2
-    embed_dim: int = 64
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    head_dim: int = 16
-    mlp_dim: int = 192
-    max_seq_len: int = 256
-    tie_embeddings: bool = False
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    dtype: str = "float32"
-    remat: str = "full"
-    scan_layers: bool = True
-    attention: str = "xla"  # a backend of models.attention.BACKENDS; the trainer resolves "auto"
-    splash_block_q: int = 512  # splash's query and key/value block sizes (capped at the sequence length)
-    splash_block_kv: int = 512
-    # Tokens per chunk of the output layer and loss (pretrain.loss), which bounds the float32
-    # logits held at once to chunk x vocab/model per device.
-    loss_chunk_tokens: int = 256
-
-    def num_params(self, *, embedding: bool = True) -> int:
-        e, h, k, d, m, v = (self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim, self.mlp_dim, self.vocab_size)
-        per_layer = e * d * (2 * h + 2 * k) + 3 * e * m + 2 * e
-        head = 0 if self.tie_embeddings else e * v
-        return self.num_layers * per_layer + e + head + (v * e if embedding else 0)
-
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6 per matmul parameter (the output head included) plus
-        causal-agnostic attention scores and values, 12 * layers * heads * head_dim * seq_len."""
-        matmul_params = self.num_params(embedding=False) + (self.vocab_size * self.embed_dim if self.tie_embeddings else 0)
-        attention = 12 * self.num_layers * self.num_heads * self.head_dim * seq_len
-        return 6 * matmul_params + attention
 
 
 def rope(x, positions, theta: float):

@@ -8,38 +8,14 @@ the same policy names as the transformer. Class conditioning reserves label `num
 as "no label", which classifier-free guidance uses.
 """
 
-import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.configs import UNetConfig
 from models.layers import constrain, einsum, fan_in_init, param, remat
-
-
-@dataclasses.dataclass
-class UNetConfig:
-    image_size: int = 16
-    channels: int = 1  # of the images, in and out
-    base_channels: int = 32
-    channel_mults: list[int] = dataclasses.field(default_factory=lambda: [1, 2])
-    blocks_per_resolution: int = 1
-    attention_resolutions: list[int] = dataclasses.field(default_factory=lambda: [8])
-    num_heads: int = 4
-    groups: int = 8  # GroupNorm groups
-    num_classes: int = 0  # 0: unconditional
-    dtype: str = "float32"
-    remat: str = "full"
-
-    @property
-    def resolutions(self) -> list[int]:
-        """The image side at each level of the down path."""
-        return [self.image_size // 2**i for i in range(len(self.channel_mults))]
-
-    @property
-    def time_dim(self) -> int:
-        return 4 * self.base_channels
 
 
 def timestep_embedding(t, dim: int):

@@ -19,7 +19,8 @@ import yaml
 from etils import epath
 
 from pretrain import config as config_lib
-from pretrain.config import Config, ConfigError
+from pretrain.config import ConfigError
+from pretrain.schema import Config
 
 
 DATA_ITEM = "data_position"  # records read by each row of the global batch (data/pipeline.py)

@@ -32,8 +32,8 @@ def start(cfg: config_lib.Config) -> TrainStep:
 
 def train(cfg_path, overrides) -> dict:
     """Load and validate first (data, output dir, what to resume from); only then write anything, and train."""
-    cfg = config_lib.load(cfg_path, overrides)
-    step = start(cfg)
+    step = start(config_lib.load(cfg_path, overrides))
+    cfg = step.cfg  # resolved
     checkpoint.check_output_dir(cfg)
     plan = checkpoint.resume_plan(cfg)
     if jax.process_index() == 0:

@@ -22,7 +22,8 @@ from models.transformer import Transformer, TransformerConfig
 from models.unet import UNet, UNetConfig
 from pretrain import checkpoint, hf
 from pretrain import config as config_lib
-from pretrain.config import Config, ConfigError, DiffusionConfig, RunConfig
+from pretrain.config import ConfigError
+from pretrain.schema import Config, DiffusionConfig, LanguageModelRun, RunConfig
 
 UNET = "UNet"  # config.json's "architecture" of an exported UNet
 
@@ -156,7 +157,7 @@ def import_hf(path: str, out: str, *, overwrite: bool = False) -> dict:
     hf_model_config(src)  # other architectures are refused before any weight is read
     prepare.check_output(epath.Path(out), overwrite)
     m, flat, tokenizer = from_hf(path)
-    cfg = Config(task="llm", run=RunConfig(name=src.name or "imported", steps=1, output_dir=str(out)), model=m)
+    cfg = LanguageModelRun(run=RunConfig(name=src.name or "imported", steps=1, output_dir=str(out)), model=m)
     if overwrite:
         checkpoint.clear_output_dir(cfg)
     checkpoint.save_params(cfg, nnx.state(_model(m, flat)))

@@ -5,7 +5,7 @@ import re
 import jax
 import optax
 
-from pretrain.config import OptimConfig
+from pretrain.schema import OptimConfig
 
 
 def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:

@@ -14,7 +14,8 @@ import time
 import jax
 
 from pretrain import build, hlo, sharding, tpu
-from pretrain.config import Config, ConfigError
+from pretrain.config import ConfigError
+from pretrain.schema import Config
 
 GIB = 2**30
 
@@ -74,8 +75,8 @@ def plan(cfg: Config, accelerator_type: str, num_slices: int = 1) -> dict:
         "hosts": len(rows),
         "rows_per_host": [len(r) for r in rows.values()],
         "host0_rows": sharding.blocks(rows[0]),
-        "remat": cfg.model.remat,
-        "attention": cfg.model.attention,
+        "remat": step_fn.cfg.model.remat,
+        "attention": step_fn.cfg.model.attention,
         "hbm_per_chip_gib": kind.hbm_gib,
         "params_and_optimizer_gib": _state_bytes_per_chip(step_fn) / GIB,
         "flops_per_step": step_fn.task.flops_per_step(),

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import jax
 
-from pretrain.config import Config, ConfigError, validate_runtime
+from pretrain.config import ConfigError, validate_runtime
+from pretrain.schema import Config
 
 STUCK_EXIT_CODE = 3  # a launcher that retries on it resumes from the last checkpoint
 

@@ -12,7 +12,8 @@ from data import tokenizer as tokenizer_lib
 from data.prepare import TOKENIZER_FILE
 from models import diffusion
 from models.generate import generate
-from pretrain.config import ConfigError, DiffusionConfig
+from pretrain.config import ConfigError
+from pretrain.schema import DiffusionConfig
 from pretrain.export import load_model, load_unet
 
 

@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from pretrain import optim
-from pretrain.config import Config
+from pretrain.schema import Config
 from pretrain.sharding import global_batch, logical_spec, process_rows
 
 

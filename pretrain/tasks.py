@@ -4,6 +4,7 @@ The trainer owns everything else (mesh, optimizer, train step, logging); a task 
 only place the language model and the diffusion model differ.
 """
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -16,11 +17,128 @@ from flax import nnx
 from data import corpus, digits, images, pipeline, prepare, records
 from data.prepare import TOKENIZER_FILE
 from models import diffusion
+from models.attention import BACKENDS, splash_blocks
+from models.diffusion import SCHEDULES, TARGETS
+from models.layers import REMAT_POLICIES
 from models.transformer import Transformer
 from models.unet import UNet
-from pretrain.config import Config, ConfigError, DiffusionRun
+from pretrain.config import ConfigError, require
+from pretrain.schema import DiffusionRun, LanguageModelRun
 from pretrain.loss import output_cross_entropy
 from pretrain.sample import draw_images, grid_columns
+
+
+# --- checks of a task's own config, before anything is compiled (pretrain.config checks the rest) ---
+
+
+def _check_execution(m, platform: str):
+    """How either model family runs: remat policy and compute dtype."""
+    require(m.remat in REMAT_POLICIES, f"model.remat='{m.remat}' is unknown; use one of {sorted(REMAT_POLICIES)}")
+    require(
+        not (m.remat == "offload" and platform == "cpu"),
+        "model.remat=offload needs host offload, which the CPU backend lacks; use model.remat=full or dots",
+    )
+    require(m.dtype in ("float32", "bfloat16", "float16"), f"model.dtype='{m.dtype}' must be float32, bfloat16 or float16")
+
+
+AUTO_ATTENTION = {"tpu": "splash", "gpu": "cudnn"}  # model.attention=auto by platform; xla elsewhere
+
+
+def _check_transformer(cfg: LanguageModelRun, data: int, model: int, platform: str):
+    m = cfg.model
+    known = sorted(BACKENDS) + ["auto"]
+    require(m.attention in known, f"model.attention='{m.attention}' is unknown; use one of {known}")
+    require(
+        not (m.attention == "cudnn" and platform != "gpu"),
+        f"model.attention=cudnn needs an NVIDIA GPU (this is {platform}); use model.attention=xla",
+    )
+    for key in ("num_layers", "embed_dim", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "vocab_size", "max_seq_len", "loss_chunk_tokens"):
+        require(getattr(m, key) > 0, f"model.{key} must be positive")
+    require(m.head_dim % 2 == 0, f"model.head_dim={m.head_dim} must be even for rotary embeddings")
+    require(
+        m.num_heads % m.num_kv_heads == 0,
+        f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}",
+    )
+    for key in ("num_heads", "mlp_dim", "vocab_size"):
+        require(
+            getattr(m, key) % model == 0,
+            f"model.{key}={getattr(m, key)} is not divisible by the model axis ({model}); "
+            f"change model.{key} or mesh.model",
+        )
+    require(
+        m.num_kv_heads < model or m.num_kv_heads % model == 0,
+        f"model.num_kv_heads={m.num_kv_heads} is not divisible by the model axis ({model}); "
+        "use a multiple of it, or fewer kv heads than it (they are then replicated)",
+    )
+    require(
+        m.embed_dim % data == 0,
+        f"model.embed_dim={m.embed_dim} is not divisible by the data axis ({data}), which shards parameters (FSDP)",
+    )
+    require(
+        cfg.data.seq_len <= m.max_seq_len,
+        f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower data.seq_len",
+    )
+    require(cfg.data.seq_len > 0, "data.seq_len must be positive")
+    if m.attention == "splash":
+        _check_splash(cfg, platform)
+
+
+def _check_splash(cfg: LanguageModelRun, platform: str):
+    m, length = cfg.model, cfg.data.seq_len
+    require(
+        platform in ("tpu", "cpu"),
+        f"model.attention=splash is a TPU kernel (this is {platform}); use model.attention=auto",
+    )
+    blocks = splash_blocks(length, m.splash_block_q, m.splash_block_kv)
+    for key, block in zip(("splash_block_q", "splash_block_kv"), blocks):
+        require(
+            block % 128 == 0 and length % block == 0,
+            f"model.attention=splash: its blocks of {block} tokens (model.{key}={getattr(m, key)}, capped at "
+            f"data.seq_len={length}) must be a multiple of 128 that divides data.seq_len; change data.seq_len or "
+            f"model.{key}, or use model.attention=xla",
+        )
+
+
+def _check_unet(cfg: DiffusionRun, data: int, model: int):
+    m, d = cfg.model, cfg.diffusion
+    for key in ("image_size", "base_channels", "blocks_per_resolution", "num_heads", "groups"):
+        require(getattr(m, key) > 0, f"model.{key}={getattr(m, key)} must be positive")
+    require(m.channels in (1, 3), f"model.channels={m.channels} must be 1 (grayscale) or 3 (RGB)")
+    require(m.num_classes >= 0, f"model.num_classes={m.num_classes} must be >= 0 (0: unconditional)")
+    require(bool(m.channel_mults) and min(m.channel_mults) > 0, "model.channel_mults must be a non-empty list of positive ints")
+    downsamples = len(m.channel_mults) - 1
+    require(
+        m.image_size % 2**downsamples == 0,
+        f"model.image_size={m.image_size} is not divisible by 2^{downsamples}={2**downsamples}, which the "
+        f"{downsamples} downsamples of model.channel_mults={m.channel_mults} need; change one of them",
+    )
+    for r in m.attention_resolutions:
+        require(
+            r in m.resolutions,
+            f"model.attention_resolutions has {r}, which is not among the model's resolutions {m.resolutions}; "
+            "list only those",
+        )
+    for mult in sorted(set(m.channel_mults)):
+        c = m.base_channels * mult
+        where = f"channels={c} (model.base_channels x {mult})"
+        require(c % m.groups == 0, f"{where} are not divisible by model.groups={m.groups}; change model.groups")
+        require(c % model == 0, f"{where} are not divisible by the model axis ({model}); change model.base_channels or mesh.model")
+        require(c % data == 0, f"{where} are not divisible by the data axis ({data}), which shards parameters (FSDP); "
+                                "change model.base_channels or mesh.data")
+        require(c % m.num_heads == 0, f"{where} are not divisible by model.num_heads={m.num_heads}; change model.num_heads")
+    require(d.schedule in SCHEDULES, f"diffusion.schedule='{d.schedule}' is unknown; use one of {list(SCHEDULES)}")
+    require(d.target in TARGETS, f"diffusion.target='{d.target}' is unknown; use one of {list(TARGETS)}")
+    require(d.timesteps > 1, f"diffusion.timesteps={d.timesteps} must be at least 2")
+    require(d.min_snr_gamma >= 0, f"diffusion.min_snr_gamma={d.min_snr_gamma} must be >= 0 (0: off)")
+    require(0 <= d.label_dropout < 1, f"diffusion.label_dropout={d.label_dropout} must be in [0, 1)")
+    require(0 < d.sample_steps <= d.timesteps, f"diffusion.sample_steps={d.sample_steps} must be in [1, diffusion.timesteps]")
+    require(0 <= d.eta <= 1, f"diffusion.eta={d.eta} must be in [0, 1] (0: DDIM, 1: DDPM)")
+    require(d.guidance >= 0, f"diffusion.guidance={d.guidance} must be >= 0")
+    require(
+        d.sample_num > 0 and d.sample_num % data == 0,
+        f"diffusion.sample_num={d.sample_num} must be a positive multiple of the data axis ({data})",
+    )
+    require(0 <= cfg.data.val_fraction < 1, f"data.val_fraction={cfg.data.val_fraction} must be in [0, 1)")
 
 
 class Task:
@@ -53,7 +171,18 @@ class Task:
 class LanguageModelTask(Task):
     unit = "tokens"
 
-    def __init__(self, cfg: Config):
+    @staticmethod
+    def resolve(cfg: LanguageModelRun, mesh_shape: tuple[int, int], platform: str) -> LanguageModelRun:
+        """The config checked for this model on this mesh and platform, with `auto` attention
+        resolved (a new config: the run's config.yaml then names the backend it ran)."""
+        if cfg.model.attention == "auto":
+            attention = AUTO_ATTENTION.get(platform, "xla")
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=attention))
+        _check_execution(cfg.model, platform)
+        _check_transformer(cfg, *mesh_shape, platform)
+        return cfg
+
+    def __init__(self, cfg: LanguageModelRun):
         self.cfg = cfg
         self.manifest, self.sources = None, None
         self.tokenizer = None  # the SentencePiece model's bytes, once prepared (none for synthetic data)
@@ -134,6 +263,13 @@ class DiffusionTask(Task):
     min-SNR-weighted squared error; labels dropped to "no label" at random for guidance."""
 
     unit = "images"
+
+    @staticmethod
+    def resolve(cfg: DiffusionRun, mesh_shape: tuple[int, int], platform: str) -> DiffusionRun:
+        """The config checked for this model on this mesh and platform."""
+        _check_execution(cfg.model, platform)
+        _check_unet(cfg, *mesh_shape)
+        return cfg
 
     def __init__(self, cfg: DiffusionRun):
         self.cfg = cfg

@@ -2,6 +2,7 @@ import pytest
 
 from pretrain import config as config_lib
 from pretrain.config import ConfigError
+from pretrain.tasks import TASKS
 
 # The large LM presets on the slices their headers plan them for (v5e-16, v5p-64, v5p-64).
 PRESETS = {("llm", "smoke"): 8, ("llm", "125m"): 8, ("llm", "1b"): 16, ("llm", "8b"): 32, ("llm", "70b"): 32,
@@ -42,12 +43,18 @@ def test_presets_load_and_validate(preset, devices):
     assert cfg.task == preset[0] and type(cfg) is config_lib.CONFIGS[preset[0]]
     data, model = config_lib.validate(cfg, devices, "tpu")
     assert data * model == devices
+    assert TASKS[cfg.task].resolve(cfg, (data, model), "tpu").task == cfg.task
     assert config_lib.from_dict(config_lib.to_dict(cfg)) == cfg  # the JSON stored with a checkpoint reads back
 
 
 def test_each_task_has_its_own_model_section():
     with pytest.raises(ConfigError, match="unknown config key 'model.num_layers'"):
         config_lib.load(config_lib.preset_path("diffusion", "smoke"), ["model.num_layers=2"])
+    # Suggestions come from the task's own schema.
+    with pytest.raises(ConfigError, match="did you mean 'model.base_channels'"):
+        config_lib.load(config_lib.preset_path("diffusion", "smoke"), ["model.base_chanels=8"])
+    with pytest.raises(ConfigError, match="did you mean 'diffusion.timesteps'"):
+        config_lib.load(config_lib.preset_path("diffusion", "smoke"), ["diffusion.timestep.x=8"])
     with pytest.raises(ConfigError, match="unknown config key 'diffusion'"):
         config_lib.load(config_lib.preset_path("llm", "smoke"), ["diffusion.schedule=cosine"])
     with pytest.raises(ConfigError, match=r"task='gan' is not known; use one of \['diffusion', 'llm'\]"):

@@ -5,7 +5,7 @@ from flax import nnx
 
 from models.transformer import Transformer
 from pretrain import optim
-from pretrain.config import ParamGroup
+from pretrain.schema import ParamGroup
 
 from conftest import tiny_config
 

@@ -9,6 +9,7 @@ from flax import nnx
 from models.attention import BACKENDS
 from pretrain import config as config_lib
 from pretrain import sharding
+from pretrain.tasks import LanguageModelTask
 
 from conftest import make_trainer, tiny_config
 from test_trainer import run_steps
@@ -74,5 +75,5 @@ def test_twenty_training_steps_with_splash_match_xla():
 @pytest.mark.parametrize("platform, backend", [("tpu", "splash"), ("gpu", "cudnn"), ("cpu", "xla")])
 def test_auto_picks_the_platform_backend(platform, backend):
     cfg = tiny_config("model.attention=auto", f"data.seq_len={LENGTH}", f"model.max_seq_len={LENGTH}")
-    config_lib.validate(cfg, 8, platform)
-    assert cfg.model.attention == backend
+    resolved = LanguageModelTask.resolve(cfg, config_lib.validate(cfg, 8, platform), platform)
+    assert resolved.model.attention == backend and cfg.model.attention == "auto"  # a new config

@@ -2,6 +2,8 @@
 data never import pretrain or each other), and pretrain's functions stay short enough to read."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 from conftest import ROOT
@@ -60,3 +62,12 @@ def test_no_function_in_pretrain_is_longer_than_a_screen():
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{path.name}:{node.lineno} {node.name} ({lines} lines)")
     assert not long, long
+
+
+def test_configs_load_without_jax():
+    """Launchers and tools read configs without loading a framework: the schema and its loading
+    import no JAX."""
+    code = ("import sys; from pretrain import config; config.load(config.preset_path('llm', '8b')); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'optax')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

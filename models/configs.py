@@ -1,0 +1,65 @@
+"""The shapes of the two model families as plain dataclasses (no JAX): what configs hold and
+checkpoints store, readable without loading a framework."""
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class TransformerConfig:
+    vocab_size: int = 512
+    num_layers: int = 2
+    embed_dim: int = 64
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 16
+    mlp_dim: int = 192
+    max_seq_len: int = 256
+    tie_embeddings: bool = False
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dtype: str = "float32"
+    remat: str = "full"
+    scan_layers: bool = True
+    attention: str = "xla"  # a backend of models.attention.BACKENDS; the trainer resolves "auto"
+    splash_block_q: int = 512  # splash's query and key/value block sizes (capped at the sequence length)
+    splash_block_kv: int = 512
+    # Tokens per chunk of the output layer and loss (pretrain.loss), which bounds the float32
+    # logits held at once to chunk x vocab/model per device.
+    loss_chunk_tokens: int = 256
+
+    def num_params(self, *, embedding: bool = True) -> int:
+        e, h, k, d, m, v = (self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim, self.mlp_dim, self.vocab_size)
+        per_layer = e * d * (2 * h + 2 * k) + 3 * e * m + 2 * e
+        head = 0 if self.tie_embeddings else e * v
+        return self.num_layers * per_layer + e + head + (v * e if embedding else 0)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 per matmul parameter (the output head included) plus
+        causal-agnostic attention scores and values, 12 * layers * heads * head_dim * seq_len."""
+        matmul_params = self.num_params(embedding=False) + (self.vocab_size * self.embed_dim if self.tie_embeddings else 0)
+        attention = 12 * self.num_layers * self.num_heads * self.head_dim * seq_len
+        return 6 * matmul_params + attention
+
+
+@dataclasses.dataclass
+class UNetConfig:
+    image_size: int = 16
+    channels: int = 1  # of the images, in and out
+    base_channels: int = 32
+    channel_mults: list[int] = dataclasses.field(default_factory=lambda: [1, 2])
+    blocks_per_resolution: int = 1
+    attention_resolutions: list[int] = dataclasses.field(default_factory=lambda: [8])
+    num_heads: int = 4
+    groups: int = 8  # GroupNorm groups
+    num_classes: int = 0  # 0: unconditional
+    dtype: str = "float32"
+    remat: str = "full"
+
+    @property
+    def resolutions(self) -> list[int]:
+        """The image side at each level of the down path."""
+        return [self.image_size // 2**i for i in range(len(self.channel_mults))]
+
+    @property
+    def time_dim(self) -> int:
+        return 4 * self.base_channels
