@@ -2,6 +2,7 @@
 jax.distributed, the compilation cache), and the watchdog that ends a stuck run."""
 
 import contextlib
+import faulthandler
 import os
 import queue
 import socket
@@ -151,5 +152,6 @@ class Watchdog:
             if stuck:
                 print(f"error: step {self.done + 1} did not finish within runtime.step_timeout_s={self.timeout_s:g} s "
                       f"(process {jax.process_index()}); exiting with code {STUCK_EXIT_CODE} so that a retry resumes "
-                      "from the last checkpoint", file=sys.stderr, flush=True)
+                      "from the last checkpoint; where every thread was:", file=sys.stderr, flush=True)
+                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)  # the evidence of where it hung
                 os._exit(STUCK_EXIT_CODE)

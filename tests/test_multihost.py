@@ -192,6 +192,9 @@ def test_a_stuck_step_ends_the_run_with_exit_code_3(tmp_path):
     proc = subprocess.run([sys.executable, "-c", STALL, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "error: step 4 did not finish within runtime.step_timeout_s=3 s" in proc.stderr
+    # Every thread's stack follows, the stalled main thread's among them.
+    stacks = proc.stderr.split("where every thread was:", 1)[1]
+    assert stacks.count("(most recent call first)") >= 2 and "line 9 in stalling" in stacks, stacks  # the sleep in STALL
 
 
 def free_port() -> int:
