@@ -47,9 +47,13 @@ FINAL_EXIT_CODES = [2]
 DNS_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 # The container's command, as PID 1: it passes SIGTERM on to the trainer and waits for its
 # checkpoint, then exits 143 although the trainer exits 0, so that a preempted pod counts as
-# failed (the JobSet restarts and resumes) and never as the end of the run.
-ON_SIGTERM_EXIT_143 = ('trap \'kill -TERM "$pid"; wait "$pid"; exit 143\' TERM; '
-                       'python -m pretrain "$@" & pid=$!; wait "$pid"')
+# failed (the JobSet restarts and resumes) and never as the end of the run. The trap finds the
+# trainer as a job (a signal may land before `pid` is set), and the shell waits in one-second
+# sleeps: a signal that lands just before bash blocks in `wait` runs its trap only when the
+# waited-for process ends. The trainer's own exit code is collected at the end.
+ON_SIGTERM_EXIT_143 = ('trap \'kill -TERM $(jobs -p) 2>/dev/null; wait; exit 143\' TERM; '
+                       'python -m pretrain "$@" & pid=$!; '
+                       'while kill -0 "$pid" 2>/dev/null; do sleep 1 & wait $!; done; wait "$pid"')
 
 
 class ManifestError(ValueError):
