@@ -41,19 +41,12 @@ TPU_RESOURCE = "google.com/tpu"
 ACCELERATOR_LABEL = "cloud.google.com/gke-tpu-accelerator"
 TOPOLOGY_LABEL = "cloud.google.com/gke-tpu-topology"
 # The exit code no restart can fix: 2, bad input, fails the JobSet at once. Any other failure
-# restarts it (up to --max-restarts): 3 from the stuck-step watchdog, an error or abort (a peer
-# died, a storage hiccup), a preempted node. The trainer resumes from its latest checkpoint.
+# restarts it (up to --max-restarts): 75 when preempted (the trainer's checkpoint is committed),
+# 3 from the stuck-step watchdog, a crash (a peer died, a storage hiccup), a lost node. The
+# trainer resumes from its latest checkpoint; the restarts keep the manifest's run.launch_id, so
+# checkpoint.overwrite=true never clears what they resume.
 FINAL_EXIT_CODES = [2]
 DNS_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
-# The container's command, as PID 1: it passes SIGTERM on to the trainer and waits for its
-# checkpoint, then exits 143 although the trainer exits 0, so that a preempted pod counts as
-# failed (the JobSet restarts and resumes) and never as the end of the run. The trap finds the
-# trainer as a job (a signal may land before `pid` is set), and the shell waits in one-second
-# sleeps: a signal that lands just before bash blocks in `wait` runs its trap only when the
-# waited-for process ends. The trainer's own exit code is collected at the end.
-ON_SIGTERM_EXIT_143 = ('trap \'kill -TERM $(jobs -p) 2>/dev/null; wait; exit 143\' TERM; '
-                       'python -m pretrain "$@" & pid=$!; '
-                       'while kill -0 "$pid" 2>/dev/null; do sleep 1 & wait $!; done; wait "$pid"')
 
 
 class ManifestError(ValueError):
@@ -86,7 +79,8 @@ def tpu_env(s: tpu.Slice, slices: int) -> list[dict]:
 
 
 def container_command(args: list[str]) -> list[str]:
-    return ["bash", "-c", ON_SIGTERM_EXIT_143, "pretrain", *args]
+    """The trainer itself as PID 1: SIGTERM reaches it, and its exit code is the pod's."""
+    return ["python", "-m", "pretrain", *args]
 
 
 def render(s: tpu.Slice, slices: int, name: str, image: str, command: list[str], max_restarts: int,
@@ -264,7 +258,7 @@ def main(argv: list[str]) -> int:
         if args.slices < 1 or args.max_restarts < 0 or args.grace_s < 0:
             raise ManifestError("--slices must be at least 1, --max-restarts and the grace period at least 0")
         s = tpu.parse(args.accelerator_type)
-        command = tpu_args.pretrain_command(argv[split + 1:])
+        command = tpu_args.pretrain_command(argv[split + 1:], tpu_args.new_launch_id())
         common = (s, args.slices, args.name, args.image, command, args.max_restarts, args.grace_s)
         manifest = render(*common)
         found = problems(manifest)

@@ -7,8 +7,10 @@ As a program it prints shell assignments for launch/tpu_vm.sh:
     tpu_args.py ACCELERATOR_TYPE [-- train CONFIG key=value ...]
 """
 
+import secrets
 import shlex
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository; workers run from its copy's root
@@ -22,8 +24,13 @@ class LaunchError(ValueError):
     report every ValueError as bad input (one line, exit code 2)."""
 
 
-def pretrain_command(args: list[str]) -> list[str]:
-    """`train CONFIG key=value ...` checked, with runtime.distributed=auto."""
+def new_launch_id() -> str:
+    """Names one launch: every retry of it (tpu_vm.sh --retries, a JobSet restart) passes the same."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def pretrain_command(args: list[str], launch_id: str) -> list[str]:
+    """`train CONFIG key=value ...` checked, with runtime.distributed=auto and run.launch_id."""
     if len(args) < 2 or args[0] != "train":
         raise LaunchError("the pretrain arguments after -- must be `train CONFIG [key=value ...]`, "
                           "e.g. -- train configs/llm/8b.yaml run.output_dir=gs://BUCKET/runs/8b")
@@ -37,14 +44,15 @@ def pretrain_command(args: list[str]) -> list[str]:
     if not cfg.run.output_dir.startswith("gs://"):
         raise LaunchError(f"run.output_dir={cfg.run.output_dir} would be on each VM's own disk, which every process "
                           "must share and which a preemption deletes; set run.output_dir=gs://BUCKET/PREFIX")
-    return [*args[:2], "runtime.distributed=auto", *args[2:]]  # before the overrides, which may change it
+    # Before the overrides, which may change them.
+    return [*args[:2], "runtime.distributed=auto", f"run.launch_id={launch_id}", *args[2:]]
 
 
 def main(argv: list[str]) -> int:
     accelerator_type, *rest = argv or [""]
     try:
         s = tpu.parse(accelerator_type)
-        command = pretrain_command(rest[1:]) if rest[:1] == ["--"] else []
+        command = pretrain_command(rest[1:], new_launch_id()) if rest[:1] == ["--"] else []
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

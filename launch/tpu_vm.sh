@@ -13,11 +13,12 @@ commands:
   create   create the TPU VM (or queued resource) and wait until it is ready
   run      create it if absent or preempted, ship the code to every worker, install, start
            `python -m pretrain train ...` on all workers at once and wait for them; with
-           --retries K it starts again after anything but success or exit code 2 (bad
-           input): a preemption, a stuck step (exit code 3), an error, a lost slice; the
-           trainer resumes from the latest checkpoint in run.output_dir
+           --retries K it starts again after any exit code but 0 (finished) and 2 (bad
+           input): 75 (preempted), 3 (a stuck step), a crash, a lost slice; the trainer
+           resumes from the latest checkpoint in run.output_dir (every start of one `run`
+           passes the same run.launch_id, so checkpoint.overwrite=true never clears a retry's)
   logs     print and follow a worker's training log (--worker N, default 0)
-  stop     SIGTERM the trainer on every worker: it saves a checkpoint and exits 0
+  stop     SIGTERM the trainer on every worker: it saves a checkpoint and exits 75
   delete   delete the TPU VM (or queued resource)
 
 options:
@@ -191,17 +192,18 @@ mkdir -p ~/pretrain-run && cd ~/pretrain &&
 rc=\$?; echo \"pretrain exit code \$rc on \$(hostname)\"; exit \$rc" 2>&1 | tee "$1" || true
 }
 
-outcome() { # what one start came to, from its output: finished, failed N, or why to start again
+outcome() { # what one start came to, from the workers' exit codes: finished, failed 2, or why to start again
   local codes
   codes=$(grep -o 'pretrain exit code [0-9]*' "$1" | awk '{print $4}' | sort -un || true)
-  # 2 (bad input) is final, as in launch/gke.py's JobSets; any other failure is not: 3 from the
-  # stuck-step watchdog, an error or abort (a peer died, a storage hiccup), a lost or preempted slice.
+  # The trainer's exit codes (pretrain/runtime.py): 0 finished, 2 bad input (final: no retry
+  # helps), 75 preempted with its checkpoint committed, 3 a stuck step; anything else is a crash
+  # (an error, an abort because a peer died) or a lost worker. All but 0 and 2 start again.
   if grep -qx 2 <<<"$codes"; then echo "failed 2"
   elif (($(grep -c 'pretrain exit code' "$1") < vms)); then echo "lost: not every worker reported"
+  elif [[ $codes == 0 ]]; then echo finished
+  elif grep -qx 75 <<<"$codes"; then echo "preempted: exit code 75"
   elif grep -qx 3 <<<"$codes"; then echo "stuck: exit code 3"
-  elif [[ $codes != 0 ]]; then echo "exit code $(tail -n 1 <<<"$codes")"
-  elif grep -q 'preempted: checkpoint' "$1"; then echo "preempted: checkpoint committed"
-  else echo finished
+  else echo "exit code $(tail -n 1 <<<"$codes")"
   fi
 }
 

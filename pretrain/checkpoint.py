@@ -141,6 +141,18 @@ def save_params(cfg: Config, params):
 EXECUTION_KEYS = {"dtype", "remat", "scan_layers", "attention", "splash_block_q", "splash_block_kv"}
 
 
+def for_this_launch(cfg: Config) -> Config:
+    """cfg, with checkpoint.overwrite off if run.output_dir was written by this very launch
+    (run.launch_id, which the launchers keep across retries): a retry resumes, never clears."""
+    saved_path = epath.Path(cfg.run.output_dir) / "config.yaml"
+    if not (cfg.checkpoint.overwrite and cfg.run.launch_id and saved_path.exists()):
+        return cfg
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    if saved.get("run", {}).get("launch_id") != cfg.run.launch_id:
+        return cfg
+    return dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, overwrite=False))
+
+
 def check_output_dir(cfg: Config):
     """Refuse a run.output_dir that holds another run or another model, unless checkpoint.overwrite."""
     out = epath.Path(cfg.run.output_dir)
@@ -216,7 +228,7 @@ def resume_plan(cfg: Config) -> ResumePlan:
 def clear_output_dir(cfg: Config):
     """checkpoint.overwrite=true: remove what an earlier run left, so its steps are never mistaken for ours."""
     out = epath.Path(cfg.run.output_dir)
-    for name in ("checkpoints", "tensorboard"):
+    for name in ("checkpoints", "tensorboard", "goodput"):
         if (out / name).exists():
             (out / name).rmtree()
     if (out / "metrics.jsonl").exists():

@@ -4,6 +4,7 @@ import argparse
 import copy
 import json
 import sys
+import time
 
 import jax
 from etils import epath
@@ -14,7 +15,7 @@ from data.tokenizer import MODEL_TYPES
 from models.layers import REMAT_POLICIES
 
 from pretrain import config as config_lib
-from pretrain import checkpoint, export, hf, loop, runtime, sample, tpu
+from pretrain import checkpoint, export, goodput, hf, loop, runtime, sample, tpu
 from pretrain.build import build
 from pretrain.config import ConfigError
 from pretrain.step import TrainStep
@@ -30,12 +31,18 @@ def start(cfg: config_lib.Config) -> TrainStep:
     return step
 
 
-def train(cfg_path, overrides) -> dict:
-    """Load and validate first (data, output dir, what to resume from); only then write anything, and train."""
+def train(cfg_path, overrides) -> int:
+    """Load and validate first (data, output dir, what to resume from); only then write anything, and
+    train. Returns the exit code: 0 done, 75 preempted (runtime.py)."""
+    started = time.time()
     step = start(config_lib.load(cfg_path, overrides))
-    cfg = step.cfg  # resolved
+    cfg = checkpoint.for_this_launch(step.cfg)  # resolved
+    if cfg.checkpoint.overwrite != step.cfg.checkpoint.overwrite and jax.process_index() == 0:
+        print(f"run.launch_id={cfg.run.launch_id} wrote {cfg.run.output_dir}: a retry of this launch resumes "
+              "(checkpoint.overwrite applies to its first start only)")
     checkpoint.check_output_dir(cfg)
     plan = checkpoint.resume_plan(cfg)
+    runtime.wait_for_all("planned", cfg.runtime.init_timeout_s)  # every process read the run dir before it changes
     if jax.process_index() == 0:
         if cfg.checkpoint.overwrite:
             checkpoint.clear_output_dir(cfg)
@@ -45,7 +52,7 @@ def train(cfg_path, overrides) -> dict:
         tokenizer = getattr(step.task, "tokenizer", None)
         if tokenizer is not None:  # export and sample find it here
             (out / prepare.TOKENIZER_FILE).write_bytes(tokenizer)
-    return loop.fit(step, plan)
+    return runtime.PREEMPTED_EXIT_CODE if loop.fit(step, plan, started)["preempted"] else 0
 
 
 def run_plan(args) -> int:
@@ -182,6 +189,10 @@ def main(argv=None) -> int:
     p.add_argument("--slices", type=int, default=1, help="number of such slices (multislice over DCN)")
     p.add_argument("--json", action="store_true", help="print one JSON object (per remat policy with --remat-sweep)")
     p.add_argument("--remat-sweep", action="store_true", help="plan every remat policy and print a table")
+    p = sub.add_parser("goodput", help="where a run's wall time went, across all its attempts: productive steps, "
+                                       "compiling, restoring, input, checkpoints, lost steps, restarts")
+    p.add_argument("run_dir", help="the run's run.output_dir, local or gs://")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     _prepare_parser(sub)
     _serving_parsers(sub)
     args, extra = parser.parse_known_args(argv)
@@ -191,16 +202,19 @@ def main(argv=None) -> int:
         args.overrides += extra
     try:
         if args.command == "train":
-            train(args.config, args.overrides)
+            return train(args.config, args.overrides)
         elif args.command == "smoke":
-            train(config_lib.preset_path(args.family, "smoke"), SMOKE_OVERRIDES[args.family] + args.overrides)
+            return train(config_lib.preset_path(args.family, "smoke"), SMOKE_OVERRIDES[args.family] + args.overrides)
         elif args.command == "plan":
             return run_plan(args)
+        elif args.command == "goodput":
+            r = goodput.report(args.run_dir)
+            print(json.dumps(r) if args.json else goodput.format_report(r))
         elif args.command == "prepare":
             run_prepare(args)
         else:
             run_serving(args)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return runtime.BAD_INPUT_EXIT_CODE
     return 0

@@ -16,9 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from pretrain.checkpoint import Checkpointer, Fresh, InitFrom, Resume, ResumePlan, restore_params
+from pretrain.goodput import Records
 from pretrain.metrics import MetricsLogger, total_peak_flops
+from pretrain.outputs import RunFiles
 from pretrain.profiling import StepProfiler
-from pretrain.runtime import Watchdog, wait_for_all
+from pretrain.runtime import PREEMPTED_EXIT_CODE, Watchdog, agreed, wait_for_all
 from pretrain import sharding
 from pretrain.sharding import local_rows
 
@@ -61,14 +63,18 @@ class Preemption(contextlib.AbstractContextManager):
 
     def __init__(self, checkpointer: Checkpointer):
         self.checkpointer, self.received, self.previous = checkpointer, False, None
+        self.noticed_at = None  # when SIGTERM came (one process) or the shared stop step was reached
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGTERM, self._note)
 
     def _note(self, signum, frame):
-        self.received = True
+        self.received, self.noticed_at = True, time.monotonic()
 
     def requested(self, step: int) -> bool:
-        return self.received or (jax.process_count() > 1 and self.checkpointer.reached_preemption(step))
+        stop = self.received or (jax.process_count() > 1 and self.checkpointer.reached_preemption(step))
+        if stop and self.noticed_at is None:
+            self.noticed_at = time.monotonic()
+        return stop
 
     def __exit__(self, *exc):
         if self.previous is not None:
@@ -125,35 +131,58 @@ class Log(Every):
 class Evaluate(Every):
     """The held-out loss (and the task's samples) every train.eval_every steps and at the end."""
 
-    def __init__(self, step_fn, logger: MetricsLogger, pauses, history: dict):
+    def __init__(self, step_fn, logger: MetricsLogger, pauses, history: dict, files: RunFiles):
         super().__init__(step_fn.cfg.train.eval_every, step_fn.cfg.run.steps)
-        self.step_fn, self.logger, self.pauses, self.history = step_fn, logger, pauses, history
+        self.step_fn, self.logger, self.pauses, self.history, self.files = step_fn, logger, pauses, history, files
 
     def after(self, done: Done):
         if not self.due(done):
             return
-        with self.pauses():
+        with self.pauses("eval", done.step):
             loss = evaluate(self.step_fn, done.state)
             if loss is not None:
                 self.logger.write({"step": done.step, **self.step_fn.task.eval_metrics(loss)})
                 self.history["eval_loss"].append(loss)
-            self.step_fn.task.write_samples(self.step_fn.sampling_model(done.state), done.step)
+            self.step_fn.task.write_samples(self.step_fn.sampling_model(done.state), done.step, self.files.local)
 
 
 class Save(Every):
-    """A checkpoint every checkpoint.every steps, at the end and when preempted."""
+    """A checkpoint every checkpoint.every steps, once checkpoint.every_minutes passed since the last
+    one, at the end and when preempted."""
 
-    def __init__(self, step_fn, checkpointer: Checkpointer, logger: MetricsLogger, pauses):
-        super().__init__(step_fn.cfg.checkpoint.every, step_fn.cfg.run.steps)
-        self.step_fn, self.checkpointer, self.logger, self.pauses = step_fn, checkpointer, logger, pauses
+    def __init__(self, step_fn, checkpointer: Checkpointer, logger: MetricsLogger, pauses, files: RunFiles):
+        cfg = step_fn.cfg
+        super().__init__(cfg.checkpoint.every, cfg.run.steps)
+        self.step_fn, self.checkpointer, self.logger, self.pauses, self.files = step_fn, checkpointer, logger, pauses, files
+        self.minutes, self.check_every, self.timeout_s = cfg.checkpoint.every_minutes, cfg.train.log_every, cfg.runtime.init_timeout_s
+        self.saved_at = time.monotonic()
+
+    def by_clock(self, step: int) -> bool:
+        """Asked at log rows, where the loop waits for the step anyway; process 0's clock decides for all."""
+        if not self.minutes or step % self.check_every:
+            return False
+        return agreed(f"save_by_clock/{step}", time.monotonic() - self.saved_at >= 60 * self.minutes, self.timeout_s)
 
     def after(self, done: Done):
-        if not (done.last or self.due(done)):
+        if not (done.last or self.due(done) or self.by_clock(done.step)):
             return
-        with self.pauses():
-            self.logger.flush()  # metrics up to this step are stored before the checkpoint that covers them
+        with self.pauses("checkpoint", done.step):
+            self.files.sync()  # what was logged up to this step is stored before the checkpoint that covers it
             blocked = self.checkpointer.save(done.step, done.state, self.step_fn.data_position(done.position))
+        self.saved_at = time.monotonic()
         self.logger.note(f"checkpoint {done.step}: the loop was blocked {blocked:.2f} s; writing in the background")
+
+
+class Record(Every):
+    """Closes the goodput records' stretch of steps at each log row (pretrain/goodput.py)."""
+
+    def __init__(self, step_fn, records: Records, feed):
+        super().__init__(step_fn.cfg.train.log_every, step_fn.cfg.run.steps)
+        self.records, self.feed = records, feed
+
+    def after(self, done: Done):
+        if done.last or self.due(done):
+            self.records.steps_until(done.step, self.feed.waited)
 
 
 class Profile(Event):
@@ -172,34 +201,43 @@ class Profile(Event):
 # --- the loop ------------------------------------------------------------------------------
 
 
-def fit(step_fn, plan: ResumePlan = Fresh()) -> dict:
+def fit(step_fn, plan: ResumePlan = Fresh(), started: float | None = None) -> dict:
     """Train `step_fn` (a pretrain.step.TrainStep) to run.steps from `plan`, checkpointing as configured.
-    SIGTERM (or, multi-host, JAX's preemption sync point) ends the run after a checkpoint."""
+    SIGTERM (or, multi-host, JAX's preemption sync point) ends the run after a checkpoint.
+    `started`: when this attempt began (time.time()), for the goodput records."""
     cfg, task = step_fn.cfg, step_fn.task
     history = {"train_loss": [], "eval_loss": [], "preempted": False}
-    rows = task.batches("train", step_fn.rows)
-    compiled, compile_s = _compile_logged(step_fn)
-    wait_for_all("compiled", cfg.runtime.init_timeout_s)
-    run_start = time.perf_counter()
     with contextlib.ExitStack() as stack:
+        files = stack.enter_context(contextlib.closing(RunFiles(cfg.run.output_dir)))  # closed last: the final copy
+        records = stack.enter_context(contextlib.closing(Records(files.local, started or time.time(), cfg.run.launch_id)))
+        rows = task.batches("train", step_fn.rows)
+        records.add("startup")
+        compiled, compile_s = _compile_logged(step_fn)
+        wait_for_all("compiled", cfg.runtime.init_timeout_s)
+        records.add("compile")
+        run_start = time.perf_counter()
         checkpointer = stack.enter_context(contextlib.closing(Checkpointer(cfg)))
         state, start = initial_state(step_fn, plan, checkpointer, rows)
-        logger = stack.enter_context(contextlib.closing(MetricsLogger(cfg.run.output_dir, cfg.run.steps, task.unit,
+        records.add("restore", step=start)
+        records.resumed_at(start)
+        logger = stack.enter_context(contextlib.closing(MetricsLogger(files.local, cfg.run.steps, task.unit,
                                                                       resume_step=start)))
         watchdog = stack.enter_context(Watchdog(cfg.runtime.step_timeout_s, start))
         preemption = stack.enter_context(Preemption(checkpointer))
         throughput = Throughput()
+        feed = Feed(step_fn, rows)
 
         @contextlib.contextmanager
-        def pauses():  # evals and saves are neither step time nor a stuck step
+        def pauses(kind: str, step: int):  # evals and saves are neither step time nor a stuck step
+            records.steps_until(step, feed.waited)
             with watchdog.paused(), throughput.paused():
                 yield
+            records.add(kind)
 
-        profiler = StepProfiler(cfg.train.profile_steps, cfg.run.output_dir)
-        events = [Profile(profiler), Log(step_fn, logger, throughput, history),
-                  Evaluate(step_fn, logger, pauses, history), Save(step_fn, checkpointer, logger, pauses)]
+        profiler = StepProfiler(cfg.train.profile_steps, files.local)
+        events = [Profile(profiler), Log(step_fn, logger, throughput, history), Record(step_fn, records, feed),
+                  Evaluate(step_fn, logger, pauses, history, files), Save(step_fn, checkpointer, logger, pauses, files)]
         stack.enter_context(step_fn.context())  # after Log, whose CPU peak is measured off the mesh
-        feed = Feed(step_fn, rows)
         batch, position = feed.next() if start < cfg.run.steps else (None, None)
         done = None
         for step in range(start + 1, cfg.run.steps + 1):
@@ -217,9 +255,10 @@ def fit(step_fn, plan: ResumePlan = Fresh()) -> dict:
                 history["preempted"] = True
                 break
         profiler.close(state)  # a run preempted inside the traced steps
-        waited = checkpointer.wait()
-        _closing_note(logger, cfg, start, done if history["preempted"] else None, waited, compile_s,
-                      time.perf_counter() - run_start)
+        checkpointer.wait()
+        records.add("checkpoint", final=True, preempted=history["preempted"])
+        preempted = (done.step, time.monotonic() - preemption.noticed_at) if history["preempted"] else None
+        _closing_note(logger, cfg, start, preempted, compile_s, time.perf_counter() - run_start)
     return {"state": state, "compile_s": compile_s, "wall_s": time.perf_counter() - run_start, **history}
 
 
@@ -229,9 +268,12 @@ class Feed:
 
     def __init__(self, step_fn, rows):
         self.step_fn, self.rows = step_fn, rows
+        self.waited = 0.0  # seconds the loop spent reading and placing batches
 
     def next(self) -> tuple[dict, np.ndarray]:
+        start = time.perf_counter()
         batch = self.step_fn.place_batch(next(self.rows))
+        self.waited += time.perf_counter() - start
         return batch, self.rows.positions.copy()
 
 
@@ -289,9 +331,11 @@ def _compile_logged(step_fn):
     return compiled, seconds
 
 
-def _closing_note(logger, cfg, start: int, preempted: Done | None, waited: float, compile_s: float, wall: float):
+def _closing_note(logger, cfg, start: int, preempted: tuple[int, float] | None, compile_s: float, wall: float):
     if preempted is not None:
-        logger.note(f"preempted: checkpoint {preempted.step} committed (waited {waited:.1f} s); run the same command to resume")
+        step, seconds = preempted
+        logger.note(f"preempted: checkpoint {step} committed {seconds:.1f} s after the notice; "
+                    f"exit code {PREEMPTED_EXIT_CODE}: run the same command to resume")
     elif start >= cfg.run.steps:
         logger.note(f"nothing to do: the checkpoint in {cfg.run.output_dir} is already at step {start} of {cfg.run.steps}; "
                     "raise run.steps to continue, or train again with another run.output_dir or checkpoint.overwrite=true")

@@ -1,12 +1,13 @@
 """Throughput, MFU and the metric sinks: a line on stdout, metrics.jsonl, TensorBoard."""
 
 import json
+import os
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from etils import epath
 from tensorboardX import SummaryWriter
 
 from pretrain import tpu
@@ -59,42 +60,33 @@ def _fmt_duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-UPLOAD_EVERY_S = 30  # how stale metrics.jsonl on gs:// may get between checkpoints
-
-
 class MetricsLogger:
-    """Writes every logged row to stdout, metrics.jsonl and TensorBoard (process 0 only)."""
+    """Writes every logged row to stdout, metrics.jsonl and TensorBoard (process 0 only), under a
+    local directory (pretrain/outputs.py copies it to a gs:// run.output_dir)."""
 
-    def __init__(self, output_dir: str, total_steps: int, unit: str, resume_step: int = 0):
+    def __init__(self, local_dir: Path, total_steps: int, unit: str, resume_step: int = 0):
         """A resumed run keeps the rows up to its checkpoint and drops those of steps it will redo."""
         self.total_steps, self.unit = total_steps, unit
         self.enabled = jax.process_index() == 0
         self.tty = sys.stdout.isatty()
         if not self.enabled:
             return
-        out = epath.Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        self.path = out / "metrics.jsonl"
-        self.lines = []
-        if resume_step and self.path.exists():
-            self.lines = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-        # GCS objects cannot be appended to: there the whole file is rewritten now and then.
-        self.remote, self.uploaded_at = str(out).startswith("gs://"), time.monotonic()
-        self.path.write_text("".join(line + "\n" for line in self.lines))
-        self.jsonl = None if self.remote else self.path.open("a")
-        self.tb = SummaryWriter(str(out / "tensorboard"))
+        local_dir.mkdir(parents=True, exist_ok=True)
+        path = local_dir / "metrics.jsonl"
+        lines = path.read_text().splitlines() if resume_step and path.exists() else []
+        kept = [line for line in lines if json.loads(line)["step"] <= resume_step]
+        if kept != lines or not resume_step:  # written anew; otherwise appended to as it is
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+        self.jsonl = path.open("a")
+        self.tb = SummaryWriter(str(local_dir / "tensorboard"))
 
     def write(self, row: dict):
         if not self.enabled:
             return
-        line = json.dumps(row)
-        if self.remote:
-            self.lines.append(line)
-            if time.monotonic() - self.uploaded_at > UPLOAD_EVERY_S:
-                self.flush()
-        else:
-            self.jsonl.write(line + "\n")
-            self.jsonl.flush()
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
         for key, value in row.items():
             if key != "step" and isinstance(value, (int, float)):
                 self.tb.add_scalar(key, value, row["step"])
@@ -125,14 +117,7 @@ class MetricsLogger:
         if self.enabled:
             print(("\r\033[K" if self.tty else "") + text, flush=True)
 
-    def flush(self):
-        if self.enabled and self.remote:
-            self.path.write_text("".join(line + "\n" for line in self.lines))
-            self.uploaded_at = time.monotonic()
-
     def close(self):
         if self.enabled:
-            self.flush()
-            if self.jsonl:
-                self.jsonl.close()
+            self.jsonl.close()
             self.tb.close()

@@ -28,6 +28,21 @@ def _state_bytes_per_chip(step_fn) -> int:
     return total
 
 
+def checkpoint_bytes_per_host(step_fn) -> list[int]:
+    """Bytes of the train state each host writes per checkpoint: every distinct shard once, by the
+    host of its first replica in the mesh's device order (Orbax's replica 0)."""
+    written = {}
+    for leaf in jax.tree.leaves(step_fn.abstract_state_with_shardings()):
+        indices = leaf.sharding.devices_indices_map(leaf.shape)
+        shard_bytes = leaf.dtype.itemsize * math.prod(leaf.sharding.shard_shape(leaf.shape))
+        owners = {}
+        for device in step_fn.mesh.devices.flat:
+            owners.setdefault(tuple((i.start, i.stop) for i in indices[device]), device.process_index)
+        for host in owners.values():
+            written[host] = written.get(host, 0) + shard_bytes
+    return [written.get(host, 0) for host in sorted({d.process_index for d in step_fn.mesh.devices.flat})]
+
+
 class StartupError(Exception):
     """Something that would stop a host of the slice before its first step."""
 
@@ -79,6 +94,8 @@ def plan(cfg: Config, accelerator_type: str, num_slices: int = 1) -> dict:
         "attention": step_fn.cfg.model.attention,
         "hbm_per_chip_gib": kind.hbm_gib,
         "params_and_optimizer_gib": _state_bytes_per_chip(step_fn) / GIB,
+        "checkpoint_gib_per_host": max(checkpoint_bytes_per_host(step_fn)) / GIB,
+        "checkpoint_every": {"steps": cfg.checkpoint.every, "minutes": cfg.checkpoint.every_minutes},
         "flops_per_step": step_fn.task.flops_per_step(),
     }
     start = time.perf_counter()
@@ -159,6 +176,8 @@ def describe(r: dict) -> str:
     lines = [f"{_title(r)}, remat {r['remat']}", f"  per chip: {memory}",
              f"  hosts: {r['hosts']}, each reading {' to '.join(map(str, counts))} rows of the global batch "
              f"(host 0: rows {r['host0_rows']})",
+             f"  checkpoints: each host writes at most {r['checkpoint_gib_per_host']:.2f} GiB per save, "
+             f"{_cadence(r['checkpoint_every'])}",
              f"  FLOPs per step: {r['flops_per_step']:.3e} (the MFU count)"]
     if r["est_step_s"] is not None:
         lines.append(f"  roofline: step {r['est_step_s']:.3f} s, {r['tokens_per_s']:,.0f} tokens/s, "
@@ -170,6 +189,11 @@ def describe(r: dict) -> str:
                          + (f" ({kinds})" if kinds else ""))
     lines.append(f"  compiled in {r['compile_s']:.1f} s")
     return "\n".join(lines)
+
+
+def _cadence(every: dict) -> str:
+    when = [f"every {every['steps']} steps"] * bool(every["steps"]) + [f"every {every['minutes']:g} minutes"] * bool(every["minutes"])
+    return " and ".join(when) or "at the end and on preemption only"
 
 
 def report(rows: list[dict]) -> str:

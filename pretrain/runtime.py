@@ -16,7 +16,12 @@ import jax
 from pretrain.config import ConfigError, validate_runtime
 from pretrain.schema import Config
 
-STUCK_EXIT_CODE = 3  # a launcher that retries on it resumes from the last checkpoint
+# Exit codes, the contract with the launchers: 0 the run finished, 2 bad input (no retry helps),
+# 3 a stuck step, 75 preempted with its checkpoint committed (sysexits' EX_TEMPFAIL); a retry of
+# 3, 75 or any other failure resumes from the last checkpoint.
+BAD_INPUT_EXIT_CODE = 2
+STUCK_EXIT_CODE = 3
+PREEMPTED_EXIT_CODE = 75
 
 
 def setup(cfg: Config):
@@ -94,6 +99,19 @@ def wait_for_all(name: str, timeout_s: int):
         from jax._src import distributed  # noqa: PLC0415 - the client's barrier is what Orbax uses too
 
         distributed.global_state.client.wait_at_barrier(name, timeout_s * 1000)
+
+
+def agreed(name: str, value: bool, timeout_s: int) -> bool:
+    """Process 0's `value`, the same on every process: a decision taken on one clock (through the
+    coordination service's key-value store, as Orbax's time-based save policy does; no devices)."""
+    if jax.process_count() == 1:
+        return value
+    from jax._src import distributed  # noqa: PLC0415
+
+    client = distributed.global_state.client
+    if jax.process_index() == 0:
+        client.key_value_set(name, str(int(value)))
+    return client.blocking_key_value_get(name, timeout_s * 1000) == "1"
 
 
 class Watchdog:

@@ -14,6 +14,10 @@ class RunConfig:
     seed: int = 0
     steps: int = 100
     output_dir: str = "runs/run"
+    # Names one launch of the run; its retries (tpu_vm.sh --retries, a JobSet restart, a Slurm
+    # requeue) pass the same id, so that checkpoint.overwrite=true clears only what a different
+    # launch left and a retry resumes. The launchers set it; "": every start is a new launch.
+    launch_id: str = ""
 
 
 @dataclasses.dataclass
@@ -106,6 +110,9 @@ class TrainConfig:
 @dataclasses.dataclass
 class CheckpointConfig:
     every: int = 0  # save every N steps; 0: only at the end (and on preemption)
+    # Also save once this many minutes passed since the last save (0: never), by process 0's clock,
+    # checked at log rows (train.log_every) and shared with every process.
+    every_minutes: float = 30.0
     keep: int = 3  # most recent checkpoints kept; 0: all
     keep_every: int = 0  # also keep every Nth step for good; 0: none
     async_: bool = True  # `checkpoint.async`: write in the background while training goes on

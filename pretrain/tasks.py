@@ -7,6 +7,7 @@ only place the language model and the diffusion model differ.
 import dataclasses
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -146,7 +147,7 @@ class Task:
     loss, weight, summed metrics), key being a training step's randomness (None in eval, which must
     be deterministic); units_per_step and flops_per_step for throughput and MFU; batch_shapes;
     prepare(model_axis) to open and check the data, which sets `sources`; batches(split, rows);
-    eval_metrics(loss) for the eval row; write_samples(model, step)
+    eval_metrics(loss) for the eval row; write_samples(model, step, local_dir)
     after each eval. Subclasses say how to read a source (_pipeline) and what random batches
     look like (_synthetic)."""
 
@@ -254,7 +255,7 @@ class LanguageModelTask(Task):
     def eval_metrics(self, loss: float) -> dict:
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
 
-    def write_samples(self, model, step: int):
+    def write_samples(self, model, step: int, local_dir: Path):
         """Nothing: `pretrain sample` generates text from any checkpoint."""
 
 
@@ -361,13 +362,14 @@ class DiffusionTask(Task):
     def eval_metrics(self, loss: float) -> dict:
         return {"eval_loss": loss}
 
-    def write_samples(self, model, step: int):
-        """A grid of diffusion.sample_num images (one column per class) under run.output_dir/samples/."""
+    def write_samples(self, model, step: int, local_dir: Path):
+        """A grid of diffusion.sample_num images (one column per class) under samples/ of the run's
+        local files (pretrain/outputs.py)."""
         d = self.cfg.diffusion
         batch, labels = draw_images(model, d, jax.random.key(self.cfg.run.seed), num=d.sample_num,
                                     steps=d.sample_steps, guidance=d.guidance)
         if jax.process_index() == 0:
-            out = epath.Path(self.cfg.run.output_dir) / "samples"
+            out = local_dir / "samples"
             out.mkdir(parents=True, exist_ok=True)
             (out / f"step_{step:07d}.png").write_bytes(images.grid_png(batch, grid_columns(labels)))
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from data import corpus
-from pretrain import checkpoint, cli, loop
+from pretrain import checkpoint, cli, goodput, loop, outputs
 from pretrain.build import build
 
 from conftest import REAL_DATA, ROOT, TINY, tiny_config
@@ -83,32 +83,45 @@ def signal_at_step(proc, step: int, signum) -> str:
     return "".join(lines)
 
 
-def test_sigterm_saves_exits_0_and_resumes_exactly(reference, tmp_path):
+def test_sigterm_saves_exits_75_and_resumes_exactly(reference, tmp_path):
     out, step = tmp_path / "run", random.randint(3, 30)
     proc = start([*RUN, "checkpoint.every=0", f"run.output_dir={out}"])
     printed = signal_at_step(proc, step, signal.SIGTERM)
-    assert proc.returncode == 0, printed[-2000:]
-    assert "preempted: checkpoint" in printed, printed[-2000:]
+    assert proc.returncode == 75, printed[-2000:]  # preempted, checkpoint committed: a launcher retries
+    assert re.search(r"preempted: checkpoint \d+ committed [\d.]+ s after the notice", printed), printed[-2000:]
     (saved,) = checkpoint.committed_steps(out / "checkpoints")
     assert step <= saved < STEPS, (step, saved)
     assert cli.main(["train", SMOKE, *RUN, "checkpoint.every=0", f"run.output_dir={out}"]) == 0
     assert losses(out) == losses(reference), f"SIGTERM at step {step}"
 
 
-def test_sigkill_during_saves_leaves_earlier_checkpoints_usable(reference, tmp_path, capsys):
-    out, step = tmp_path / "run", random.randint(5, 30)
-    proc = start([*RUN, "checkpoint.every=1", "checkpoint.keep=2", f"run.output_dir={out}"])  # a save is always in flight
+def test_a_retry_after_sigkill_resumes_from_the_last_committed_save(reference, tmp_path, capsys):
+    """A launcher's retry: the same command, checkpoint.overwrite=true and run.launch_id included.
+    Its first start clears an earlier launch's run; the retry resumes and never clears."""
+    out, step = resumable_copy(reference, tmp_path, keep_up_to=60), random.randint(5, 30)
+    command = [*RUN, "checkpoint.every=1", "checkpoint.keep=2", "checkpoint.overwrite=true", "run.launch_id=L1",
+               f"run.output_dir={out}"]
+    proc = start(command)  # a save is always in flight
     signal_at_step(proc, step, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
     committed = checkpoint.committed_steps(out / "checkpoints")
-    assert committed, "the saves before the kill were committed"
+    assert committed and committed[-1] < STEPS, "the earlier launch's run was cleared, this one's saves committed"
     # Whatever the kill interrupted, plus a partial save planted for certain, must be ignored.
     partial = out / "checkpoints" / f"{committed[-1] + 1}.orbax-checkpoint-tmp-1"
     shutil.copytree(out / "checkpoints" / str(committed[-1]) / "params", partial / "params", dirs_exist_ok=True)
-    assert cli.main(["train", SMOKE, *RUN, f"run.output_dir={out}"]) == 0
+    (killed,) = goodput.read_attempts(out)
+    recorded = max(r["last"] for r in killed if r["kind"] == "steps")
+    assert cli.main(["train", SMOKE, *command]) == 0
     assert f"resumed from step {committed[-1]}" in capsys.readouterr().out
     assert not partial.exists()
     assert losses(out) == losses(reference), f"SIGKILL at step {step}"
+    # The goodput report counts exactly the steps after the resumed checkpoint as lost, and its
+    # parts cover the wall time from the first start to the end.
+    assert cli.main(["goodput", str(out), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert recorded >= step and r["steps_lost"] == recorded - committed[-1] and r["attempts"] == 2
+    assert sum(r["parts"].values()) == pytest.approx(r["wall_s"], abs=1e-6) and 0 < r["goodput"] < 1
+    assert r["parts"]["lost"] > 0 and r["parts"]["between_attempts"] > 0 and r["parts"]["compile"] > 0
 
 
 @pytest.mark.parametrize("shape", [(4, 2), (2, 2)], ids=["mesh 4x2", "4 devices"])
@@ -167,6 +180,49 @@ def gs_put(env, name, content: bytes):
 def gs_ls(env, prefix):
     listing = json.load(urlopen(f"{env['STORAGE_EMULATOR_HOST']}/storage/v1/b/test-bucket/o?prefix={prefix}"))
     return {item["name"] for item in listing.get("items", [])}
+
+
+def test_the_run_files_mirror_sends_only_new_bytes(gcs, tmp_path, monkeypatch):
+    for key in ("STORAGE_EMULATOR_HOST", "NO_GCE_CHECK"):
+        monkeypatch.setenv(key, gcs[key])
+    local = tmp_path / "local"
+    (local / "tensorboard").mkdir(parents=True)
+    mirror = outputs.Mirror(local, "gs://test-bucket/mirrored/", every_s=3600)
+    events, metrics = local / "tensorboard" / "events", local / "metrics.jsonl"
+    events.write_bytes(b"first")
+    metrics.write_text("row 1\n")
+    mirror.sync()
+    with events.open("ab") as f:
+        f.write(b" second")
+    mirror.sync()
+    mirror.sync()  # nothing new: nothing sent
+    assert gs_get(gcs, "mirrored/tensorboard/events") == b"first second"
+    assert mirror.bytes_sent == len("first" "row 1\n" " second")  # the new bytes only, composed on
+    assert gs_ls(gcs, "mirrored/") == {"mirrored/tensorboard/events", "mirrored/metrics.jsonl"}
+    tmp = local / "metrics.tmp"  # written anew (another inode): sent whole
+    tmp.write_text("row 0\n")
+    tmp.replace(metrics)
+    mirror.close()
+    assert gs_get(gcs, "mirrored/metrics.jsonl") == b"row 0\n"
+    # A resumed run's mirror starts from what the bucket has.
+    (tmp_path / "again").mkdir()
+    again = outputs.Mirror(tmp_path / "again", "gs://test-bucket/mirrored", every_s=3600)
+    assert (tmp_path / "again" / "metrics.jsonl").read_text() == "row 0\n"
+    again.close()
+
+
+def test_a_preempted_run_on_gcs_leaves_every_row_and_its_trace_there(gcs):
+    run = [*TINY, "run.steps=40", "train.log_every=1", "train.profile_steps=[2,3]", "run.output_dir=gs://test-bucket/prof"]
+    proc = start(run, env=gcs)
+    printed = signal_at_step(proc, 8, signal.SIGTERM)
+    assert proc.returncode == 75, printed[-2000:]
+    rows = [json.loads(line) for line in gs_get(gcs, "prof/metrics.jsonl").decode().splitlines()]
+    logged = [int(m) for m in re.findall(r"^step +(\d+)/40 \| loss", printed, re.M)]
+    assert [r["step"] for r in rows] == logged and logged[-1] >= 8
+    traces = [n for n in gs_ls(gcs, "prof/profile/") if n.endswith(".xplane.pb")]
+    assert len(traces) == 1, gs_ls(gcs, "prof/")
+    assert b"jit_train_step" in gs_get(gcs, traces[0])
+    assert any(n.startswith("prof/goodput/") for n in gs_ls(gcs, "prof/"))
 
 
 def test_the_whole_cycle_on_gcs(gcs, tmp_path):

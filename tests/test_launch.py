@@ -25,8 +25,16 @@ import gke  # noqa: E402
 
 TPU_VM = str(ROOT / "launch" / "tpu_vm.sh")
 TRAIN = ["train", "configs/llm/8b.yaml", "run.output_dir=gs://bucket/runs/8b"]
-# what the workers run: JAX's cluster detection first, so that the user's overrides can change it
-REMOTE_TRAIN = ["train", "configs/llm/8b.yaml", "runtime.distributed=auto", "run.output_dir=gs://bucket/runs/8b"]
+# what the workers run: JAX's cluster detection and the launch's id first, so that the user's
+# overrides can change them
+REMOTE_TRAIN = ["train", "configs/llm/8b.yaml", "runtime.distributed=auto", "run.launch_id=ID",
+                "run.output_dir=gs://bucket/runs/8b"]
+LAUNCH_ID = re.compile(r"run\.launch_id=(\d{8}-\d{6}-[0-9a-f]{6})")
+
+
+def launch_ids(text: str) -> tuple[str, set]:
+    """`text` with each run.launch_id=... as run.launch_id=ID, and the ids found."""
+    return LAUNCH_ID.sub("run.launch_id=ID", text), set(LAUNCH_ID.findall(text))
 
 
 @pytest.mark.parametrize("name, chips, vms, chips_per_vm, topology, cloud_name", [
@@ -71,10 +79,8 @@ elif "ssh" in sys.argv and "pretrain exit code" in sys.argv[sys.argv.index("--co
     outcome = pop("outcomes.txt", "0")
     if outcome == "lost":
         sys.exit(255)
-    if outcome == "preempted":
-        print("preempted: checkpoint 100 committed")
     for worker in range(int(os.environ["FAKE_WORKERS"])):
-        print(f"pretrain exit code {{0 if outcome == 'preempted' else outcome}} on worker-{{worker}}")
+        print(f"pretrain exit code {{outcome}} on worker-{{worker}}")
 """
 
 
@@ -125,7 +131,8 @@ def test_tpu_vm_dry_run_v5p_64(fake_gcloud):
     assert "pip install -q -e \".[tpu]\"" in setup
     assert "sudo lsof -t /dev/accel* /dev/vfio/[0-9]*" in start and "sudo kill -9 $pids" in start
     assert "sudo rm -f /tmp/libtpu_lockfile" in start
-    assert f"~/pretrain-venv/bin/python -m pretrain {shlex.join(REMOTE_TRAIN)} >" in start
+    command, ids = launch_ids(start)
+    assert f"~/pretrain-venv/bin/python -m pretrain {shlex.join(REMOTE_TRAIN)} >" in command and len(ids) == 1
     assert start.index("libtpu_lockfile") < start.index("-m pretrain")
 
 
@@ -172,8 +179,8 @@ def test_tpu_vm_dry_run_other_commands(fake_gcloud, command, expected):
 
 @pytest.mark.parametrize("states, outcomes, retries, rc, starts, recreated", [
     # a stuck step (exit 3), an error, an abort (a peer died), a preemption (SIGTERM, checkpoint
-    # committed, exit 0): each is started again on the same VMs, until the run finishes
-    ([], ["3", "1", "134", "preempted", "0"], 4, 0, 5, False),
+    # committed, exit 75): each is started again on the same VMs, until the run finishes
+    ([], ["3", "1", "134", "75", "0"], 4, 0, 5, False),
     (["READY", "PREEMPTED"], ["lost", "0"], 1, 0, 2, True),  # the slice went away: created again
     ([], ["3"], 0, 3, 1, False),  # no retries left
     ([], ["2"], 5, 2, 1, False),  # bad input: starting again would not help
@@ -188,6 +195,8 @@ def test_tpu_vm_run_retries(fake_gcloud, tmp_path, states, outcomes, retries, rc
     made = [c for c in calls() if c[:4] == ["compute", "tpus", "tpu-vm", "create"]]
     started = [c for c in calls() if "ssh" in c and "pretrain exit code" in c[c.index("--command") + 1]]
     assert len(started) == starts
+    # every start is the same launch: a retry resumes what checkpoint.overwrite=true began
+    assert len(launch_ids(json.dumps(started))[1]) == 1
     assert len(made) == (1 if recreated else 0)
     assert any(c[:4] == ["compute", "tpus", "tpu-vm", "delete"] for c in calls()) == recreated
 
@@ -262,7 +271,10 @@ def test_gke_jobset(capsys, monkeypatch, accelerator, slices, vms, chips_per_vm,
     assert pod["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": label,
                                    "cloud.google.com/gke-tpu-topology": topology}
     assert (pod["restartPolicy"], pod["hostNetwork"], pod["dnsPolicy"]) == ("Never", True, "ClusterFirstWithHostNet")
-    assert container["command"] == ["bash", "-c", gke.ON_SIGTERM_EXIT_143, "pretrain", *REMOTE_TRAIN]
+    command, ids = launch_ids(shlex.join(container["command"]))
+    assert shlex.split(command) == ["python", "-m", "pretrain", *REMOTE_TRAIN] and len(ids) == 1
+    rules = job["podFailurePolicy"]["rules"]  # only bad input ends the JobSet; 75, 3 and crashes restart it
+    assert [(r["action"], r["onExitCodes"]["values"]) for r in rules] == [("FailJob", [2])]
 
     # JAX's own GKE TPU detection, on each pod's environment, numbers the processes 0..N-1 and
     # puts the coordinator on process 0's host. (What the environment lacks, JAX asks the
@@ -287,23 +299,6 @@ def test_gke_jobset(capsys, monkeypatch, accelerator, slices, vms, chips_per_vm,
     assert options["--tpu-type"] == xpk_type and options["--num-slices"] == str(slices)
     assert options["--workload"] == "js" and options["--docker-image"] == "registry/pretrain:1"
     assert shlex.split(options["--command"]) == container["command"]
-
-
-@pytest.mark.parametrize("preempted, rc", [(False, 5), (True, 143)])
-def test_gke_container_command_turns_a_preemption_into_a_failure(tmp_path, preempted, rc):
-    """The pod's PID 1 passes SIGTERM on to the trainer and waits for it; the trainer saves and
-    exits 0, the pod 143 (a failure, which restarts the JobSet); without SIGTERM, the trainer's code."""
-    python = tmp_path / "python"  # a trainer that saves for a moment on SIGTERM and exits 0
-    python.write_text("#!/bin/bash\ntrap 'sleep 0.2; echo saved; exit 0' TERM\necho \"$@\"\n"
-                      + ("for i in $(seq 300); do sleep 0.1; done\n" if preempted else "") + "exit 5\n")
-    python.chmod(0o755)
-    env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}")
-    p = subprocess.Popen(gke.container_command(["train", "c.yaml"]), env=env, stdout=subprocess.PIPE, text=True)
-    assert p.stdout.readline() == "-m pretrain train c.yaml\n"
-    if preempted:
-        p.send_signal(signal.SIGTERM)
-    assert p.wait(timeout=30) == rc
-    assert ("saved" in p.stdout.read()) == preempted
 
 
 def _path(manifest, *keys):

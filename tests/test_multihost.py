@@ -62,8 +62,9 @@ def reference(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
+    """Saving by the clock as well (every 0.3 s, by process 0's clock), which changes no loss."""
     out = tmp_path_factory.mktemp("two") / "run"
-    printed = run_launched(2, ["train", SMOKE, *LLM, f"run.output_dir={out}"])
+    printed = run_launched(2, ["train", SMOKE, *LLM, "checkpoint.every_minutes=0.005", f"run.output_dir={out}"])
     return out, printed
 
 
@@ -73,6 +74,16 @@ def test_two_processes_give_the_losses_of_one_bitwise(reference, two_processes):
     assert eval_losses(out) == eval_losses(reference) and len(eval_losses(out)) == 2
     # Only process 0 logs and writes metrics.
     assert "[0] step 12/12" in printed and "[1] step" not in printed
+
+
+def test_saves_by_the_clock_are_at_the_same_steps_on_every_process(two_processes):
+    out, printed = two_processes
+    steps = checkpoint.committed_steps(out / "checkpoints")
+    assert [s for s in steps if s % 6], f"no save by the clock among {steps}"  # checkpoint.every=6 makes the others
+    for s in steps:  # a step is committed once every process wrote its part of it
+        assert f"[0] checkpoint {s}: the loop was blocked" in printed
+        assert {p.name for p in (out / "checkpoints" / str(s) / "params").glob("ocdbt.process_*")} == {
+            "ocdbt.process_0", "ocdbt.process_1"}
 
 
 def test_diffusion_on_two_processes_equals_one(tmp_path):
@@ -151,7 +162,7 @@ def test_sigterm_to_one_process_saves_the_same_step_on_all(reference, tmp_path):
     lines += proc.stdout.readlines()
     proc.wait(timeout=120)
     printed = "".join(lines)
-    assert proc.returncode == 0, printed[-3000:]
+    assert proc.returncode == 75, printed[-3000:]
     (saved,) = checkpoint.committed_steps(out / "checkpoints")
     assert 3 <= saved < STEPS and f"preempted: checkpoint {saved} committed" in printed
     assert f"resumed from step {saved}" in run_launched(1, ["train", SMOKE, *LLM, "checkpoint.every=0", f"run.output_dir={out}"])
@@ -250,6 +261,8 @@ def slurm(tmp_path_factory):
         f"StateSaveLocation={tmp}/state", f"SlurmdSpoolDir={tmp}/spool", f"SlurmctldPidFile={tmp}/slurmctld.pid",
         f"SlurmdPidFile={tmp}/slurmd.pid", f"SlurmctldLogFile={tmp}/slurmctld.log", f"SlurmdLogFile={tmp}/slurmd.log",
         "SlurmdParameters=config_overrides",  # 4 task slots on however few cores
+        # A requeued job waits cred_expire (default 120 s), then the next scheduling pass (60 s).
+        "AuthInfo=cred_expire=5", "SchedulerParameters=sched_interval=1",
         "NodeName=localhost CPUs=4 Boards=1 SocketsPerBoard=1 CoresPerSocket=4 ThreadsPerCore=1 RealMemory=1000",
         "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP", "",
     ]))
@@ -280,3 +293,35 @@ def test_slurm_sbatch_with_jax_detection_gives_the_losses_of_one_process(slurm, 
     assert proc.returncode == 0, proc.stderr + log[-3000:]
     assert log.count(f"step {STEPS}/{STEPS} | loss") == 1, log[-3000:]  # two processes, one of which logs
     assert losses(out) == losses(reference) and len(losses(out)) == STEPS
+
+
+STAND_IN_PYTHON = """#!/bin/bash
+# python -c (the script's port probe) is the real one; python -m pretrain exits with the next code
+[ "$1" = -c ] && exec {python} "$@"
+n=$(cat {dir}/started 2>/dev/null | wc -l)
+echo "$*" >> {dir}/started
+exit $(sed -n "$((n + 1))p" {dir}/codes)
+"""
+
+
+@pytest.mark.parametrize("codes, retries, rc", [
+    (["75", "3", "134", "0"], 3, 0),  # preempted, stuck, crashed: requeued each time, then finished
+    (["2"], 3, 2),  # bad input: no retry helps
+    (["75", "75"], 1, 75),  # no retries left
+])
+def test_slurm_sbatch_requeues_on_the_trainers_exit_code(slurm, tmp_path, codes, retries, rc):
+    python = tmp_path / "python"
+    python.write_text(STAND_IN_PYTHON.format(python=sys.executable, dir=tmp_path))
+    python.chmod(0o755)
+    (tmp_path / "codes").write_text("\n".join(codes) + "\n")
+    env = dict(slurm, PYTHON=str(python), RETRIES=str(retries))
+    proc = subprocess.run(["sbatch", "--wait", "-n", "1", f"--output={tmp_path}/slurm-%j.out",
+                           str(ROOT / "launch" / "slurm.sbatch"), "train", SMOKE], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    log = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+    assert proc.returncode == rc, proc.stderr + log
+    started = (tmp_path / "started").read_text().splitlines()
+    assert len(started) == min(len(codes), retries + 1), log
+    # Every start of the job is the same launch: a retry resumes what overwrite=true began.
+    (job,) = {s.split("run.launch_id=")[1] for s in started}
+    assert job == "slurm-" + proc.stdout.split()[-1]

@@ -18,6 +18,11 @@ PLAN = [o for o in TINY if not o.startswith("runtime.fake_cpu_devices")]
 PLAN += ["data.seq_len=128", "model.max_seq_len=128", "mesh.data=-1", "mesh.model=2"]
 
 
+def norm_bytes(cfg) -> int:
+    """Float32 norm scales with AdamW's two moments: whole on every chip."""
+    return 3 * 4 * (2 * cfg.model.num_layers + 1) * cfg.model.embed_dim
+
+
 def hand_count(cfg) -> int:
     """Bytes per chip of float32 parameters and AdamW's two moments: every matrix split over all
     chips (embed over data, heads/mlp/vocab over model; K/V heads only over data when there are
@@ -27,8 +32,7 @@ def hand_count(cfg) -> int:
     chips = data * model
     kv = 2 * e * k * d / (chips if k % model == 0 else data)
     matrices = m.num_layers * ((2 * e * h * d + 3 * e * f) / chips + kv) + 2 * v * e / chips
-    norms = (2 * m.num_layers + 1) * e
-    return int(3 * 4 * (matrices + norms))
+    return int(3 * 4 * matrices + norm_bytes(cfg))
 
 
 def run_plan(capsys, topology, *overrides):
@@ -123,6 +127,11 @@ def test_plan_reports_each_hosts_rows(capsys):
     rc, r, _ = run_plan(capsys, "v5e-16", "mesh.model=1", "train.global_batch=64")
     assert rc == 0 and r["hosts"] == 4 and r["rows_per_host"] == [16] * 4
     assert r["host0_rows"] == "0-7, 24-27, 60-63"  # the torus order: 0-63, 192-223, 480-511 of 512 rows
+    # A checkpoint: each host writes its 4 chips' shards, and the host of the first chip the
+    # replicated norm scales (and step counters) too.
+    cfg = config_lib.load(SMOKE, PLAN + ["mesh.data=16", "mesh.model=1", "train.global_batch=64"])
+    hand = 4 * (hand_count(cfg) - norm_bytes(cfg)) + norm_bytes(cfg)
+    assert 0 <= r["checkpoint_gib_per_host"] * 2**30 - hand <= 32
 
 
 def test_plan_never_joins_a_cluster(monkeypatch, capsys):
