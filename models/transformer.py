@@ -8,17 +8,33 @@ on `scan_layers`. Each layer is rematerialised with the policy named by `remat`.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from models.attention import attention_fn, cached_attention
-from models.configs import TransformerConfig
+from models.configs import RopeScaling, TransformerConfig
 from models.layers import RMSNorm, constrain, einsum, fan_in_init, param, remat
 
 
-def rope(x, positions, theta: float):
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> np.ndarray:
+    """The [head_dim / 2] float32 angular frequencies of RoPE, scaled as `scaling` says (the formulas of
+    Hugging Face's rope_type, so that imported Llama 3.x checkpoints see the positions they were trained on)."""
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+    s = scaling
+    if s.type == "linear":
+        return freqs / s.factor
+    if s.type == "llama3":
+        wavelen = 2 * np.pi / freqs
+        low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+        high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+        smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+        blended = (1 - smooth) * freqs / s.factor + smooth * freqs
+        freqs = np.where(wavelen > low_freq_wavelen, freqs / s.factor, np.where(wavelen < high_freq_wavelen, freqs, blended))
+    return freqs.astype(np.float32)
+
+
+def rope(x, positions, freqs):
     """Rotary embedding over split halves of head_dim (the Hugging Face Llama convention)."""
-    half = x.shape[-1] // 2
-    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
     angles = positions[..., None].astype(jnp.float32) * freqs  # [B, L, half]
     sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -45,7 +61,8 @@ class DecoderLayer(nnx.Module):
         q = constrain(einsum("ble,ehd->blhd", y, self.wq[...], dtype=dtype), ("batch", "length", "heads", None))
         k = einsum("ble,ekd->blkd", y, self.wk[...], dtype=dtype)
         v = einsum("ble,ekd->blkd", y, self.wv[...], dtype=dtype)
-        return rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta), v
+        freqs = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        return rope(q, positions, freqs), rope(k, positions, freqs), v
 
     def _finish(self, x, attn):
         """Output projection, residual, then the SwiGLU MLP block."""
