@@ -1,7 +1,9 @@
 """Raw files -> ArrayRecord shards + manifest: `pretrain prepare text` and `pretrain prepare images`.
 
 Text: every input file holds documents (a plain text file is one document, JSONL and
-Parquet one per row's `text`). Worker processes tokenise whole files; the main process
+Parquet one per row's `text`). The tokenizer is the one given (SentencePiece or a Hugging Face
+tokenizer.json, data/tokenizer.py), else a SentencePiece model trained on the training documents;
+its files go into the output. Worker processes tokenise whole files; the main process
 drops duplicate documents, assigns each to train or validation by a hash of its content
 (the same split on every machine), cuts it into pieces of at most seq_len + 1 tokens
 (BOS + ids + EOS; a long document is split, never dropped, and counted in the manifest)

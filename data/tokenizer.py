@@ -78,8 +78,9 @@ class SentencePiece(Tokenizer):
             raise DataError(f"{name} is not a SentencePiece model; pass a .model file written by SentencePiece "
                             f"or a Hugging Face {HF_FILE}") from None
         self.files = {SENTENCEPIECE_FILE: model}
-        self.bos_id, self.eos_id, self.pad_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id(), self.sp.unk_id()
-        self.vocab_size = self.sp.get_piece_size()
+        sp = self.sp
+        self.bos_id, self.eos_id, self.pad_id, self.unk_id = sp.bos_id(), sp.eos_id(), sp.pad_id(), sp.unk_id()
+        self.vocab_size = sp.get_piece_size()
         if self.bos_id < 0 or self.eos_id < 0:
             raise DataError(f"{name} has no BOS/EOS pieces (pad, bos, eos ids are {self.pad_id, self.bos_id, self.eos_id}); "
                             "train it with bos_id and eos_id set")
@@ -168,7 +169,8 @@ def load(path: str) -> Tokenizer:
             raise DataError(f"{path} holds neither {HF_FILE} nor {SENTENCEPIECE_FILE}; point --tokenizer at a tokenizer")
         return found
     if not path.is_file():
-        raise DataError(f"tokenizer {path} does not exist; pass a SentencePiece .model file, a {HF_FILE} or a directory holding one")
+        raise DataError(f"tokenizer {path} does not exist; pass a SentencePiece .model file, a {HF_FILE} "
+                        "or a directory holding one")
     if path.suffix == ".json":
         config = path.parent / HF_CONFIG_FILE
         files = {HF_FILE: path.read_bytes(), **({HF_CONFIG_FILE: config.read_bytes()} if config.exists() else {})}

@@ -16,20 +16,18 @@ from models.configs import RopeScaling, TransformerConfig
 from models.layers import RMSNorm, constrain, einsum, fan_in_init, param, remat
 
 
-def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> np.ndarray:
-    """The [head_dim / 2] float32 angular frequencies of RoPE, scaled as `scaling` says (the formulas of
-    Hugging Face's rope_type, so that imported Llama 3.x checkpoints see the positions they were trained on)."""
+def rope_frequencies(head_dim: int, theta: float, s: RopeScaling) -> np.ndarray:
+    """The [head_dim / 2] float32 angular frequencies of RoPE, scaled as `s` says (by the formulas of
+    Hugging Face's rope_type, so that imported Llama 3.x checkpoints see positions as they were trained to)."""
     freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
-    s = scaling
     if s.type == "linear":
         return freqs / s.factor
     if s.type == "llama3":
-        wavelen = 2 * np.pi / freqs
-        low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
-        high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
-        smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+        context, wavelen = s.original_max_position_embeddings, 2 * np.pi / freqs
+        smooth = (context / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
         blended = (1 - smooth) * freqs / s.factor + smooth * freqs
-        freqs = np.where(wavelen > low_freq_wavelen, freqs / s.factor, np.where(wavelen < high_freq_wavelen, freqs, blended))
+        freqs = np.where(wavelen > context / s.low_freq_factor, freqs / s.factor,
+                         np.where(wavelen < context / s.high_freq_factor, freqs, blended))
     return freqs.astype(np.float32)
 
 

@@ -49,7 +49,8 @@ def llama_config(m: TransformerConfig, dtype: str, special: dict[str, int]) -> d
         "rms_norm_eps": m.norm_eps,
         "rope_theta": m.rope_theta,  # older readers
         "rope_scaling": _rope_scaling_json(m.rope_scaling),  # older readers (transformers 4, vLLM); null unscaled
-        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta, **(_rope_scaling_json(m.rope_scaling) or {})},
+        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta,  # transformers 5
+                            **(_rope_scaling_json(m.rope_scaling) or {})},
         "tie_word_embeddings": m.tie_embeddings,
         "attention_bias": False,
         "mlp_bias": False,
@@ -59,7 +60,10 @@ def llama_config(m: TransformerConfig, dtype: str, special: dict[str, int]) -> d
 
 
 # The Hugging Face rope_type of each scaling this model has, and the keys it reads.
-ROPE_KEYS = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+ROPE_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 
 def _rope_scaling_json(s: RopeScaling) -> dict | None:

@@ -95,8 +95,8 @@ def _check_rope_scaling(s: RopeScaling):
         require(0 < s.low_freq_factor < s.high_freq_factor,
                 f"model.rope_scaling: low_freq_factor={s.low_freq_factor} and high_freq_factor={s.high_freq_factor} "
                 "must satisfy 0 < low < high (Llama 3.1 uses 1 and 4)")
-        require(s.original_max_position_embeddings > 0,
-                "model.rope_scaling.original_max_position_embeddings must be positive (the pretraining context, 8192 for Llama 3)")
+        require(s.original_max_position_embeddings > 0, "model.rope_scaling.original_max_position_embeddings must be "
+                                                         "positive (the context of pretraining, 8192 for Llama 3)")
 
 
 def _check_resumed_tokenizer(cfg: LanguageModelRun, tokenizer: tokenizer_lib.Tokenizer | None):
