@@ -88,6 +88,8 @@ def run_prepare(args):
     for split, info in manifest["splits"].items():
         counts = ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in info.items() if isinstance(v, int))
         print(f"{split}: {counts} in {len(info['shards'])} shard(s)")
+    if args.kind == "text":
+        print(f"tokenizer: {manifest['tokenizer_kind']} ({', '.join(manifest['files'])}), {manifest['vocab_size']:,} ids")
     print(f"wrote {args.out}")
 
 

@@ -218,8 +218,8 @@ def llama3(tmp_path_factory):
     save_random_llama3(paths["Llama-3-tiny"], save_llama3_tokenizer(texts, paths["Llama-3-tiny"]))
     commands = [
         ["import-hf", paths["Llama-3-tiny"], "--out", paths["imported"]],
-        ["prepare", "text", "--input", root / "corpus", "--tokenizer", paths["Llama-3-tiny"], "--out", paths["data"],
-         "--seq-len", "32", "--workers", "1"],
+        ["prepare", "text", "--input", root / "corpus", "--tokenizer", paths["Llama-3-tiny"] / "tokenizer.json",
+         "--out", paths["data"], "--seq-len", "32", "--workers", "1"],
         ["train", paths["imported"] / "config.yaml", f"checkpoint.resume_from={paths['imported']}",
          f"run.output_dir={paths['trained']}", f"data.source={paths['data']}", "data.seq_len=32", "run.steps=3",
          "optim.warmup_steps=0", "train.log_every=1", "train.eval_every=0", "runtime.fake_cpu_devices=8",
