@@ -1,1 +1,1 @@
-"""Input: the embedded default corpus, the SentencePiece tokenizer and batch streams."""
+"""Input: the embedded default corpus, tokenizers (SentencePiece or Hugging Face) and batch streams."""

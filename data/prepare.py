@@ -1,7 +1,9 @@
 """Raw files -> ArrayRecord shards + manifest: `pretrain prepare text` and `pretrain prepare images`.
 
 Text: every input file holds documents (a plain text file is one document, JSONL and
-Parquet one per row's `text`). Worker processes tokenise whole files; the main process
+Parquet one per row's `text`). The tokenizer is the one given (SentencePiece or a Hugging Face
+tokenizer.json, data/tokenizer.py), else a SentencePiece model trained on the training documents;
+its files go into the output. Worker processes tokenise whole files; the main process
 drops duplicate documents, assigns each to train or validation by a hash of its content
 (the same split on every machine), cuts it into pieces of at most seq_len + 1 tokens
 (BOS + ids + EOS; a long document is split, never dropped, and counted in the manifest)
@@ -33,7 +35,6 @@ from data import tokenizer as tokenizer_lib
 from data.records import MANIFEST, DataError, ShardWriter, write_manifest
 
 SPLITS = ("train", "validation")
-TOKENIZER_FILE = "tokenizer.model"
 GLOB_CHARS = "*?["
 
 
@@ -120,17 +121,17 @@ def sample_texts(files, max_bytes: int, val_fraction: float) -> list[str]:
 
 # --- worker processes --------------------------------------------------------------------
 
-_SP = None
+_TOKENIZER = None
 
 
-def _init_tokenizer(model: bytes):
-    global _SP
-    _SP = tokenizer_lib.load(model, TOKENIZER_FILE)
+def _init_tokenizer(files: dict[str, bytes]):
+    global _TOKENIZER
+    _TOKENIZER = tokenizer_lib.from_files(files, "the tokenizer")
 
 
 def _encode_file(path: str) -> list[tuple[bytes, np.ndarray]]:
     docs = list(read_documents(epath.Path(path)))
-    return [(digest(d.encode()), np.asarray(ids, np.int32)) for d, ids in zip(docs, _SP.encode(docs))]
+    return [(digest(d.encode()), np.asarray(ids, np.int32)) for d, ids in zip(docs, _TOKENIZER.encode(docs))]
 
 
 def _check_image(path: str) -> tuple[bytes, bytes]:
@@ -220,26 +221,22 @@ def prepare_text(
     if seq_len < 1:
         raise DataError(f"--seq-len {seq_len} must be positive")
     if tokenizer:
-        if not epath.Path(tokenizer).is_file():
-            raise DataError(f"tokenizer file {tokenizer} does not exist; pass a SentencePiece .model file")
-        model = epath.Path(tokenizer).read_bytes()
-        sp = tokenizer_lib.load(model, tokenizer)
+        tok = tokenizer_lib.load(tokenizer)
     else:
         texts = sample_texts(files, tokenizer_sample_mb << 20, val_fraction)
         if not texts:
             raise DataError(f"the inputs {', '.join(inputs)} hold no text to train a tokenizer on; check --input")
-        model = tokenizer_lib.train(texts, vocab_size, model_type)
-        sp = tokenizer_lib.load(model, TOKENIZER_FILE)
-    bos, eos = sp.bos_id(), sp.eos_id()
+        tok = tokenizer_lib.train(texts, vocab_size, model_type)
+    bos, eos = tok.bos_id, tok.eos_id
     workers = workers or os.cpu_count() or 1
     with staged(out, overwrite) as stage:
-        (stage / TOKENIZER_FILE).write_bytes(model)
+        tok.write(stage)
         writers = {s: ShardWriter(stage, s, shard_mb << 20) for s in SPLITS}
         stats = {s: {"documents": 0, "records": 0, "tokens": 0, "split_documents": 0} for s in SPLITS}
         checksums = {s: hashlib.sha256() for s in SPLITS}
-        counts = {s: np.zeros(sp.vocab_size(), np.int64) for s in SPLITS}
+        counts = {s: np.zeros(tok.vocab_size, np.int64) for s in SPLITS}
         seen, duplicates = set(), 0
-        for docs in _map(_encode_file, [str(f) for f in files], min(workers, len(files)), _init_tokenizer, (model,)):
+        for docs in _map(_encode_file, [str(f) for f in files], min(workers, len(files)), _init_tokenizer, (tok.files,)):
             for digest, ids in docs:
                 if digest in seen:
                     duplicates += 1
@@ -255,19 +252,19 @@ def prepare_text(
                 s["records"] += len(pieces)
                 s["tokens"] += len(ids) + 2
                 s["split_documents"] += len(pieces) > 1
-                counts[split] += np.bincount(ids, minlength=sp.vocab_size())
+                counts[split] += np.bincount(ids, minlength=tok.vocab_size)
         if not seen:
             raise DataError(f"the inputs {', '.join(inputs)} hold no text; check --input")
         manifest = {
             "kind": "text",
-            "tokenizer": TOKENIZER_FILE,
-            "tokenizer_sha256": hashlib.sha256(model).hexdigest(),
-            "vocab_size": sp.vocab_size(),
-            "special_ids": {"pad": sp.pad_id(), "bos": bos, "eos": eos, "unk": sp.unk_id()},
+            "tokenizer_kind": tok.kind,
+            "tokenizer_sha256": tok.sha256(),
+            "vocab_size": tok.vocab_size,
+            "special_ids": {"pad": tok.pad_id, "bos": bos, "eos": eos, "unk": tok.unk_id},
             "seq_len": seq_len,
             "input_files": len(files),
             "duplicate_documents": duplicates,
-            "files": [TOKENIZER_FILE],
+            "files": sorted(tok.files),
             "splits": {
                 s: {
                     "shards": writers[s].close(),

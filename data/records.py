@@ -1,7 +1,7 @@
 """Prepared datasets on disk: ArrayRecord shards plus a manifest.json that describes them.
 
 A prepared directory holds `<split>-NNNNN.array_record` shards, `manifest.json` (written
-last, so a directory without one is incomplete) and, for text, `tokenizer.model`. It may
+last, so a directory without one is incomplete) and, for text, the tokenizer's files. It may
 live on local disk or under gs://; ArrayRecord reads only local files, so a gs://
 dataset is copied once into the local cache before training (for datasets larger than
 the local disk, mount the bucket with gcsfuse and point at the mount).

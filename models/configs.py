@@ -4,6 +4,23 @@ checkpoints store, readable without loading a framework."""
 import dataclasses
 
 
+ROPE_SCALINGS = ("none", "linear", "llama3")
+
+
+@dataclasses.dataclass
+class RopeScaling:
+    """How RoPE frequencies are stretched for contexts longer than pretraining's (Hugging Face's
+    rope_type): none; linear (every frequency divided by `factor`); llama3 (Llama 3.1's: wavelengths
+    above original_max_position_embeddings / low_freq_factor divided by `factor`, those below
+    original_max_position_embeddings / high_freq_factor kept, a smooth blend in between)."""
+
+    type: str = "none"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
 @dataclasses.dataclass
 class TransformerConfig:
     vocab_size: int = 512
@@ -16,6 +33,7 @@ class TransformerConfig:
     max_seq_len: int = 256
     tie_embeddings: bool = False
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = dataclasses.field(default_factory=RopeScaling)
     norm_eps: float = 1e-5
     dtype: str = "float32"
     remat: str = "full"

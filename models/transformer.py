@@ -8,17 +8,31 @@ on `scan_layers`. Each layer is rematerialised with the policy named by `remat`.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from models.attention import attention_fn, cached_attention
-from models.configs import TransformerConfig
+from models.configs import RopeScaling, TransformerConfig
 from models.layers import RMSNorm, constrain, einsum, fan_in_init, param, remat
 
 
-def rope(x, positions, theta: float):
+def rope_frequencies(head_dim: int, theta: float, s: RopeScaling) -> np.ndarray:
+    """The [head_dim / 2] float32 angular frequencies of RoPE, scaled as `s` says (by the formulas of
+    Hugging Face's rope_type, so that imported Llama 3.x checkpoints see positions as they were trained to)."""
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+    if s.type == "linear":
+        return freqs / s.factor
+    if s.type == "llama3":
+        context, wavelen = s.original_max_position_embeddings, 2 * np.pi / freqs
+        smooth = (context / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+        blended = (1 - smooth) * freqs / s.factor + smooth * freqs
+        freqs = np.where(wavelen > context / s.low_freq_factor, freqs / s.factor,
+                         np.where(wavelen < context / s.high_freq_factor, freqs, blended))
+    return freqs.astype(np.float32)
+
+
+def rope(x, positions, freqs):
     """Rotary embedding over split halves of head_dim (the Hugging Face Llama convention)."""
-    half = x.shape[-1] // 2
-    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
     angles = positions[..., None].astype(jnp.float32) * freqs  # [B, L, half]
     sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -45,7 +59,8 @@ class DecoderLayer(nnx.Module):
         q = constrain(einsum("ble,ehd->blhd", y, self.wq[...], dtype=dtype), ("batch", "length", "heads", None))
         k = einsum("ble,ekd->blkd", y, self.wk[...], dtype=dtype)
         v = einsum("ble,ekd->blkd", y, self.wv[...], dtype=dtype)
-        return rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta), v
+        freqs = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        return rope(q, positions, freqs), rope(k, positions, freqs), v
 
     def _finish(self, x, attn):
         """Output projection, residual, then the SwiGLU MLP block."""

@@ -172,6 +172,8 @@ def check_output_dir(cfg: Config):
 def _model_differences(cfg: Config, saved_model: dict) -> str:
     """The saved model's settings that differ from cfg.model in what the parameters hold, or ''."""
     current = config_lib.to_dict(cfg)["model"]
+    # A key that an older config lacks held its default then (model.rope_scaling, for one).
+    saved_model = config_lib.to_dict(type(cfg.model)()) | saved_model
     changed = [k for k in current if k not in EXECUTION_KEYS and saved_model.get(k) != current[k]]
     return ", ".join(f"model.{k}={saved_model.get(k)}" for k in changed)
 

@@ -51,7 +51,7 @@ def train(cfg_path, overrides) -> int:
         (out / "config.yaml").write_text(config_lib.to_yaml(cfg))
         tokenizer = getattr(step.task, "tokenizer", None)
         if tokenizer is not None:  # export and sample find it here
-            (out / prepare.TOKENIZER_FILE).write_bytes(tokenizer)
+            tokenizer.write(out)
     return runtime.PREEMPTED_EXIT_CODE if loop.fit(step, plan, started)["preempted"] else 0
 
 
@@ -95,11 +95,13 @@ def run_prepare(args):
     for split, info in manifest["splits"].items():
         counts = ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in info.items() if isinstance(v, int))
         print(f"{split}: {counts} in {len(info['shards'])} shard(s)")
+    if args.kind == "text":
+        print(f"tokenizer: {manifest['tokenizer_kind']} ({', '.join(manifest['files'])}), {manifest['vocab_size']:,} ids")
     print(f"wrote {args.out}")
 
 
 def _prepare_parser(sub):
-    p = sub.add_parser("prepare", help="build ArrayRecord shards (and a SentencePiece model for text) from raw files")
+    p = sub.add_parser("prepare", help="build ArrayRecord shards (and a tokenizer for text) from raw files")
     kinds = p.add_subparsers(dest="kind", required=True)
     text = kinds.add_parser("text", help="text files, JSONL or Parquet (a 'text' field) -> token-id shards")
     images = kinds.add_parser("images", help="PNG/JPEG files (class subdirectories give labels) -> image shards")
@@ -110,7 +112,9 @@ def _prepare_parser(sub):
         k.add_argument("--workers", type=int, default=0, help="worker processes (0: one per CPU)")
         k.add_argument("--shard-mb", type=int, default=256, help="size of each ArrayRecord shard")
         k.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    text.add_argument("--tokenizer", help="an existing SentencePiece .model file (default: train one on the input)")
+    text.add_argument("--tokenizer", help="an existing tokenizer: a SentencePiece .model file, a Hugging Face tokenizer.json "
+                                           "(tokenizer_config.json beside it), or a directory holding either, such as a "
+                                           "Llama checkpoint (default: train a SentencePiece model on the input)")
     text.add_argument("--vocab-size", type=int, default=32000, help="pieces of the trained tokenizer")
     text.add_argument("--model-type", choices=MODEL_TYPES, default="bpe")
     text.add_argument("--seq-len", type=int, default=2048, help="longer documents are split into pieces of this many tokens")

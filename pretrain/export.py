@@ -17,7 +17,6 @@ from flax import nnx, traverse_util
 
 from data import prepare
 from data import tokenizer as tokenizer_lib
-from data.prepare import TOKENIZER_FILE
 from models.transformer import Transformer, TransformerConfig
 from models.unet import UNet, UNetConfig
 from pretrain import checkpoint, hf
@@ -67,16 +66,11 @@ def _restore(directory: epath.Path, step: int, m, device, item: str = "params") 
     return _flat(jax.tree.unflatten(jax.tree.structure(abstract), jax.tree.leaves(restored)))  # may come back as dicts
 
 
-def _run_tokenizer(directory: epath.Path) -> bytes | None:
-    tokenizer = run_dir(directory) / TOKENIZER_FILE
-    return tokenizer.read_bytes() if tokenizer.exists() else None
-
-
 def from_checkpoint(path: str, step: int | None = None, device=None):
-    """(config, flat {path: array} of parameters on `device`, tokenizer bytes or None) of a checkpoint."""
+    """(config, flat {path: array} of parameters on `device`, tokenizer or None) of a checkpoint."""
     directory, step = checkpoint.locate(path, step)
     cfg = _llm_config(directory, step)
-    return cfg, _restore(directory, step, cfg.model, device), _run_tokenizer(directory)
+    return cfg, _restore(directory, step, cfg.model, device), tokenizer_lib.read(run_dir(directory))
 
 
 def hf_model_config(src: epath.Path) -> TransformerConfig:
@@ -86,14 +80,13 @@ def hf_model_config(src: epath.Path) -> TransformerConfig:
 
 
 def from_hf(path: str):
-    """(model config, flat {path: float32 array} of parameters, tokenizer bytes or None) of a
-    Hugging Face Llama directory."""
+    """(model config, flat {path: float32 array} of parameters, tokenizer or None) of a Hugging Face
+    Llama directory."""
     src = epath.Path(path)
     m = hf_model_config(src)
     with hf.open_weights(src) as read:
         flat = hf.params_from_hf(m, read)
-    tokenizer = src / TOKENIZER_FILE
-    return m, flat, tokenizer.read_bytes() if tokenizer.exists() else None
+    return m, flat, tokenizer_lib.read(src)
 
 
 def task_of(path: str) -> str:
@@ -105,7 +98,7 @@ def task_of(path: str) -> str:
 
 
 def load_model(path: str, step: int | None = None):
-    """(model, tokenizer bytes or None) from a checkpoint or an exported directory, on the default device."""
+    """(model, tokenizer or None) from a checkpoint or an exported directory, on the default device."""
     device = jax.devices()[0]
     if (epath.Path(path) / "config.json").exists():
         m, flat, tokenizer = from_hf(path)
@@ -130,15 +123,10 @@ def export(path: str, out: str | None = None, *, step: int | None = None, dtype:
         raise ConfigError(f"model.embed_dim={m.embed_dim} is not divisible by model.num_heads={m.num_heads}, "
                           "which transformers' LlamaConfig requires")
     prepare.check_output(out, overwrite)
-    tokenizer = _run_tokenizer(directory)
+    tokenizer = tokenizer_lib.read(run_dir(directory))
     if tokenizer is None:
-        print(f"note: no {TOKENIZER_FILE} in {run_dir(directory)}; the export has no tokenizer")
-        special = {"bos_token_id": tokenizer_lib.BOS_ID, "eos_token_id": tokenizer_lib.EOS_ID}
-    else:
-        sp = tokenizer_lib.load(tokenizer, TOKENIZER_FILE)
-        special = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id()}
-        if sp.pad_id() >= 0:
-            special["pad_token_id"] = sp.pad_id()
+        print(f"note: no tokenizer in {run_dir(directory)}; the export has none (and no special token ids)")
+    special = hf.special_ids(tokenizer) if tokenizer else {}
     flat = _restore(directory, step, m, None)
     with prepare.staged(out, overwrite, last="config.json") as stage:
         size = hf.write_weights(stage, hf.hf_tensors(m, flat), dtype, max_shard_bytes)
@@ -162,7 +150,7 @@ def import_hf(path: str, out: str, *, overwrite: bool = False) -> dict:
         checkpoint.clear_output_dir(cfg)
     checkpoint.save_params(cfg, nnx.state(_model(m, flat)))
     if tokenizer is not None:
-        (epath.Path(out) / TOKENIZER_FILE).write_bytes(tokenizer)
+        tokenizer.write(out)
     (epath.Path(out) / "config.yaml").write_text(config_lib.to_yaml(cfg))
     params = sum(int(np.prod(v.shape)) for v in flat.values())
     return {"out": out, "params": params, "seconds": time.perf_counter() - start}

@@ -2,7 +2,8 @@
 
 A directory holds `config.json`, the weights as safetensors (`model.safetensors`, or numbered
 files plus `model.safetensors.index.json` above a size), `generation_config.json`, and the
-SentencePiece tokenizer (`tokenizer.model` + `tokenizer_config.json`).
+tokenizer: `tokenizer.json` + `tokenizer_config.json` (Llama 3), or a SentencePiece
+`tokenizer.model` + `tokenizer_config.json`.
 
 The names and layouts of the weights are one table (`_layer_table`): Hugging Face keeps each
 projection as a [out, in] matrix per layer, this stack a stacked [layers, in, ...heads] array.
@@ -20,8 +21,8 @@ from etils import epath
 from safetensors import safe_open
 
 from data import tokenizer as tokenizer_lib
-from data.prepare import TOKENIZER_FILE
-from models.transformer import TransformerConfig
+from data.tokenizer import Tokenizer
+from models.configs import RopeScaling, TransformerConfig
 from pretrain.config import ConfigError
 
 WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -47,7 +48,9 @@ def llama_config(m: TransformerConfig, dtype: str, special: dict[str, int]) -> d
         "max_position_embeddings": m.max_seq_len,
         "rms_norm_eps": m.norm_eps,
         "rope_theta": m.rope_theta,  # older readers
-        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},  # transformers 5
+        "rope_scaling": _rope_scaling_json(m.rope_scaling),  # older readers (transformers 4, vLLM); null unscaled
+        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta,  # transformers 5
+                            **(_rope_scaling_json(m.rope_scaling) or {})},
         "tie_word_embeddings": m.tie_embeddings,
         "attention_bias": False,
         "mlp_bias": False,
@@ -56,20 +59,46 @@ def llama_config(m: TransformerConfig, dtype: str, special: dict[str, int]) -> d
     }
 
 
+# The Hugging Face rope_type of each scaling this model has, and the keys it reads.
+ROPE_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def _rope_scaling_json(s: RopeScaling) -> dict | None:
+    return None if s.type == "none" else {"rope_type": s.type, **{k: getattr(s, k) for k in ROPE_KEYS[s.type]}}
+
+
+def _rope_scaling(rope: dict, hf: dict, where) -> RopeScaling:
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return RopeScaling()
+    if kind not in ROPE_KEYS:
+        raise ConfigError(f"{where}: rope_type '{kind}' is not supported; import a Llama whose config.json has "
+                          f"rope_type {', '.join(ROPE_KEYS)} or default (the RoPE scalings this model has)")
+    values = {"original_max_position_embeddings": hf.get("max_position_embeddings"), **rope}  # transformers' fallback
+    missing = [k for k in ROPE_KEYS[kind] if values.get(k) is None]
+    if missing:
+        raise ConfigError(f"{where}: its {kind} rope scaling lacks {', '.join(missing)}; add them to config.json")
+    # Each value as its field's type: a config.json may hold 32 where 32.0 is meant.
+    return RopeScaling(type=kind, **{k: type(getattr(RopeScaling, k))(values[k]) for k in ROPE_KEYS[kind]})
+
+
 def model_config(hf: dict, where) -> TransformerConfig:
     """Our model settings for a Llama config.json; anything this model cannot represent is refused."""
     arch = hf.get("architectures") or [hf.get("model_type")]
     if ARCHITECTURE not in arch:
         raise ConfigError(f"{where} holds a {', '.join(map(str, arch))} model; import-hf reads {ARCHITECTURE} directories only")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}  # transformers' order of precedence
     unsupported = {
-        "rope scaling": rope.get("rope_type", rope.get("type", "default")) != "default",
         "attention_bias": hf.get("attention_bias", False),
         "mlp_bias": hf.get("mlp_bias", False),
         f"hidden_act={hf.get('hidden_act')}": hf.get("hidden_act", "silu") != "silu",
     }
     if any(unsupported.values()):
         raise ConfigError(f"{where}: {', '.join(k for k, v in unsupported.items() if v)} is not supported by this model")
+    scaling = _rope_scaling(rope, hf, where)
     heads = hf["num_attention_heads"]
     return TransformerConfig(
         vocab_size=hf["vocab_size"],
@@ -82,30 +111,40 @@ def model_config(hf: dict, where) -> TransformerConfig:
         max_seq_len=hf["max_position_embeddings"],
         tie_embeddings=hf.get("tie_word_embeddings", False),
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        rope_scaling=scaling,
         norm_eps=hf.get("rms_norm_eps", 1e-6),
     )
 
 
-def tokenizer_files(model: bytes, max_len: int) -> dict[str, bytes]:
-    """tokenizer.model plus a tokenizer_config.json under which `transformers` gives the same ids.
-    A BPE model maps onto Llama's tokenizer class; a unigram one onto the generic converter."""
-    sp = tokenizer_lib.load(model, TOKENIZER_FILE)
-    settings = tokenizer_lib.settings(model)
+def special_ids(tok: Tokenizer) -> dict[str, int]:
+    """config.json's and generation_config.json's special token ids."""
+    special = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
+    return special | ({"pad_token_id": tok.pad_id} if tok.pad_id >= 0 else {})
+
+
+def tokenizer_files(tok: Tokenizer, max_len: int) -> dict[str, bytes]:
+    """The tokenizer's files in a Hugging Face directory. A tokenizer.json goes as it came, with its
+    tokenizer_config.json (special tokens, chat template). A SentencePiece model gets a
+    tokenizer_config.json under which `transformers` gives the same ids: a BPE model maps onto
+    Llama's tokenizer class, a unigram one onto the generic converter."""
+    if not isinstance(tok, tokenizer_lib.SentencePiece):
+        return dict(tok.files)
+    settings = tok.settings()
     config = {
         "tokenizer_class": "LlamaTokenizer" if settings["model_type"] == "bpe" else "TokenizersBackend",
         "add_bos_token": True,
         "add_eos_token": False,
         "add_prefix_space": settings["add_dummy_prefix"],
         "legacy": False,
-        "bos_token": sp.id_to_piece(sp.bos_id()),
-        "eos_token": sp.id_to_piece(sp.eos_id()),
-        "unk_token": sp.id_to_piece(sp.unk_id()),
+        "bos_token": tok.token(tok.bos_id),
+        "eos_token": tok.token(tok.eos_id),
+        "unk_token": tok.token(tok.unk_id),
         "model_max_length": max_len,
         "clean_up_tokenization_spaces": False,
     }
-    if sp.pad_id() >= 0:
-        config["pad_token"] = sp.id_to_piece(sp.pad_id())
-    return {TOKENIZER_FILE: model, "tokenizer_config.json": json.dumps(config, indent=2).encode()}
+    if tok.pad_id >= 0:
+        config["pad_token"] = tok.token(tok.pad_id)
+    return {**tok.files, tokenizer_lib.HF_CONFIG_FILE: json.dumps(config, indent=2).encode()}
 
 
 # --- weights ---------------------------------------------------------------------------------

@@ -8,8 +8,6 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from data import images
-from data import tokenizer as tokenizer_lib
-from data.prepare import TOKENIZER_FILE
 from models import diffusion
 from models.generate import generate
 from pretrain.config import ConfigError
@@ -27,21 +25,20 @@ def sample_text(path: str, prompt: str, *, max_new_tokens: int, temperature: flo
         raise ConfigError(f"--temperature={temperature} must be >= 0 (0: greedy)")
     model, tokenizer = load_model(path, step)
     if tokenizer is None:
-        raise ConfigError(f"{path} has no {TOKENIZER_FILE} next to the weights; sampling needs the model's tokenizer")
-    sp = tokenizer_lib.load(tokenizer, TOKENIZER_FILE)
-    prompt_ids = [sp.bos_id()] + sp.encode(prompt)
+        raise ConfigError(f"{path} has no tokenizer next to the weights; sampling needs the model's tokenizer")
+    prompt_ids = [tokenizer.bos_id] + tokenizer.encode([prompt])[0]
     limit = model.cfg.max_seq_len
     if len(prompt_ids) + max_new_tokens > limit:
         raise ConfigError(f"the prompt ({len(prompt_ids)} tokens) plus --max-new-tokens={max_new_tokens} exceed the "
                           f"model's max_seq_len={limit}; shorten one of them")
     ids = generate(model, np.array([prompt_ids], np.int32), jax.random.key(seed), temperature,
-                   max_new_tokens=max_new_tokens, num_valid=sp.get_piece_size())
+                   max_new_tokens=max_new_tokens, num_valid=tokenizer.vocab_size)
     ids = [int(i) for i in np.asarray(ids[0])]
-    if sp.eos_id() in ids:
-        ids = ids[: ids.index(sp.eos_id()) + 1]
+    if tokenizer.eos_id in ids:
+        ids = ids[: ids.index(tokenizer.eos_id) + 1]
     # Decoding prompt and continuation together keeps the space between them where the tokenizer puts it.
-    before, whole = sp.decode(prompt_ids), sp.decode(prompt_ids + ids)
-    text = whole[len(before):] if whole.startswith(before) else sp.decode(ids)
+    before, whole = tokenizer.decode(prompt_ids), tokenizer.decode(prompt_ids + ids)
+    text = whole[len(before):] if whole.startswith(before) else tokenizer.decode(ids)
     return {"prompt_ids": prompt_ids, "ids": ids, "text": text}
 
 

@@ -16,13 +16,15 @@ from etils import epath
 from flax import nnx
 
 from data import corpus, digits, images, pipeline, prepare, records
-from data.prepare import TOKENIZER_FILE
+from data import tokenizer as tokenizer_lib
 from models import diffusion
 from models.attention import BACKENDS, splash_blocks
+from models.configs import ROPE_SCALINGS, RopeScaling
 from models.diffusion import SCHEDULES, TARGETS
 from models.layers import REMAT_POLICIES
 from models.transformer import Transformer
 from models.unet import UNet
+from pretrain import checkpoint, export
 from pretrain.config import ConfigError, require
 from pretrain.schema import DiffusionRun, LanguageModelRun
 from pretrain.loss import output_cross_entropy
@@ -56,6 +58,7 @@ def _check_transformer(cfg: LanguageModelRun, data: int, model: int, platform: s
     for key in ("num_layers", "embed_dim", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "vocab_size", "max_seq_len", "loss_chunk_tokens"):
         require(getattr(m, key) > 0, f"model.{key} must be positive")
     require(m.head_dim % 2 == 0, f"model.head_dim={m.head_dim} must be even for rotary embeddings")
+    _check_rope_scaling(m.rope_scaling)
     require(
         m.num_heads % m.num_kv_heads == 0,
         f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}",
@@ -82,6 +85,35 @@ def _check_transformer(cfg: LanguageModelRun, data: int, model: int, platform: s
     require(cfg.data.seq_len > 0, "data.seq_len must be positive")
     if m.attention == "splash":
         _check_splash(cfg, platform)
+
+
+def _check_rope_scaling(s: RopeScaling):
+    require(s.type in ROPE_SCALINGS, f"model.rope_scaling.type='{s.type}' is unknown; use one of {list(ROPE_SCALINGS)}")
+    if s.type == "none":
+        return
+    require(s.factor >= 1, f"model.rope_scaling.factor={s.factor} must be >= 1 (how many times longer the context gets)")
+    if s.type == "llama3":
+        require(0 < s.low_freq_factor < s.high_freq_factor,
+                f"model.rope_scaling: low_freq_factor={s.low_freq_factor} and high_freq_factor={s.high_freq_factor} "
+                "must satisfy 0 < low < high (Llama 3.1 uses 1 and 4)")
+        require(s.original_max_position_embeddings > 0, "model.rope_scaling.original_max_position_embeddings must be "
+                                                         "positive (the context of pretraining, 8192 for Llama 3)")
+
+
+def _check_resumed_tokenizer(cfg: LanguageModelRun, tokenizer: tokenizer_lib.Tokenizer | None):
+    """Continued pretraining must read text as the weights learnt it: the data's tokenizer is the one
+    kept with the parameters of checkpoint.resume_from, where that run kept one."""
+    wanted = cfg.checkpoint.resume_from
+    if not wanted or wanted.isdigit() or tokenizer is None:
+        return
+    try:
+        directory, _ = checkpoint.locate(wanted)
+    except ConfigError:
+        return  # the resume plan reports a path without checkpoints
+    theirs = tokenizer_lib.read(export.run_dir(directory))
+    require(theirs is None or theirs.same_ids(tokenizer),
+            f"data.source={cfg.data.source} was tokenised with another tokenizer than the one of checkpoint.resume_from="
+            f"{wanted}; prepare the data with `pretrain prepare text --tokenizer {export.run_dir(directory)}`")
 
 
 def _check_splash(cfg: LanguageModelRun, platform: str):
@@ -186,7 +218,7 @@ class LanguageModelTask(Task):
     def __init__(self, cfg: LanguageModelRun):
         self.cfg = cfg
         self.manifest, self.sources = None, None
-        self.tokenizer = None  # the SentencePiece model's bytes, once prepared (none for synthetic data)
+        self.tokenizer = None  # the dataset's data.tokenizer.Tokenizer, once prepared (none for synthetic data)
 
     def build_model(self, rngs):
         return Transformer(self.cfg.model, rngs=rngs)
@@ -225,6 +257,8 @@ class LanguageModelTask(Task):
         else:
             directory = records.local_copy(d.source, d.cache_dir)
         manifest = records.read_manifest(directory, "text")
+        self.tokenizer = tokenizer_lib.read(directory)
+        _check_resumed_tokenizer(self.cfg, self.tokenizer)
         vocab = manifest["vocab_size"]
         padded = -(-vocab // model_axis) * model_axis
         if m.vocab_size not in (vocab, padded):
@@ -242,7 +276,6 @@ class LanguageModelTask(Task):
         if sources["train"] is None:
             raise ConfigError(f"data.source={d.source} has no training records; prepare it with more text")
         self.manifest, self.sources = manifest, sources
-        self.tokenizer = (directory / TOKENIZER_FILE).read_bytes()
 
     def _synthetic(self, rows: Sequence[int]):
         c = self.cfg

@@ -32,6 +32,9 @@ CASES = {
     "steps": (["run.steps=0"], "run.steps=0 must be positive"),
     "profile steps": (["train.profile_steps=[5,40]"], r"train.profile_steps=\[5, 40\] must be \[start, end\]"),
     "lr": (["optim.lr=-1e-3"], "optim.lr=-0.001 must be positive"),
+    "rope scaling": (["model.rope_scaling.type=yarn"], r"model.rope_scaling.type='yarn' is unknown; use one of \['none', 'linear', 'llama3'\]"),
+    "llama3 frequency factors": (["model.rope_scaling.type=llama3", "model.rope_scaling.factor=8", "model.rope_scaling.high_freq_factor=1"],
+                                 "low_freq_factor=1.0 and high_freq_factor=1.0 must satisfy 0 < low < high"),
     "vocab too small for the tokenizer": (
         ["data.source=stdlib", "data.max_corpus_mb=0.5", "model.vocab_size=128"], "cannot train a 128-piece tokenizer"
     ),
@@ -107,6 +110,8 @@ def write_files(root):
     (root / "blank.txt").write_text("  \n\n")
     (root / "notes.jsonl").write_text('{"body": "no text field"}\n')
     (root / "fake.model").write_text("not a tokenizer")
+    (root / "hf").mkdir()
+    (root / "hf" / "tokenizer.json").write_text("{}")
     (root / "out").mkdir()
     (root / "out" / "keep.txt").write_text("mine")
     return root
@@ -118,6 +123,9 @@ PREPARE_CASES = {
     "blank input": (["--input", "{r}/blank.txt"], "hold no text"),
     "jsonl without text": (["--input", "{r}/notes.jsonl"], r"notes.jsonl:1 is not a JSON object with a 'text' field"),
     "not a tokenizer": (["--input", "{r}/blank.txt", "--tokenizer", "{r}/fake.model"], "fake.model is not a SentencePiece model"),
+    "tokenizer.json alone": (["--input", "{r}/blank.txt", "--tokenizer", "{r}/hf/tokenizer.json"],
+                             "has tokenizer.json but no tokenizer_config.json beside it"),
+    "no tokenizer in a directory": (["--input", "{r}/blank.txt", "--tokenizer", "{r}"], "holds neither tokenizer.json nor tokenizer.model"),
     "output not empty": (["--input", "{r}/blank.txt", "--out", "{r}/out"], "output directory .*out is not empty; pass --overwrite"),
 }
 

@@ -10,13 +10,17 @@ import pytest
 import sentencepiece as spm
 import torch
 from safetensors import safe_open
-from transformers import AutoTokenizer, LlamaForCausalLM
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from flax import nnx
 
 from data import corpus
-from models.transformer import Transformer
-from pretrain import checkpoint, cli, export
+from data import tokenizer as tokenizer_lib
+from models.configs import RopeScaling
+from models.transformer import Transformer, rope_frequencies
+from pretrain import checkpoint, cli, export, hf
 
 from conftest import REAL_DATA, ROOT, TINY, tiny_config
 from test_trainer import SMOKE
@@ -52,17 +56,41 @@ def sample_texts(n: int) -> list[str]:
     return [f.read_text()[:2000] for f in corpus.stdlib_files(400_000)[-n:]]
 
 
+def our_logits(source, ids: np.ndarray) -> np.ndarray:
+    """[B, L, V] logits of a checkpoint or an export through the JAX model."""
+    model, _ = export.load_model(str(source))
+    return np.asarray(model.logits(model(ids, np.ones_like(ids), np.broadcast_to(np.arange(ids.shape[1]), ids.shape))))
+
+
+def their_logits(hf_dir, ids: np.ndarray, **config) -> np.ndarray:
+    """The same through transformers' Llama (config: changes to the directory's config.json)."""
+    hf_model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, **config)
+    with torch.no_grad():
+        return hf_model(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+
+
+def sample_json(source, prompt: str, max_new_tokens: int, capsys) -> dict:
+    """`pretrain sample --json` of a checkpoint or an export: its one line, parsed."""
+    assert cli.main(["sample", str(source), "--prompt", prompt, "--max-new-tokens", str(max_new_tokens), "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    return json.loads(lines[0])
+
+
+def their_greedy(hf_dir, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    hf_model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    prompt = torch.tensor([prompt_ids])
+    out = hf_model.generate(prompt, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, prompt.shape[1]:].tolist()
+
+
 @pytest.mark.parametrize("name", ["untied", "tied"])
 def test_transformers_gives_the_same_logits(runs, name):
     run, hf_dir = runs[name]
     sp = sentencepiece(run)
     ids = np.array([[sp.bos_id()] + sp.encode(t)[:31] for t in sample_texts(2)], np.int32)  # [2, 32] real tokens
-    model, _ = export.load_model(str(run))
-    ours = np.asarray(model.logits(model(ids, np.ones_like(ids), np.broadcast_to(np.arange(32), ids.shape))))
-    hf_model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-    with torch.no_grad():
-        theirs = hf_model(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
-    assert np.abs(ours - theirs).max() < 1e-4
+    ours = our_logits(run, ids)
+    assert np.abs(ours - their_logits(hf_dir, ids)).max() < 1e-4
     assert np.abs(ours).max() > 1.0  # not trivially small logits
     files = sorted(p.name for p in hf_dir.glob("*.safetensors"))
     if name == "untied":
@@ -94,27 +122,18 @@ def test_import_gives_back_identical_parameters(runs, tmp_path, capsys):
     for key in original:
         np.testing.assert_array_equal(np.asarray(imported[key]), np.asarray(original[key]), err_msg=key)
     assert cfg.model == original_cfg.model
-    assert tokenizer == (run / "tokenizer.model").read_bytes()
+    assert tokenizer.files == {"tokenizer.model": (run / "tokenizer.model").read_bytes()}
 
 
 def test_greedy_generation_matches_transformers(runs, capsys):
     run, hf_dir = runs["untied"]
     sp = sentencepiece(run)
-    results = []
-    for source in (run, hf_dir):  # the checkpoint and its export
-        assert cli.main(["sample", str(source), "--prompt", PROMPT, "--max-new-tokens", "20", "--json"]) == 0
-        lines = capsys.readouterr().out.strip().splitlines()
-        assert len(lines) == 1
-        results.append(json.loads(lines[0]))
-    ours, from_export = results
+    ours, from_export = (sample_json(source, PROMPT, 20, capsys) for source in (run, hf_dir))  # checkpoint, export
     assert from_export == ours
     assert ours["prompt_ids"] == [sp.bos_id()] + sp.encode(PROMPT)
     assert len(ours["ids"]) == 20 and len(set(ours["ids"])) > 5  # a varied sequence: a real comparison
     assert ours["text"] == sp.decode(ours["ids"])
-    hf_model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-    prompt = torch.tensor([ours["prompt_ids"]])
-    theirs = hf_model.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False)[0, prompt.shape[1]:]
-    assert theirs.tolist() == ours["ids"]
+    assert their_greedy(hf_dir, ours["prompt_ids"], 20) == ours["ids"]
 
 
 def test_bfloat16_export_is_the_rounded_weights(runs, tmp_path):
@@ -145,7 +164,165 @@ def test_export_to_and_import_from_gcs(runs, gcs, tmp_path):
         np.testing.assert_array_equal(np.asarray(imported[key]), np.asarray(original[key]), err_msg=key)
 
 
+# --- Llama 3: llama3 RoPE scaling, tied embeddings, GQA and a byte-level BPE tokenizer.json ---------
+
+
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
+# Llama 3.1's scaling with the original context cut to 64 tokens, so that 64-token prompts reach the
+# scaled (long-wavelength) and the blended frequencies of a 16-wide head.
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+
+
+def save_llama3_tokenizer(texts: list[str], out) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer.json learnt from `texts`, with Llama 3's special tokens and its BOS
+    template, saved as transformers saves one (tokenizer.json + tokenizer_config.json)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=512, special_tokens=LLAMA3_SPECIALS, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bos = LLAMA3_SPECIALS[0]
+    tok.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]),
+    ])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=LLAMA3_SPECIALS[1])
+    fast.save_pretrained(out)
+    return fast
+
+
+def save_random_llama3(out, tok: PreTrainedTokenizerFast):
+    """A random Llama-3.2-shaped model (llama3 RoPE scaling, tied embeddings, 2 kv heads for 4 query
+    heads), its config.json as the Llama 3.x checkpoints on the Hub write it."""
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         initializer_range=0.2)  # well above the default 0.02: varied greedy tokens, not one repeated
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    saved = json.loads((out / "config.json").read_text())
+    saved.pop("rope_parameters", None)  # transformers 5's spelling; the Hub's files have these two:
+    (out / "config.json").write_text(json.dumps(saved | {"rope_theta": 500000.0, "rope_scaling": LLAMA3_ROPE}, indent=2))
+
+
+@pytest.fixture(scope="module")
+def llama3(tmp_path_factory):
+    """The continue-pretraining path on a random Llama-3-shaped directory: import-hf, prepare a corpus
+    with its tokenizer.json, train 3 steps from the imported weights, export."""
+    root = tmp_path_factory.mktemp("llama3")
+    texts = [f.read_text() for f in corpus.stdlib_files(150_000)]
+    (root / "corpus").mkdir()
+    (root / "corpus" / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    paths = {name: root / name for name in ("Llama-3-tiny", "imported", "data", "trained", "export")}
+    save_random_llama3(paths["Llama-3-tiny"], save_llama3_tokenizer(texts, paths["Llama-3-tiny"]))
+    commands = [
+        ["import-hf", paths["Llama-3-tiny"], "--out", paths["imported"]],
+        ["prepare", "text", "--input", root / "corpus", "--tokenizer", paths["Llama-3-tiny"] / "tokenizer.json",
+         "--out", paths["data"], "--seq-len", "32", "--workers", "1"],
+        ["train", paths["imported"] / "config.yaml", f"checkpoint.resume_from={paths['imported']}",
+         f"run.output_dir={paths['trained']}", f"data.source={paths['data']}", "data.seq_len=32", "run.steps=3",
+         "optim.warmup_steps=0", "train.log_every=1", "train.eval_every=0", "runtime.fake_cpu_devices=8",
+         "runtime.compilation_cache_dir="],
+        ["export", paths["trained"], "--out", paths["export"], "--dtype", "float32"],
+    ]
+    for argv in commands:
+        assert cli.main([str(a) for a in argv]) == 0, argv
+    return paths
+
+
+@pytest.mark.parametrize("rope_scaling", [
+    {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    {"type": "linear", "factor": 4.0},  # the older spelling
+], ids=["llama3", "linear"])
+def test_rope_scaling_gives_the_frequencies_of_transformers(rope_scaling):
+    """Llama-3.2-1B's heads: our reading of config.json and our frequencies against transformers' own;
+    the export writes back what the import read."""
+    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
+              "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+              "max_position_embeddings": 131072, "rope_theta": 500000.0, "rope_scaling": rope_scaling}
+    m = hf.model_config(config, "test")
+    theirs, attention_factor = ROPE_INIT_FUNCTIONS[m.rope_scaling.type](LlamaConfig(**config), "cpu")
+    ours = rope_frequencies(m.head_dim, m.rope_theta, m.rope_scaling)
+    np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-6)
+    assert attention_factor == 1.0
+    unscaled = rope_frequencies(m.head_dim, m.rope_theta, RopeScaling())
+    assert (unscaled / ours).max() == pytest.approx(rope_scaling["factor"])  # the longest wavelengths are stretched
+    assert hf.model_config(hf.llama_config(m, "float32", {}), "export") == m
+
+
+def llama3_prompts(hf_dir) -> np.ndarray:
+    """[2, 64]: BOS and the first 63 ids of two texts, through our reading of the directory's tokenizer."""
+    tok = tokenizer_lib.read(hf_dir)
+    return np.array([[tok.bos_id] + ids[:63] for ids in tok.encode(sample_texts(2))], np.int32)
+
+
+def test_llama3_imports_with_the_logits_of_transformers(llama3):
+    hf_dir, imported = llama3["Llama-3-tiny"], llama3["imported"]
+    cfg, _, tokenizer = export.from_checkpoint(str(imported))
+    assert cfg.model.rope_scaling == RopeScaling(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                                 original_max_position_embeddings=64)
+    assert cfg.model.tie_embeddings and (cfg.model.num_heads, cfg.model.num_kv_heads) == (4, 2)
+    assert tokenizer.files == {name: (hf_dir / name).read_bytes() for name in ("tokenizer.json", "tokenizer_config.json")}
+    ids = llama3_prompts(hf_dir)
+    ours, theirs = our_logits(imported, ids), their_logits(hf_dir, ids)
+    print(f"llama3 import: max |logit difference| {np.abs(ours - theirs).max():.2e} over {ids.shape} tokens")
+    assert np.abs(ours - theirs).max() < 1e-4
+    # The scaling is what this compares: unscaled, transformers' own logits move far beyond the tolerance.
+    unscaled = their_logits(hf_dir, ids, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    assert np.abs(unscaled - theirs).max() > 1e-2
+
+
+def test_llama3_export_has_the_same_tokens_and_logits_in_transformers(llama3):
+    trained, exported = llama3["trained"], llama3["export"]
+    manifest = json.loads((llama3["data"] / "manifest.json").read_text())
+    assert manifest["tokenizer_kind"] == "huggingface" and manifest["files"] == ["tokenizer.json", "tokenizer_config.json"]
+    assert [json.loads(line)["step"] for line in (trained / "metrics.jsonl").read_text().splitlines()][-1] == 3
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # carried through as they came
+        assert (exported / name).read_bytes() == (llama3["Llama-3-tiny"] / name).read_bytes()
+    config = json.loads((exported / "config.json").read_text())
+    assert config["rope_scaling"] == LLAMA3_ROPE and config["tie_word_embeddings"] is True
+    ours, theirs = tokenizer_lib.read(trained), AutoTokenizer.from_pretrained(exported)
+    texts = sample_texts(4) + [PROMPT, "  two leading spaces\tand a tab\n\n\nübung 日本語 😀", " x", "<|eot_id|> in text"]
+    for text in texts:
+        assert theirs(text)["input_ids"] == [ours.bos_id] + ours.encode([text])[0], text[:80]
+    ids = llama3_prompts(exported)
+    difference = np.abs(our_logits(trained, ids) - their_logits(exported, ids)).max()
+    print(f"llama3 export after training: max |logit difference| {difference:.2e}")
+    assert difference < 1e-4
+
+
+def test_llama3_greedy_generation_matches_transformers(llama3, capsys):
+    ours = sample_json(llama3["trained"], PROMPT, 24, capsys)
+    assert ours["prompt_ids"] == AutoTokenizer.from_pretrained(llama3["export"])(PROMPT)["input_ids"]
+    assert len(ours["ids"]) == 24 and len(set(ours["ids"])) > 5  # a varied sequence: a real comparison
+    theirs = their_greedy(llama3["export"], ours["prompt_ids"], 24)
+    print(f"llama3 greedy: ours {ours['ids']}, transformers {theirs}")
+    assert theirs == ours["ids"]
+
+
+def test_continued_pretraining_refuses_data_of_another_tokenizer(llama3, tmp_path, capsys):
+    """The stdlib corpus has a SentencePiece tokenizer of the same size (512) as the Llama's: only the
+    tokenizer itself tells them apart."""
+    imported = llama3["imported"]
+    argv = ["train", str(imported / "config.yaml"), f"checkpoint.resume_from={imported}", *REAL_DATA, "data.seq_len=16",
+            "runtime.fake_cpu_devices=8", "runtime.compilation_cache_dir=", f"run.output_dir={tmp_path / 'run'}"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "data.source=stdlib was tokenised with another tokenizer" in err, err
+    assert f"pretrain prepare text --tokenizer {imported}" in err and not (tmp_path / "run").exists()
+
+
 # --- bad input: exit 2, one line, nothing written --------------------------------------------
+
+
+def yarn_dir(tmp):
+    """A Llama config.json with a RoPE scaling this model does not have."""
+    (tmp / "yarn").mkdir()
+    config = {"architectures": ["LlamaForCausalLM"], "max_position_embeddings": 4096, "rope_theta": 10000.0,
+              "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}}
+    (tmp / "yarn" / "config.json").write_text(json.dumps(config))
+    return tmp / "yarn"
 
 
 def gpt2_dir(tmp):
@@ -176,6 +353,8 @@ BAD = {
                                          "model.embed_dim=36 is not divisible by model.num_heads=8"),
     "import of another architecture": (lambda r, t: ["import-hf", str(gpt2_dir(t)), "--out", str(t / "x")],
                                        "holds a GPT2LMHeadModel model; import-hf reads LlamaForCausalLM"),
+    "import of another rope scaling": (lambda r, t: ["import-hf", str(yarn_dir(t)), "--out", str(t / "x")],
+                                       "rope_type 'yarn' is not supported"),
     "import into a non-empty --out": (lambda r, t: ["import-hf", str(r["tied"][1]), "--out", str(nonempty(t))], "is not empty"),
     "prompt too long": (lambda r, t: ["sample", str(r["tied"][0]), "--prompt", "x " * 60, "--max-new-tokens", "20"],
                         "exceed the model's max_seq_len=64"),
