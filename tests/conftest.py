@@ -7,10 +7,13 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
 
+ROOT = Path(__file__).resolve().parent.parent
+# Compiles dominate on CPU: keep them across tests, processes and test sessions, in the checkout.
+XLA_CACHE = ROOT / ".cache" / "xla"
 jax.config.update("jax_num_cpu_devices", 8)
-# Compiles dominate on CPU: keep them across test sessions.
-jax.config.update("jax_compilation_cache_dir", str(Path(__file__).resolve().parent.parent / ".cache" / "xla"))
+jax.config.update("jax_compilation_cache_dir", str(XLA_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+CACHE = f"runtime.compilation_cache_dir={XLA_CACHE}"  # the same for the runs the tests start as processes
 
 import pytest  # noqa: E402
 
@@ -19,7 +22,7 @@ from pretrain import config as config_lib  # noqa: E402
 # A model small enough to compile in seconds, still exercising GQA (2 kv heads on a 4-way model axis).
 TINY = [
     "runtime.fake_cpu_devices=8",
-    "runtime.compilation_cache_dir=",
+    CACHE,
     "run.steps=30",
     "model.vocab_size=256",
     "model.num_layers=2",
@@ -36,7 +39,6 @@ TINY = [
 ]
 
 
-ROOT = Path(__file__).resolve().parent.parent
 # The tiny model on real text: a slice of the stdlib corpus, prepared once into .cache/ and reused.
 REAL_DATA = ["data.source=stdlib", "data.max_corpus_mb=0.3", "model.vocab_size=512", f"data.cache_dir={ROOT / '.cache'}"]
 

@@ -15,12 +15,12 @@ from pretrain import cli, config as config_lib, export, sharding
 from pretrain.tasks import DiffusionTask
 from pretrain.step import TrainStep
 
-from conftest import ROOT
+from conftest import CACHE, ROOT
 from test_checkpoint import losses, resumable_copy
 
 SMOKE = str(ROOT / "configs" / "diffusion" / "smoke.yaml")
 STEPS = 40
-RUN = ["runtime.compilation_cache_dir=", f"run.steps={STEPS}", "optim.warmup_steps=10", "train.log_every=1",
+RUN = [CACHE, f"run.steps={STEPS}", "optim.warmup_steps=10", "train.log_every=1",
        "train.eval_every=20", "checkpoint.every=20", "checkpoint.keep=0", "diffusion.sample_steps=10",
        "diffusion.sample_num=20"]
 

@@ -22,7 +22,7 @@ from models.configs import RopeScaling
 from models.transformer import Transformer, rope_frequencies
 from pretrain import checkpoint, cli, export, hf
 
-from conftest import REAL_DATA, ROOT, TINY, tiny_config
+from conftest import CACHE, REAL_DATA, ROOT, TINY, tiny_config
 from test_trainer import SMOKE
 
 torch.set_num_threads(2)
@@ -223,7 +223,7 @@ def llama3(tmp_path_factory):
         ["train", paths["imported"] / "config.yaml", f"checkpoint.resume_from={paths['imported']}",
          f"run.output_dir={paths['trained']}", f"data.source={paths['data']}", "data.seq_len=32", "run.steps=3",
          "optim.warmup_steps=0", "train.log_every=1", "train.eval_every=0", "runtime.fake_cpu_devices=8",
-         "runtime.compilation_cache_dir="],
+         CACHE],
         ["export", paths["trained"], "--out", paths["export"], "--dtype", "float32"],
     ]
     for argv in commands:
@@ -306,7 +306,7 @@ def test_continued_pretraining_refuses_data_of_another_tokenizer(llama3, tmp_pat
     tokenizer itself tells them apart."""
     imported = llama3["imported"]
     argv = ["train", str(imported / "config.yaml"), f"checkpoint.resume_from={imported}", *REAL_DATA, "data.seq_len=16",
-            "runtime.fake_cpu_devices=8", "runtime.compilation_cache_dir=", f"run.output_dir={tmp_path / 'run'}"]
+            "runtime.fake_cpu_devices=8", CACHE, f"run.output_dir={tmp_path / 'run'}"]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "data.source=stdlib was tokenised with another tokenizer" in err, err

@@ -16,12 +16,11 @@ import pytest
 
 from pretrain import checkpoint
 
-from conftest import REAL_DATA, ROOT, TINY
+from conftest import CACHE, REAL_DATA, ROOT, TINY
 from test_checkpoint import losses, resumable_copy
 from test_trainer import SMOKE
 
 DIFFUSION_SMOKE = str(ROOT / "configs" / "diffusion" / "smoke.yaml")
-CACHE = f"runtime.compilation_cache_dir={ROOT / '.cache' / 'xla'}"
 STEPS = 12
 LLM = [*TINY, *REAL_DATA, "data.val_fraction=0.2", CACHE, f"run.steps={STEPS}", "train.log_every=1", "train.eval_every=6",
        "checkpoint.every=6", "checkpoint.keep=0"]
