@@ -28,7 +28,7 @@ BLOCK = 1 << 16
 BLOCK_HEADER = 24
 CHUNK_HEADER = 40
 SIMPLE_CHUNK = ord("r")
-COMPRESSION = {0: None, ord("z"): "zstd"}
+UNCOMPRESSED, ZSTD = 0, ord("z")
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -72,23 +72,26 @@ def _without_block_headers(data: bytes, start: int) -> bytes:
     return b"".join(parts)
 
 
-def _uncompressed(part: bytes, compression) -> bytes:
-    if compression is None:
+def _uncompressed(part: bytes, compression: int) -> bytes:
+    if compression == UNCOMPRESSED:
         return part
     size, pos = _varint(part, 0)
     return zstandard.ZstdDecompressor().decompress(part[pos:], max_output_size=size)
 
 
 def simple_chunk_records(chunk: bytes) -> list[bytes]:
-    """The records of one chunk (its header and data, block headers removed)."""
-    data_size = int.from_bytes(chunk[8:16], "little")
+    """The records of one chunk (its header and data, block headers removed). The chunk's hashes are
+    not checked (HighwayHash is not at hand); its sizes are, and zstd checks its frames."""
+    data_size, decoded_size = int.from_bytes(chunk[8:16], "little"), int.from_bytes(chunk[32:40], "little")
     kind, count = chunk[24], int.from_bytes(chunk[25:32], "little")
     data = chunk[CHUNK_HEADER : CHUNK_HEADER + data_size]
-    if kind != SIMPLE_CHUNK or data[0] not in COMPRESSION or len(data) != data_size:
-        raise ValueError("not a simple zstd or uncompressed chunk")
-    compression = COMPRESSION[data[0]]
+    if kind != SIMPLE_CHUNK or len(data) != data_size or data[0] not in (UNCOMPRESSED, ZSTD):
+        raise ValueError("not a simple chunk, zstd or uncompressed")
     sizes_size, pos = _varint(data, 1)
-    sizes, values = _uncompressed(data[pos : pos + sizes_size], compression), _uncompressed(data[pos + sizes_size :], compression)
+    sizes = _uncompressed(data[pos : pos + sizes_size], data[0])
+    values = _uncompressed(data[pos + sizes_size :], data[0])
+    if len(values) != decoded_size:
+        raise ValueError(f"a chunk decodes to {len(values)} bytes, its header says {decoded_size}")
     records, p, offset = [], 0, 0
     for _ in range(count):
         size, p = _varint(sizes, p)
@@ -100,8 +103,8 @@ def simple_chunk_records(chunk: bytes) -> list[bytes]:
 class Shard:
     """One ArrayRecord file read through `fetch(start, stop) -> bytes` (its size known)."""
 
-    def __init__(self, name: str, size: int, fetch):
-        self.name, self.fetch = name, fetch
+    def __init__(self, size: int, fetch):
+        self.fetch = fetch
         try:
             last_block = (size - 1) // BLOCK * BLOCK
             postscript = self._chunk(last_block + BLOCK_HEADER, size)
@@ -120,7 +123,8 @@ class Shard:
         head = _without_block_headers(self.fetch(start, min(start + CHUNK_HEADER + BLOCK_HEADER, limit)), start)
         data_size = int.from_bytes(head[8:16], "little")
         length = CHUNK_HEADER + data_size
-        end = start + length + (length // (BLOCK - BLOCK_HEADER) + 2) * BLOCK_HEADER  # room for the block headers crossed
+        crossed = length // (BLOCK - BLOCK_HEADER) + 2  # at most this many block headers inside
+        end = start + length + crossed * BLOCK_HEADER
         return _without_block_headers(self.fetch(start, min(end, limit)), start)
 
     def __len__(self) -> int:
@@ -134,7 +138,7 @@ class Shard:
 def gcs_shard(path: str) -> Shard:
     """A shard under gs://: FileNotFoundError if missing, ValueError if not readable."""
     fs = gcsfs_filesystem()
-    return Shard(path, fs.size(path), functools.partial(_read_range, fs, path))
+    return Shard(fs.size(path), functools.partial(_read_range, fs, path))
 
 
 def _read_range(fs, path: str, start: int, stop: int) -> bytes:

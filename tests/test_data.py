@@ -50,6 +50,18 @@ def test_packing_keeps_every_token_once_and_restarts_segments():
         assert np.all(rows["targets"][r][:-1][same] == rows["inputs"][r][1:][same])
 
 
+def test_a_lane_packs_short_pieces_together_that_consecutive_packing_would_pad():
+    """Eight pieces that fill a row and eight of half a row, in shuffled order, on one lane: packing only
+    consecutive pieces pads wherever a lone half piece meets a full one; the lane's window packs them
+    into twelve full rows, every token once."""
+    pieces = [np.arange(100 * i, 100 * i + n + 1, dtype=np.int32) for i, n in enumerate([SEQ] * 8 + [SEQ // 2] * 8)]
+    source = [p.tobytes() for p in pieces]
+    batches = list(pipeline.text_rows(source, seq_len=SEQ, global_batch=1, rows=[0], seed=3, num_epochs=1))
+    rows = {k: np.concatenate([b[k] for b in batches]) for k in ("segment_ids", "targets")}
+    assert rows["segment_ids"].shape == (12, SEQ) and np.all(rows["segment_ids"] > 0)
+    assert sorted(rows["targets"].ravel()) == sorted(t for p in pieces for t in p[1:])
+
+
 def text_rows(source, rows, workers=0):
     return pipeline.text_rows(source, seq_len=SEQ, global_batch=4, rows=rows, seed=0, workers=workers)
 
@@ -211,7 +223,8 @@ def test_range_reads_give_back_what_array_record_wrote(tmp_path, options):
     """data/ranges.py reads back what array_record wrote, each record by its own byte range, on records
     small and large (spanning several 64 KiB blocks), compressed or not."""
     rng = np.random.default_rng(0)
-    expected = [rng.integers(0, 1000, n, dtype=np.int32).tobytes() for n in [*rng.integers(1, 40, 300), 50_000, 3, 70_000]]
+    sizes = [*rng.integers(1, 40, 300), 50_000, 3, 70_000]  # int32s: 200 and 280 KB span several blocks
+    expected = [rng.integers(0, 1000, n, dtype=np.int32).tobytes() for n in sizes]
     path = tmp_path / "shard.array_record"
     writer = ArrayRecordWriter(str(path), options)
     for record in expected:
@@ -223,10 +236,13 @@ def test_range_reads_give_back_what_array_record_wrote(tmp_path, options):
         fetched.append(stop - start)
         return content[start:stop]
 
-    shard = ranges.Shard(str(path), len(content), fetch)
+    shard = ranges.Shard(len(content), fetch)
     index_bytes = sum(fetched)
     assert [shard[i] for i in range(len(shard))] == expected
     assert index_bytes + sum(fetched[-len(expected):]) <= len(content)  # the index and each record once: nothing else
+    content = content[: len(content) // 2]
+    with pytest.raises(ValueError):  # records.open_split turns this into a DataError naming the shard
+        ranges.Shard(len(content), fetch)
 
 
 GCS_SEQ = 64
