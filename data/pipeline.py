@@ -13,9 +13,9 @@ Text records are pieces of at most seq_len + 1 token ids (data/prepare.py); a pi
 inputs = piece[:-1] and targets = piece[1:]. A lane packs a *window* of its next records, as many
 as fit in PACK_WINDOW rows' worth of tokens, into rows by best fit (longest first, each into the
 fullest row it fits), and emits those rows one per step before it reads the next window. Packing
-only consecutive records (the next one that does not fit starts a new row) left 9% of the
-smoke corpus's rows padding at seq_len 2048, where most pieces fill a row alone and a document's
-short last piece rarely had a short neighbour; a window pairs them (3.6%). A lane's position is
+only consecutive records (the next one that does not fit starts a new row) left 9.2% of the
+smoke corpus's tokens padding at seq_len 2048, where most pieces fill a row alone and a
+document's short last piece rarely had a short neighbour; a window pairs them (3.2%). A lane's position is
 still one integer, `window start x ROWS_PER_WINDOW + row within the window`. Rows carry
 `segment_ids` (1, 2, ... per piece, 0 for padding) and `positions` (restarting at each piece), so
 no token attends to or predicts across documents. Packing is done here rather than by Grain's
@@ -38,36 +38,35 @@ ENDLESS = 2**62  # length of the synthetic streams
 class Rows:
     """Rows `rows` (the global batch's row indices, in any order or layout) of every global batch.
 
-    `stream` is random-access (a Grain MapDataset); `make_row(read, position)` builds the lane's
-    row at `position` (`read(k)` is the lane's k-th record, None past the end of a finite stream)
-    and returns (row dict, how far the lane's position moves; 0 if it had nothing left).
-    `workers` threads build rows in parallel (decoding and reads release the GIL). A finite
-    stream ends when every lane has run out or a lane has no row to give (`make_row` returned None).
+    `stream` is random-access (a Grain MapDataset); `make_row(read, position, memo)` builds the
+    lane's row at `position` (`read(k)` is the lane's k-th record, None past the end of a finite
+    stream; `memo` a dict of the lane's own, kept between its rows) and returns (row dict, how far
+    the lane's position moves; 0 if it had nothing left). `workers` threads build rows in parallel
+    (decoding and reads release the GIL). A finite stream ends when every lane has run out or a
+    lane has no row to give (`make_row` returned None).
     """
 
     def __init__(self, stream, make_row, *, global_batch: int, rows: Sequence[int], workers: int = 0):
         self.stream, self.make_row, self.global_batch, self.rows = stream, make_row, global_batch, rows
         self.positions = np.zeros(len(rows), np.int64)
-        self.cache = [{} for _ in rows]  # per lane, k -> its k-th record: a window is read once, not once per row
+        self.last_read = {}  # lane -> (k, its k-th record)
+        self.memos = [{} for _ in rows]
         self.pool = ThreadPoolExecutor(workers) if workers else None
 
     def __iter__(self):
         return self
 
+    def _read(self, lane: int, k: int):
+        """The lane's k-th record. The last one read is kept: a record that did not fit in a window
+        is the first of the next."""
+        last = self.last_read.get(lane)
+        if last is None or last[0] != k:
+            i = self.rows[lane] + k * self.global_batch
+            last = self.last_read[lane] = (k, self.stream[i] if i < len(self.stream) else None)
+        return last[1]
+
     def _lane(self, lane: int):
-        cache, keys = self.cache[lane], []
-
-        def read(k: int):
-            keys.append(k)
-            if k not in cache:
-                i = self.rows[lane] + k * self.global_batch
-                cache[k] = self.stream[i] if i < len(self.stream) else None
-            return cache[k]
-
-        made = self.make_row(read, int(self.positions[lane]))
-        for k in [k for k in cache if k < min(keys, default=0)]:  # positions only move forward
-            del cache[k]
-        return made
+        return self.make_row(functools.partial(self._read, lane), int(self.positions[lane]), self.memos[lane])
 
     def __next__(self) -> dict:
         lanes = range(len(self.rows))
@@ -130,15 +129,17 @@ def best_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return [sorted(row) for row in rows]
 
 
-def pack_text_row(read, position: int, seq_len: int):
+def pack_text_row(read, position: int, memo: dict, seq_len: int):
     """The lane's row at `position`: row `position % ROWS_PER_WINDOW` of the best-fit packing of the
     window of records that starts at record `position // ROWS_PER_WINDOW`."""
     row = {name: np.zeros(seq_len, np.int32) for name in ("inputs", "targets", "segment_ids", "positions")}
     start, index = divmod(position, ROWS_PER_WINDOW)
-    pieces = _window(read, start, seq_len)
+    if memo.get("start") != start:  # a new window (or a resume): read and pack it once for all its rows
+        pieces = _window(read, start, seq_len)
+        memo.update(start=start, pieces=pieces, packed=best_fit([len(p) - 1 for p in pieces], seq_len))
+    pieces, packed = memo["pieces"], memo["packed"]
     if not pieces:
         return row, 0
-    packed = best_fit([len(p) - 1 for p in pieces], seq_len)
     if index >= len(packed):
         raise DataError(f"data position {position} is not one of this data's rows (a checkpoint of other data, or "
                         "from before windowed packing); train afresh with checkpoint.overwrite=true")
@@ -165,7 +166,7 @@ def text_rows(source, *, seq_len: int, global_batch: int, rows: Sequence[int], s
 # --- images --------------------------------------------------------------------------------
 
 
-def _one_per_row(read, k: int):
+def _one_per_row(read, k: int, memo: dict):
     example = read(k)
     return (example, 1) if example is not None else (None, 0)
 

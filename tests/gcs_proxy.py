@@ -2,11 +2,20 @@
 process's STORAGE_EMULATOR_HOST at one proxy to learn what that process fetched."""
 
 import http.client
+import sys
 import threading
 from http import server
 from urllib.parse import urlsplit
 
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "host"}
+
+
+class _Server(server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client hanging up (exiting) is no error
+            super().handle_error(request, client_address)
 
 
 class CountingProxy:
@@ -15,7 +24,7 @@ class CountingProxy:
     def __init__(self, upstream: str):
         self.upstream, self.bytes, self.requests = urlsplit(upstream), 0, 0
         self._lock = threading.Lock()
-        self._httpd = server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._httpd = _Server(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
         threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
 
@@ -43,10 +52,7 @@ class CountingProxy:
                         self.send_header(k, v)
                 self.send_header("Content-Length", str(len(content)))
                 self.end_headers()
-                try:
-                    self.wfile.write(content)
-                except (BrokenPipeError, ConnectionResetError):  # a client that left while being answered
-                    self.close_connection = True
+                self.wfile.write(content)
 
             do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _forward
 
