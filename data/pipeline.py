@@ -3,18 +3,23 @@
 The records of a split form one global stream: Grain shuffles them (a new order every epoch),
 repeats them and applies the per-record transforms (decoding, seeded random flips) by the
 record's index in that stream. Row r of every global batch of B rows is a *lane* that reads
-records r, r + B, r + 2B, ... of the stream: a text lane packs consecutive records into rows of
-exactly seq_len tokens, an image lane takes one record per row. So the global batch at step s
-depends only on the seed and s; each process builds just the rows its devices hold (`Rows`);
-and the data position is one integer per lane (how many records it has read), which a
-checkpoint keeps as a global array and restores onto any number of processes.
+records r, r + B, r + 2B, ... of the stream: a text lane packs its records into rows of exactly
+seq_len tokens, an image lane takes one record per row. So the global batch at step s depends
+only on the seed and s; each process builds just the rows its devices hold (`Rows`); and the
+data position is one integer per lane, which a checkpoint keeps as a global array and restores
+onto any number of processes.
 
 Text records are pieces of at most seq_len + 1 token ids (data/prepare.py); a piece gives
-inputs = piece[:-1] and targets = piece[1:]. A lane packs pieces until the next one does not
-fit, which then starts the lane's next row: rows carry `segment_ids` (1, 2, ... per piece, 0
-for padding) and `positions` (restarting at each piece), so no token attends to or predicts
-across documents. Packing is done here rather than by Grain's packers because their state
-belongs to one iterator; a lane's state is a single count.
+inputs = piece[:-1] and targets = piece[1:]. A lane packs a *window* of its next records, as many
+as fit in PACK_WINDOW rows' worth of tokens, into rows by best fit (longest first, each into the
+fullest row it fits), and emits those rows one per step before it reads the next window. Packing
+only consecutive records (the next one that does not fit starts a new row) left 9.2% of the
+smoke corpus's tokens padding at seq_len 2048, where most pieces fill a row alone and a
+document's short last piece rarely had a short neighbour; a window pairs them (3.2%). A lane's position is
+still one integer, `window start x ROWS_PER_WINDOW + row within the window`. Rows carry
+`segment_ids` (1, 2, ... per piece, 0 for padding) and `positions` (restarting at each piece), so
+no token attends to or predicts across documents. Packing is done here rather than by Grain's
+packers because their state belongs to one iterator.
 """
 
 import functools
@@ -33,24 +38,26 @@ ENDLESS = 2**62  # length of the synthetic streams
 class Rows:
     """Rows `rows` (the global batch's row indices, in any order or layout) of every global batch.
 
-    `stream` is random-access (a Grain MapDataset); `make_row(read, k)` builds one row from
-    the lane's records k, k+1, ... (`read(i)` is the lane's i-th record, None past the end of
-    a finite stream) and returns (row dict, records used). `workers` threads build rows in
-    parallel (decoding and reads release the GIL). A finite stream ends when every lane has run
-    out or a lane has no row to give (`make_row` returned None).
+    `stream` is random-access (a Grain MapDataset); `make_row(read, position, memo)` builds the
+    lane's row at `position` (`read(k)` is the lane's k-th record, None past the end of a finite
+    stream; `memo` a dict of the lane's own, kept between its rows) and returns (row dict, how far
+    the lane's position moves; 0 if it had nothing left). `workers` threads build rows in parallel
+    (decoding and reads release the GIL). A finite stream ends when every lane has run out or a
+    lane has no row to give (`make_row` returned None).
     """
 
     def __init__(self, stream, make_row, *, global_batch: int, rows: Sequence[int], workers: int = 0):
         self.stream, self.make_row, self.global_batch, self.rows = stream, make_row, global_batch, rows
         self.positions = np.zeros(len(rows), np.int64)
         self.last_read = {}  # lane -> (k, its k-th record)
+        self.memos = [{} for _ in rows]
         self.pool = ThreadPoolExecutor(workers) if workers else None
 
     def __iter__(self):
         return self
 
     def _read(self, lane: int, k: int):
-        """The lane's k-th record. The last one read is kept: a record that did not fit in a row
+        """The lane's k-th record. The last one read is kept: a record that did not fit in a window
         is the first of the next."""
         last = self.last_read.get(lane)
         if last is None or last[0] != k:
@@ -59,14 +66,14 @@ class Rows:
         return last[1]
 
     def _lane(self, lane: int):
-        return self.make_row(functools.partial(self._read, lane), int(self.positions[lane]))
+        return self.make_row(functools.partial(self._read, lane), int(self.positions[lane]), self.memos[lane])
 
     def __next__(self) -> dict:
         lanes = range(len(self.rows))
         made = list(self.pool.map(self._lane, lanes) if self.pool else map(self._lane, lanes))
-        if all(used == 0 for _, used in made) or any(row is None for row, _ in made):  # a finite stream ran out
+        if all(moved == 0 for _, moved in made) or any(row is None for row, _ in made):  # a finite stream ran out
             raise StopIteration
-        self.positions += [used for _, used in made]
+        self.positions += [moved for _, moved in made]
         return {k: np.stack([row[k] for row, _ in made]) for k in made[0][0]}
 
     def set_positions(self, positions: np.ndarray):
@@ -85,24 +92,67 @@ def _text_piece(record: bytes) -> np.ndarray:
     return np.frombuffer(record, np.int32)
 
 
-def pack_text_row(read, k: int, seq_len: int):
-    """Pieces k, k+1, ... of a lane packed into one row until the next does not fit."""
-    row = {name: np.zeros(seq_len, np.int32) for name in ("inputs", "targets", "segment_ids", "positions")}
-    filled = used = 0
-    while (piece := read(k + used)) is not None:
+PACK_WINDOW = 16  # rows' worth of tokens a text lane packs together
+# Best fit never leaves two rows at most half full, so a window of at most PACK_WINDOW rows' worth
+# of tokens makes at most 2 x PACK_WINDOW + 1 rows.
+ROWS_PER_WINDOW = 2 * PACK_WINDOW + 1
+
+
+def _window(read, start: int, seq_len: int) -> list[np.ndarray]:
+    """The lane's records from `start` on, as many as fit in PACK_WINDOW rows' worth of tokens (at least one)."""
+    pieces, tokens = [], 0
+    while (piece := read(start + len(pieces))) is not None:
         n = len(piece) - 1
-        if filled + n > seq_len:
-            if used == 0:
-                raise DataError(f"a record of {n + 1} tokens cannot be packed into rows of seq_len={seq_len}; "
-                                f"raise data.seq_len to at least {n} or prepare the data with --seq-len {seq_len}")
+        if n > seq_len:
+            raise DataError(f"a record of {n + 1} tokens cannot be packed into rows of seq_len={seq_len}; "
+                            f"raise data.seq_len to at least {n} or prepare the data with --seq-len {seq_len}")
+        if pieces and tokens + n > PACK_WINDOW * seq_len:
             break
-        row["inputs"][filled : filled + n] = piece[:-1]
-        row["targets"][filled : filled + n] = piece[1:]
-        row["segment_ids"][filled : filled + n] = used + 1
+        pieces.append(piece)
+        tokens += n
+    return pieces
+
+
+def best_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices of `lengths` grouped into rows of at most `capacity`: longest first, each into the
+    fullest row it fits (the first such row on ties), else a new row. Deterministic."""
+    rows, free = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fits = [r for r in range(len(rows)) if free[r] >= lengths[i]]
+        if fits:
+            r = min(fits, key=lambda r: free[r])
+            rows[r].append(i)
+            free[r] -= lengths[i]
+        else:
+            rows.append([i])
+            free.append(capacity - lengths[i])
+    return [sorted(row) for row in rows]
+
+
+def pack_text_row(read, position: int, memo: dict, seq_len: int):
+    """The lane's row at `position`: row `position % ROWS_PER_WINDOW` of the best-fit packing of the
+    window of records that starts at record `position // ROWS_PER_WINDOW`."""
+    row = {name: np.zeros(seq_len, np.int32) for name in ("inputs", "targets", "segment_ids", "positions")}
+    start, index = divmod(position, ROWS_PER_WINDOW)
+    if memo.get("start") != start:  # a new window (or a resume): read and pack it once for all its rows
+        pieces = _window(read, start, seq_len)
+        memo.update(start=start, pieces=pieces, packed=best_fit([len(p) - 1 for p in pieces], seq_len))
+    pieces, packed = memo["pieces"], memo["packed"]
+    if not pieces:
+        return row, 0
+    if index >= len(packed):
+        raise DataError(f"data position {position} is not one of this data's rows (a checkpoint of other data, or "
+                        "from before windowed packing); train afresh with checkpoint.overwrite=true")
+    filled = 0
+    for segment, i in enumerate(packed[index], 1):
+        n = len(pieces[i]) - 1
+        row["inputs"][filled : filled + n] = pieces[i][:-1]
+        row["targets"][filled : filled + n] = pieces[i][1:]
+        row["segment_ids"][filled : filled + n] = segment
         row["positions"][filled : filled + n] = np.arange(n)
         filled += n
-        used += 1
-    return row, used
+    following = position + 1 if index + 1 < len(packed) else (start + len(pieces)) * ROWS_PER_WINDOW
+    return row, following - position
 
 
 def text_rows(source, *, seq_len: int, global_batch: int, rows: Sequence[int], seed: int,
@@ -116,7 +166,7 @@ def text_rows(source, *, seq_len: int, global_batch: int, rows: Sequence[int], s
 # --- images --------------------------------------------------------------------------------
 
 
-def _one_per_row(read, k: int):
+def _one_per_row(read, k: int, memo: dict):
     example = read(k)
     return (example, 1) if example is not None else (None, 0)
 

@@ -2,15 +2,12 @@
 
 A prepared directory holds `<split>-NNNNN.array_record` shards, `manifest.json` (written
 last, so a directory without one is incomplete) and, for text, the tokenizer's files. It may
-live on local disk or under gs://; ArrayRecord reads only local files, so a gs://
-dataset is copied once into the local cache before training (for datasets larger than
-the local disk, mount the bucket with gcsfuse and point at the mount).
+live on local disk or under gs://, where it is read in place: each process fetches the shard
+indexes and the records it reads, nothing else (data/ranges.py).
 """
 
-import hashlib
 import json
 import os
-import shutil
 
 import grain
 from array_record.python.array_record_module import ArrayRecordWriter
@@ -69,47 +66,43 @@ def read_manifest(directory: epath.Path, kind: str) -> dict:
     return manifest
 
 
-def open_split(directory, manifest: dict, split: str) -> grain.sources.ArrayRecordDataSource | None:
+def open_split(directory, manifest: dict, split: str):
     """A random-access source over one split's records, checked against the manifest; None if empty."""
     info = manifest["splits"].get(split)
     if not info or not info["records"]:
         return None
     paths = [str(epath.Path(directory) / f) for f in info["shards"]]
-    for p in paths:
-        if not os.path.isfile(p):
-            raise DataError(f"shard {p} listed in the manifest is missing; prepare the dataset again")
-        try:  # the index and the first and last chunks: truncation and most damage show up here, cheaply
-            shard = grain.sources.ArrayRecordDataSource([p])
-            shard[0], shard[len(shard) - 1]
-        except Exception:  # noqa: BLE001 - the reader raises several types for broken files
-            raise DataError(f"{p} is not a readable ArrayRecord shard (truncated or corrupt); prepare the dataset again") from None
-    source = grain.sources.ArrayRecordDataSource(paths)
+    if str(directory).startswith("gs://"):
+        source = _gcs_source(paths)
+    else:
+        for p in paths:
+            _check_local_shard(p)
+        source = grain.sources.ArrayRecordDataSource(paths)
     count = len(source)
     if count != info["records"]:
         raise DataError(f"{directory}: {split} shards hold {count} records, the manifest says {info['records']}; prepare it again")
     return source
 
 
-def local_copy(directory: str, cache_dir: str) -> epath.Path:
-    """The dataset itself if local, else a copy in the cache (reused while the manifest is unchanged)."""
-    src = epath.Path(directory)
-    if not str(directory).startswith("gs://"):
-        return src
-    manifest = (src / MANIFEST)
-    if not manifest.exists():
-        raise DataError(f"{directory} holds no {MANIFEST}; prepare it with `pretrain prepare ... --out {directory}`")
-    text = manifest.read_text()
-    key = hashlib.sha256((str(directory) + text).encode()).hexdigest()[:16]
-    dest = epath.Path(cache_dir).expanduser() / "datasets" / f"gcs-{key}"
-    if not (dest / MANIFEST).exists():
-        staging = dest.parent / f"{dest.name}.tmp-{os.getpid()}"
-        staging.mkdir(parents=True, exist_ok=True)
-        listed = json.loads(text)
-        names = [f for s in listed["splits"].values() for f in s["shards"]] + listed.get("files", [])
-        for name in names:
-            (src / name).copy(staging / name, overwrite=True)
-        (staging / MANIFEST).write_text(text)
-        if dest.exists():
-            shutil.rmtree(dest)
-        staging.rename(dest)
-    return dest
+def _gcs_source(paths: list[str]):
+    from data import ranges  # gcsfs and zstandard are loaded only where a bucket is read
+
+    shards = []
+    for p in paths:
+        try:
+            shards.append(ranges.gcs_shard(p))
+        except FileNotFoundError:
+            raise DataError(f"shard {p} listed in the manifest is missing; prepare the dataset again") from None
+        except ValueError as e:
+            raise DataError(f"{p} is not a readable ArrayRecord shard: {e}; prepare the dataset again") from None
+    return ranges.Source(shards)
+
+
+def _check_local_shard(path: str):
+    if not os.path.isfile(path):
+        raise DataError(f"shard {path} listed in the manifest is missing; prepare the dataset again")
+    try:  # the index and the first and last chunks: truncation and most damage show up here, cheaply
+        shard = grain.sources.ArrayRecordDataSource([path])
+        shard[0], shard[len(shard) - 1]
+    except Exception:  # noqa: BLE001 - the reader raises several types for broken files
+        raise DataError(f"{path} is not a readable ArrayRecord shard (truncated or corrupt); prepare the dataset again") from None

@@ -37,16 +37,17 @@ class Done:
 
 
 class Throughput:
-    """Seconds per step over the steps since the last reading, time spent `paused()` left out."""
+    """Seconds per step over the steps since the last reading, time spent `paused()` left out, and
+    the units (real tokens, images) each of those steps trained on, as device scalars read at a log row."""
 
     def __init__(self):
-        self.start, self.steps = time.perf_counter(), 0
+        self.reset()
 
     def step_time(self) -> float:
         return (time.perf_counter() - self.start) / max(self.steps, 1)
 
     def reset(self):
-        self.start, self.steps = time.perf_counter(), 0
+        self.start, self.steps, self.units = time.perf_counter(), 0, []
 
     @contextlib.contextmanager
     def paused(self):
@@ -110,19 +111,25 @@ class Log(Every):
     def __init__(self, step_fn, logger: MetricsLogger, throughput: Throughput, history: dict):
         super().__init__(step_fn.cfg.train.log_every, step_fn.cfg.run.steps)
         self.total, self.unit = step_fn.cfg.run.steps, step_fn.task.unit
-        self.units, self.flops = step_fn.task.units_per_step(), step_fn.task.flops_per_step()
+        self.capacity = step_fn.task.units_per_step()  # a step's units if nothing were padding
+        self.flops_per_unit = step_fn.task.flops_per_step() / self.capacity
         self.peak = total_peak_flops(step_fn.cfg.runtime.peak_flops_per_device)
         self.logger, self.throughput, self.history = logger, throughput, history
 
     def after(self, done: Done):
         self.throughput.steps += 1
+        self.throughput.units.append(done.metrics["units"])
         if not self.due(done):
             self.logger.progress(done.step, self.throughput.step_time() * (self.total - done.step))
             return
-        metrics = {k: float(v) for k, v in jax.device_get(done.metrics).items()}  # waits for the step
-        step_time = self.throughput.step_time()
-        self.logger.write({"step": done.step, **metrics, "step_time_s": step_time,
-                           f"{self.unit}_per_sec": self.units / step_time, "mfu": self.flops / step_time / self.peak,
+        metrics, units = jax.device_get((done.metrics, self.throughput.units))  # waits for the step
+        metrics = {k: float(v) for k, v in metrics.items() if k != "units"}
+        step_time, units = self.throughput.step_time(), float(sum(units))
+        seconds = step_time * self.throughput.steps
+        # Throughput and MFU count what was trained on: padding is no work.
+        self.logger.write({"step": done.step, **metrics, "step_time_s": step_time, f"{self.unit}_per_sec": units / seconds,
+                           "mfu": self.flops_per_unit * units / seconds / self.peak,
+                           "pad_fraction": 1 - units / (self.capacity * self.throughput.steps),
                            "eta_s": step_time * (self.total - done.step)})
         self.history["train_loss"].append(metrics["loss"])
         self.throughput.reset()

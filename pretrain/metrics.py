@@ -101,7 +101,8 @@ class MetricsLogger:
         rate = row[f"{self.unit}_per_sec"]
         return (
             f"{step} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | grad_norm {row['grad_norm']:.3f} | "
-            f"{self.unit}/s {rate:,.0f} | mfu {100 * row['mfu']:.2f}% | step {1000 * row['step_time_s']:.1f} ms | "
+            f"{self.unit}/s {rate:,.0f} | mfu {100 * row['mfu']:.2f}% | pad {100 * row['pad_fraction']:.1f}% | "
+            f"step {1000 * row['step_time_s']:.1f} ms | "
             f"eta {_fmt_duration(row['eta_s'])}"
         )
 

@@ -111,9 +111,10 @@ class TrainStep:
             zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
             (grads, weight, sums), _ = jax.lax.scan(accumulate, zero, (micro, jnp.arange(k)))
         # Losses are sums over tokens; one division makes the step independent of how the batch was split.
+        units = weight  # what the step trained on: real target tokens (padding left out), or images
         weight = jnp.maximum(weight, 1.0)
         grads = jax.tree.map(lambda g: g / weight, grads)
-        metrics = {name: value / weight for name, value in sums.items()}
+        metrics = {name: value / weight for name, value in sums.items()} | {"units": units}
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["lr"] = self.lr(step)
         optimizer.update(model, grads)
@@ -149,8 +150,10 @@ class TrainStep:
         return global_batch(local_batch, self.batch_sharding, self.cfg.train.global_batch)
 
     def data_position(self, positions: np.ndarray) -> jax.Array:
-        """The records each row of the global batch has read (this process's rows: `positions`), as one
-        global array (for checkpoints)."""
+        """Where each row of the global batch is in its stream (this process's rows: `positions`, see
+        data/pipeline.py), as one global array (for checkpoints)."""
+        if positions.max(initial=0) >= 2**31:  # int32 without jax_enable_x64: refuse rather than wrap
+            raise OverflowError(f"a data position ({positions.max()}) outgrew the checkpoint's int32")
         return self.place_batch({"p": positions.astype("int32")})["p"]
 
     def abstract_position(self) -> jax.ShapeDtypeStruct:

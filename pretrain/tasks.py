@@ -255,7 +255,7 @@ class LanguageModelTask(Task):
                 max_bytes=int(d.max_corpus_mb * 2**20), val_fraction=d.val_fraction,
             )
         else:
-            directory = records.local_copy(d.source, d.cache_dir)
+            directory = epath.Path(d.source)  # local or gs://, read in place
         manifest = records.read_manifest(directory, "text")
         self.tokenizer = tokenizer_lib.read(directory)
         _check_resumed_tokenizer(self.cfg, self.tokenizer)
@@ -365,10 +365,9 @@ class DiffusionTask(Task):
             raise ConfigError(f"data.source={d.source} is not a directory; use digits, synthetic, a directory of "
                               "images or one from `pretrain prepare images`")
         elif (epath.Path(d.source) / records.MANIFEST).exists():
-            directory = records.local_copy(d.source, d.cache_dir)
-            manifest = records.read_manifest(directory, "images")
+            manifest = records.read_manifest(d.source, "images")
             classes = manifest["classes"]
-            sources = {s: records.open_split(directory, manifest, s) for s in ("train", "validation")}
+            sources = {s: records.open_split(d.source, manifest, s) for s in ("train", "validation")}
         else:
             classes, sources = prepare.image_directory(d.source, d.val_fraction)
         if sources["train"] is None:

@@ -2,6 +2,8 @@
 
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -9,7 +11,8 @@ from data import corpus, prepare
 
 from pretrain import cli
 
-from conftest import TINY
+from conftest import ROOT, TINY
+from test_checkpoint import gs_put
 from test_trainer import SMOKE
 
 CASES = {
@@ -102,6 +105,31 @@ def test_bad_training_data_exits_2(make, overrides, message, prepared, tmp_path,
     rc = cli.main(["train", SMOKE, *TINY, f"data.source={make(prepared, tmp_path)}", *overrides, f"run.output_dir={out}"])
     assert rc == 2
     one_line_error(capsys, message)
+    assert not out.exists()
+
+
+GCS_DATA_CASES = {
+    "missing shard": (lambda shard: None,
+                      r"shard gs://test-bucket/\w+/train-00000.array_record listed in the manifest is missing"),
+    "truncated shard": (lambda shard: shard[: len(shard) // 2],
+                        r"gs://test-bucket/\w+/train-00000.array_record is not a readable ArrayRecord shard"),
+}
+
+
+@pytest.mark.parametrize("damage, message", GCS_DATA_CASES.values(), ids=GCS_DATA_CASES.keys())
+def test_a_bad_shard_in_a_bucket_exits_2(damage, message, prepared, gcs, tmp_path):
+    """Read in place, a missing or broken shard on gs:// is named in one line before anything runs."""
+    bucket_dir = tmp_path.name  # one per case
+    for f in prepared.iterdir():
+        content = damage(f.read_bytes()) if f.name == "train-00000.array_record" else f.read_bytes()
+        if content is not None:
+            gs_put(gcs, f"{bucket_dir}/{f.name}", content)
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "pretrain", "train", SMOKE, *TINY, "model.vocab_size=512",
+                           f"data.source=gs://test-bucket/{bucket_dir}", f"run.output_dir={out}"],
+                          cwd=ROOT, env=gcs, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and re.search(message, proc.stderr), proc.stderr
     assert not out.exists()
 
 

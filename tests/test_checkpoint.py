@@ -226,7 +226,8 @@ def test_a_preempted_run_on_gcs_leaves_every_row_and_its_trace_there(gcs):
 
 
 def test_the_whole_cycle_on_gcs(gcs, tmp_path):
-    """Prepare a dataset into the bucket, train from it into the bucket, get killed, resume from the bucket."""
+    """Prepare a dataset into the bucket, train from it (read in place) into the bucket, get killed, resume
+    from the bucket: the losses equal a run on a local copy of the dataset, and no shard was copied."""
     text = tmp_path / "text"
     text.mkdir()
     for f in corpus.stdlib_files(300_000):
@@ -263,9 +264,14 @@ def test_the_whole_cycle_on_gcs(gcs, tmp_path):
     names = gs_ls(gcs, "run/")
     assert {"run/config.yaml", "run/metrics.jsonl", f"run/checkpoints/{STEPS}/commit_success.txt"} <= names
     assert any(n.startswith("run/tensorboard/") for n in names)
-    # The resumed run's losses equal an uninterrupted local run on the same data.
+    assert not list((tmp_path / "cache").rglob("*")), "a gs:// dataset is read in place, never copied"
+    # The resumed run's losses equal an uninterrupted local run on a local copy of the data.
+    copy = tmp_path / "data-copy"
+    copy.mkdir()
+    for name in gs_ls(gcs, "data/"):
+        (copy / name.removeprefix("data/")).write_bytes(gs_get(gcs, name))
     local = tmp_path / "local"
-    assert cli.main(["train", SMOKE, *run[:-1], f"run.output_dir={local}"]) == 0
+    assert cli.main(["train", SMOKE, *run[:-1], f"data.source={copy}", f"run.output_dir={local}"]) == 0
     (tmp_path / "from-gcs").mkdir()
     (tmp_path / "from-gcs" / "metrics.jsonl").write_bytes(gs_get(gcs, "run/metrics.jsonl"))
     assert losses(tmp_path / "from-gcs") == losses(local)

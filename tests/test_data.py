@@ -2,14 +2,22 @@
 
 import hashlib
 import json
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from data import corpus, images, pipeline, prepare, records, tokenizer
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from data import corpus, images, pipeline, prepare, ranges, records, tokenizer
 from data.tokenizer import BOS_ID, EOS_ID
+
+from conftest import ROOT
+from gcs_proxy import CountingProxy
+from test_checkpoint import gs_put
 
 SEQ = 16
 DOCS = [list(np.random.default_rng(0).integers(4, 100, n)) for n in (3, 40, 9, 1, 17, 12, 5, 30)]  # 40 > SEQ
@@ -40,6 +48,18 @@ def test_packing_keeps_every_token_once_and_restarts_segments():
             assert list(pos[seg == s]) == list(range((seg == s).sum()))  # positions restart per piece
         same = (seg[1:] == seg[:-1]) & (seg[1:] > 0)  # within a piece, each target is the next input
         assert np.all(rows["targets"][r][:-1][same] == rows["inputs"][r][1:][same])
+
+
+def test_a_lane_packs_short_pieces_together_that_consecutive_packing_would_pad():
+    """Eight pieces that fill a row and eight of half a row, in shuffled order, on one lane: packing only
+    consecutive pieces pads wherever a lone half piece meets a full one; the lane's window packs them
+    into twelve full rows, every token once."""
+    pieces = [np.arange(100 * i, 100 * i + n + 1, dtype=np.int32) for i, n in enumerate([SEQ] * 8 + [SEQ // 2] * 8)]
+    source = [p.tobytes() for p in pieces]
+    batches = list(pipeline.text_rows(source, seq_len=SEQ, global_batch=1, rows=[0], seed=3, num_epochs=1))
+    rows = {k: np.concatenate([b[k] for b in batches]) for k in ("segment_ids", "targets")}
+    assert rows["segment_ids"].shape == (12, SEQ) and np.all(rows["segment_ids"] > 0)
+    assert sorted(rows["targets"].ravel()) == sorted(t for p in pieces for t in p[1:])
 
 
 def text_rows(source, rows, workers=0):
@@ -196,3 +216,70 @@ def test_image_pipeline_crops_flips_and_scales(tmp_path):
     again = list(pipeline.image_rows(direct, size=16, channels=3, global_batch=3, rows=range(3), seed=0, num_epochs=1))
     np.testing.assert_array_equal(np.concatenate([b["images"] for b in again]), got)
     assert classes == manifest["classes"]
+
+
+@pytest.mark.parametrize("options", ["group_size:1", "group_size:1,uncompressed"])
+def test_range_reads_give_back_what_array_record_wrote(tmp_path, options):
+    """data/ranges.py reads back what array_record wrote, each record by its own byte range, on records
+    small and large (spanning several 64 KiB blocks), compressed or not."""
+    rng = np.random.default_rng(0)
+    sizes = [*rng.integers(1, 40, 300), 50_000, 3, 70_000]  # int32s: 200 and 280 KB span several blocks
+    expected = [rng.integers(0, 1000, n, dtype=np.int32).tobytes() for n in sizes]
+    path = tmp_path / "shard.array_record"
+    writer = ArrayRecordWriter(str(path), options)
+    for record in expected:
+        writer.write(record)
+    writer.close()
+    content, fetched = path.read_bytes(), []
+
+    def fetch(start, stop):
+        fetched.append(stop - start)
+        return content[start:stop]
+
+    shard = ranges.Shard(len(content), fetch)
+    index_bytes = sum(fetched)
+    assert [shard[i] for i in range(len(shard))] == expected
+    assert index_bytes + sum(fetched[-len(expected):]) <= len(content)  # the index and each record once: nothing else
+    content = content[: len(content) // 2]
+    with pytest.raises(ValueError):  # records.open_split turns this into a DataError naming the shard
+        ranges.Shard(len(content), fetch)
+
+
+GCS_SEQ = 64
+READ_EPOCH = f"""
+import sys
+import numpy as np
+from data import pipeline, records
+directory, rows, out = sys.argv[1], [int(r) for r in sys.argv[2].split(",")], sys.argv[3]
+source = records.open_split(directory, records.read_manifest(directory, "text"), "train")
+batches = list(pipeline.text_rows(source, seq_len={GCS_SEQ}, global_batch=4, rows=rows, seed=0, num_epochs=1))
+np.savez(out, **{{k: np.stack([b[k] for b in batches]) for k in batches[0]}})
+"""
+
+
+def test_a_gcs_dataset_is_read_in_place_each_process_fetching_its_rows_records(gcs, tmp_path):
+    """A prepared dataset in the bucket, read by a process of its own per share of the rows (behind a
+    proxy that counts what it fetches): one process reading every row of an epoch fetches less than the
+    dataset's size, each of two about half of that, and the batches equal those of the local copy."""
+    local = corpus.stdlib_dataset(str(ROOT / ".cache"), vocab_size=512, seq_len=GCS_SEQ, max_bytes=200_000,
+                                  val_fraction=0.02)
+    manifest = records.read_manifest(local, "text")
+    shards = manifest["splits"]["train"]["shards"]
+    for name in [*shards, records.MANIFEST]:
+        gs_put(gcs, f"inplace/{name}", (local / name).read_bytes())
+    size = sum((local / s).stat().st_size for s in shards)
+    source = records.open_split(local, manifest, "train")
+    fetched = {}
+    for rows in ([0, 1, 2, 3], [0, 2], [1, 3]):
+        proxy = CountingProxy(gcs["STORAGE_EMULATOR_HOST"])
+        subprocess.run([sys.executable, "-c", READ_EPOCH, "gs://test-bucket/inplace", ",".join(map(str, rows)),
+                        str(tmp_path / "got.npz")], cwd=ROOT, env=dict(gcs, STORAGE_EMULATOR_HOST=proxy.url),
+                       check=True, timeout=300)
+        proxy.close()
+        fetched[len(rows)] = fetched.get(len(rows), []) + [proxy.bytes]
+        want = list(pipeline.text_rows(source, seq_len=GCS_SEQ, global_batch=4, rows=rows, seed=0, num_epochs=1))
+        assert_batches_equal(dict(np.load(tmp_path / "got.npz")), {k: np.stack([b[k] for b in want]) for k in want[0]})
+    (whole,), halves = fetched[4], fetched[2]
+    print(f"dataset {size:,} bytes; one process fetched {whole:,}, each of two {halves[0]:,} and {halves[1]:,}")
+    assert whole < size
+    assert all(0.45 < h / whole < 0.55 for h in halves), (whole, halves)

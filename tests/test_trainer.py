@@ -7,11 +7,13 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from data import corpus, records
 from pretrain import cli
+from pretrain.tasks import LanguageModelTask
 
-from conftest import TINY, make_trainer
+from conftest import TINY, make_trainer, tiny_config
 from test_model import batch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,13 +57,33 @@ def test_train_command_writes_config_metrics_and_tensorboard(tmp_path, capsys):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], "eval_loss" in r) for r in rows] == [(3, False), (6, False), (6, True)]
     rows = rows[:2]
-    for key in ("loss", "lr", "grad_norm", "step_time_s", "tokens_per_sec", "mfu"):
+    for key in ("loss", "lr", "grad_norm", "step_time_s", "tokens_per_sec", "mfu", "pad_fraction"):
         assert all(np.isfinite(r[key]) for r in rows), key
     assert 0 < rows[-1]["mfu"] < 1
     assert "run:" in (out / "config.yaml").read_text() and "steps: 6" in (out / "config.yaml").read_text()
     assert any((out / "tensorboard").iterdir())
     printed = capsys.readouterr().out
     assert "tokens/s" in printed and "mfu" in printed and "eta" in printed
+
+
+def test_pad_fraction_and_tokens_per_sec_count_the_padding_of_the_batches_themselves(tmp_path):
+    """Pieces of at most 16 tokens in rows of 24 leave padding: each logged row's pad_fraction is its
+    steps' share of padding, counted here from the pipeline's own batches, and tokens/s counts the
+    other tokens only."""
+    prepared = corpus.stdlib_dataset(str(ROOT / ".cache"), vocab_size=512, seq_len=16, max_bytes=int(0.3 * 2**20),
+                                     val_fraction=0.02)  # the tiny model's real text (conftest.REAL_DATA)
+    overrides = [*TINY, f"data.source={prepared}", "model.vocab_size=512", "data.seq_len=24", "run.steps=4",
+                 "train.log_every=2", "train.eval_every=0"]
+    assert cli.main(["train", SMOKE, *overrides, f"run.output_dir={tmp_path}"]) == 0
+    rows = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["step"] for r in rows] == [2, 4]
+    task = LanguageModelTask(tiny_config(*overrides))
+    task.prepare(model_axis=4)
+    batches = task.batches("train", range(task.cfg.train.global_batch))
+    for row in rows:
+        segments = np.stack([next(batches)["segment_ids"] for _ in range(2)])
+        assert row["pad_fraction"] == pytest.approx(np.mean(segments == 0), abs=1e-12) and row["pad_fraction"] > 0.1
+        assert row["tokens_per_sec"] == pytest.approx(np.sum(segments > 0) / 2 / row["step_time_s"], rel=1e-9)
 
 
 def unigram_entropy(source) -> float:
