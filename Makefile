@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml
 smoke: $(STAMP)
 	$(VENV)/bin/pretrain smoke llm
 
+# Two workers, each taking whole test files (so a file's shared fixtures are built once).
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q --durations=15
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/train_throughput.py configs/llm/smoke.yaml runtime.fake_cpu_devices=8

@@ -16,7 +16,6 @@ import threading
 from pathlib import Path
 
 import jax
-from etils import epath
 
 MIRROR_EVERY_S = 30.0
 MAX_COMPONENTS = 1000  # compose appends before an object is sent whole again (GCS counts components)

@@ -119,7 +119,8 @@ def test_a_retry_after_sigkill_resumes_from_the_last_committed_save(reference, t
     # parts cover the wall time from the first start to the end.
     assert cli.main(["goodput", str(out), "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
-    assert recorded >= step and r["steps_lost"] == recorded - committed[-1] and r["attempts"] == 2
+    # (the kill may land between step `step`'s printed row and its record)
+    assert recorded >= step - 1 and r["steps_lost"] == recorded - committed[-1] and r["attempts"] == 2
     assert sum(r["parts"].values()) == pytest.approx(r["wall_s"], abs=1e-6) and 0 < r["goodput"] < 1
     assert r["parts"]["lost"] > 0 and r["parts"]["between_attempts"] > 0 and r["parts"]["compile"] > 0
 
