@@ -212,6 +212,7 @@ def validate(cfg: Config, num_devices: int, platform: str) -> tuple[int, int]:
     data, model = mesh_shape(cfg, num_devices)
 
     require(cfg.data.workers >= 0, f"data.workers={cfg.data.workers} must be >= 0")
+    require(cfg.data.prefetch >= 0, f"data.prefetch={cfg.data.prefetch} must be >= 0 (0: no read-ahead)")
     for key in ("every", "every_minutes", "keep", "keep_every"):
         require(getattr(cfg.checkpoint, key) >= 0, f"checkpoint.{key}={getattr(cfg.checkpoint, key)} must be >= 0")
     per_step = data * cfg.train.microbatches

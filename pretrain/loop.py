@@ -7,6 +7,7 @@ before a step is dispatched), added to the list in `fit`.
 
 import contextlib
 import dataclasses
+import queue
 import signal
 import threading
 import time
@@ -108,8 +109,9 @@ class Every(Event):
 class Log(Every):
     """A metrics row every train.log_every steps, a progress line in between."""
 
-    def __init__(self, step_fn, logger: MetricsLogger, throughput: Throughput, history: dict):
+    def __init__(self, step_fn, logger: MetricsLogger, throughput: Throughput, history: dict, feed: "Feed"):
         super().__init__(step_fn.cfg.train.log_every, step_fn.cfg.run.steps)
+        self.feed, self.waited = feed, 0.0
         self.total, self.unit = step_fn.cfg.run.steps, step_fn.task.unit
         self.capacity = step_fn.task.units_per_step()  # a step's units if nothing were padding
         self.flops_per_unit = step_fn.task.flops_per_step() / self.capacity
@@ -130,7 +132,8 @@ class Log(Every):
         self.logger.write({"step": done.step, **metrics, "step_time_s": step_time, f"{self.unit}_per_sec": units / seconds,
                            "mfu": self.flops_per_unit * units / seconds / self.peak,
                            "pad_fraction": 1 - units / (self.capacity * self.throughput.steps),
-                           "eta_s": step_time * (self.total - done.step)})
+                           "data_wait_s": self.feed.waited - self.waited, "eta_s": step_time * (self.total - done.step)})
+        self.waited = self.feed.waited
         self.history["train_loss"].append(metrics["loss"])
         self.throughput.reset()
 
@@ -232,7 +235,7 @@ def fit(step_fn, plan: ResumePlan = Fresh(), started: float | None = None) -> di
         watchdog = stack.enter_context(Watchdog(cfg.runtime.step_timeout_s, start))
         preemption = stack.enter_context(Preemption(checkpointer))
         throughput = Throughput()
-        feed = Feed(step_fn, rows)
+        feed = stack.enter_context(Feed(step_fn, rows, cfg.data.prefetch))
 
         @contextlib.contextmanager
         def pauses(kind: str, step: int):  # evals and saves are neither step time nor a stuck step
@@ -242,7 +245,7 @@ def fit(step_fn, plan: ResumePlan = Fresh(), started: float | None = None) -> di
             records.add(kind)
 
         profiler = StepProfiler(cfg.train.profile_steps, files.local)
-        events = [Profile(profiler), Log(step_fn, logger, throughput, history), Record(step_fn, records, feed),
+        events = [Profile(profiler), Log(step_fn, logger, throughput, history, feed), Record(step_fn, records, feed),
                   Evaluate(step_fn, logger, pauses, history, files), Save(step_fn, checkpointer, logger, pauses, files)]
         stack.enter_context(step_fn.context())  # after Log, whose CPU peak is measured off the mesh
         batch, position = feed.next() if start < cfg.run.steps else (None, None)
@@ -269,19 +272,50 @@ def fit(step_fn, plan: ResumePlan = Fresh(), started: float | None = None) -> di
     return {"state": state, "compile_s": compile_s, "wall_s": time.perf_counter() - run_start, **history}
 
 
-class Feed:
+class Feed(contextlib.AbstractContextManager):
     """Global batches placed on the devices, each with this process's data position after it (what a
-    checkpoint of the step that trains on it keeps)."""
+    checkpoint of the step that trains on it keeps). With data.prefetch > 0 a thread reads and packs
+    that many batches ahead of the loop; each carries the position it was read at, so a checkpoint
+    holds the position of the batch trained on, never of what was read ahead."""
 
-    def __init__(self, step_fn, rows):
+    def __init__(self, step_fn, rows, prefetch: int = 0):
         self.step_fn, self.rows = step_fn, rows
-        self.waited = 0.0  # seconds the loop spent reading and placing batches
+        self.waited = 0.0  # seconds the loop waited for input (reading, packing, placing)
+        self.ahead, self.stopped = (queue.Queue(prefetch) if prefetch else None), threading.Event()
+        if self.ahead is not None:
+            threading.Thread(target=self._read_ahead, daemon=True).start()
+
+    def _read(self):
+        """(host batch, position after it), or what reading raised (StopIteration at a finite end)."""
+        try:
+            return next(self.rows), self.rows.positions.copy()
+        except Exception as e:  # noqa: BLE001 - handed to the loop, which raises it
+            return e
+
+    def _read_ahead(self):
+        while not self.stopped.is_set():
+            item = self._read()
+            while not self.stopped.is_set():
+                try:
+                    self.ahead.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    pass
+            if isinstance(item, Exception):
+                return
 
     def next(self) -> tuple[dict, np.ndarray]:
         start = time.perf_counter()
-        batch = self.step_fn.place_batch(next(self.rows))
+        item = self.ahead.get() if self.ahead is not None else self._read()
+        if isinstance(item, Exception):
+            raise item
+        host, position = item
+        batch = self.step_fn.place_batch(host)
         self.waited += time.perf_counter() - start
-        return batch, self.rows.positions.copy()
+        return batch, position
+
+    def __exit__(self, *exc):
+        self.stopped.set()
 
 
 def evaluate(step_fn, state) -> float | None:

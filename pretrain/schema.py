@@ -52,6 +52,7 @@ class DataConfig:
     source: str = "stdlib"
     seq_len: int = 128
     workers: int = 0  # threads that read and pack rows (0: the training thread); no effect on the batches
+    prefetch: int = 2  # global batches read ahead of the loop by a thread (0: none); no effect on the batches
     cache_dir: str = "~/.cache/pretrain"  # the prepared stdlib corpus (gs:// datasets are read in place)
     max_corpus_mb: float = 8.0  # stdlib: how much of it to read
     val_fraction: float = 0.02  # stdlib: share of documents held out
@@ -64,6 +65,7 @@ class ImageDataConfig:
     # either from `pretrain prepare images` or of PNG/JPEG files (class subdirectories give labels).
     source: str = "digits"
     workers: int = 0  # threads that decode and augment (0: the training thread); no effect on the batches
+    prefetch: int = 2  # global batches read ahead of the loop by a thread (0: none); no effect on the batches
     augment: bool = True  # random horizontal flips (off for digits, which flipping changes)
     val_fraction: float = 0.1  # digits and plain image directories: share of images held out
 

@@ -3,17 +3,18 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-from data import corpus, records
-from pretrain import cli
+from data import corpus, pipeline, records
+from pretrain import cli, loop
 from pretrain.tasks import LanguageModelTask
 
-from conftest import TINY, make_trainer, tiny_config
+from conftest import REAL_DATA, TINY, make_trainer, tiny_config
 from test_model import batch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,6 +85,36 @@ def test_pad_fraction_and_tokens_per_sec_count_the_padding_of_the_batches_themse
         segments = np.stack([next(batches)["segment_ids"] for _ in range(2)])
         assert row["pad_fraction"] == pytest.approx(np.mean(segments == 0), abs=1e-12) and row["pad_fraction"] > 0.1
         assert row["tokens_per_sec"] == pytest.approx(np.sum(segments > 0) / 2 / row["step_time_s"], rel=1e-9)
+
+
+def test_batches_read_ahead_are_the_batches_read_in_turn(tmp_path, monkeypatch):
+    """data.prefetch: a thread reads batches ahead; the loop gets the same batches, bitwise, each with
+    the data position after it (what a checkpoint of its step keeps), from the start or from a
+    checkpoint's position. Each row reports how long the loop waited for input: here reading is
+    made slow (0.2 s a batch) and nothing reads ahead."""
+    step_fn = make_trainer(*REAL_DATA)
+    step_fn.task.prepare(step_fn.mesh.shape["model"])
+
+    def feed(prefetch, positions=None):
+        rows = step_fn.task.batches("train", step_fn.rows)
+        if positions is not None:
+            rows.set_positions(positions)
+        with loop.Feed(step_fn, rows, prefetch) as f:
+            return [jax.tree.map(np.asarray, f.next()) for _ in range(6)]
+
+    in_turn, ahead = feed(0), feed(3)
+    for (batch, position), (batch_ahead, position_ahead) in zip(in_turn, ahead, strict=True):
+        assert all(np.array_equal(batch[k], batch_ahead[k]) for k in batch)
+        assert np.array_equal(position, position_ahead)
+    resumed = feed(3, positions=in_turn[2][1])  # from where a checkpoint of step 3 left the data
+    assert all(np.array_equal(a[k], b[k]) for (a, _), (b, _) in zip(in_turn[3:], resumed) for k in a)
+    read = pipeline.Rows.__next__
+    monkeypatch.setattr(pipeline.Rows, "__next__", lambda rows: time.sleep(0.2) or read(rows))
+    assert cli.main(["train", SMOKE, *TINY, "run.steps=3", "train.log_every=1", "data.prefetch=0",
+                     f"run.output_dir={tmp_path}"]) == 0
+    rows = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(0.2 <= r["data_wait_s"] for r in rows[:2])  # the batch of the next step, read while this one ran
 
 
 def unigram_entropy(source) -> float:
