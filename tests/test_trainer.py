@@ -103,8 +103,8 @@ def test_batches_read_ahead_are_the_batches_read_in_turn(tmp_path, monkeypatch):
             return [jax.tree.map(np.asarray, f.next()) for _ in range(6)]
 
     in_turn, ahead = feed(0), feed(3)
-    for (batch, position), (batch_ahead, position_ahead) in zip(in_turn, ahead, strict=True):
-        assert all(np.array_equal(batch[k], batch_ahead[k]) for k in batch)
+    for (read, position), (read_ahead, position_ahead) in zip(in_turn, ahead, strict=True):
+        assert all(np.array_equal(read[k], read_ahead[k]) for k in read)
         assert np.array_equal(position, position_ahead)
     resumed = feed(3, positions=in_turn[2][1])  # from where a checkpoint of step 3 left the data
     assert all(np.array_equal(a[k], b[k]) for (a, _), (b, _) in zip(in_turn[3:], resumed) for k in a)
