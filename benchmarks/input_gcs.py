@@ -8,7 +8,6 @@ Step time is the median (and mean) of the logged rows' step_time_s after the fir
 is summed over the first row (the first batches) and over the others. Run it on an idle machine (it refuses a 1-minute load above 0.5 without --any-load).
 """
 
-import argparse
 import json
 import os
 import statistics
@@ -22,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from checkpoint_io import start_emulator  # noqa: E402
-from output_gcs import delaying_proxy  # noqa: E402
+from output_gcs import delayed_gcs_args, delaying_proxy  # noqa: E402
 
 from pretrain import config as config_lib  # noqa: E402
 
@@ -60,18 +59,7 @@ def train(source: str, out: str, env: dict, overrides: list[str]) -> tuple[float
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--delay-s", type=float, default=0.1)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--any-load", action="store_true", help="run even if the machine is busy")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
-    load = os.getloadavg()[0]
-    print(f"1-minute load before: {load:.2f}")
-    if load > 0.5 and not args.any_load:
-        print("error: the machine is busy (load above 0.5); a timing now measures the load. Wait, or pass --any-load",
-              file=sys.stderr)
-        return 2
+    args = delayed_gcs_args(__doc__, delay_s=0.1)
     overrides = [f"run.steps={args.steps}", *args.overrides]
     local = smoke_dataset(overrides)
     server = start_emulator()

@@ -96,9 +96,11 @@ def train(output_dir: str, env: dict, overrides: list[str], sigterm_at: int = 0)
     return printed, statistics.median(times), cpu / max(steps, 1)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--delay-s", type=float, default=0.2)
+def delayed_gcs_args(doc: str, delay_s: float) -> argparse.Namespace:
+    """The command line of the delayed-GCS benchmarks; exits 2 on a busy machine (1-minute load
+    above 0.5 on these 2 cores: a timing would measure the load) unless --any-load."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--delay-s", type=float, default=delay_s)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--any-load", action="store_true", help="run even if the machine is busy")
     parser.add_argument("overrides", nargs="*")
@@ -108,7 +110,12 @@ def main() -> int:
     if load > 0.5 and not args.any_load:
         print("error: the machine is busy (load above 0.5); a timing now measures the load. Wait, or pass --any-load",
               file=sys.stderr)
-        return 2
+        sys.exit(2)
+    return args
+
+
+def main() -> int:
+    args = delayed_gcs_args(__doc__, delay_s=0.2)
     server = start_emulator()
     proxy = delaying_proxy(server.url, args.delay_s)
     env = dict(os.environ, STORAGE_EMULATOR_HOST=proxy, TENSORSTORE_GCS_HTTP_URL=proxy)
