@@ -26,8 +26,8 @@ class RunFiles:
     """`local`: where this process writes the run's files. Process 0 mirrors it to a gs:// output dir."""
 
     def __init__(self, output_dir: str, every_s: float = MIRROR_EVERY_S):
-        self.mirror = None
-        if not str(output_dir).startswith("gs://"):
+        self.mirror, self.staging = None, str(output_dir).startswith("gs://")
+        if not self.staging:
             self.local = Path(output_dir)
             return
         self.local = Path(tempfile.mkdtemp(prefix="pretrain-run-"))
@@ -42,7 +42,7 @@ class RunFiles:
     def close(self):
         if self.mirror is not None:
             self.mirror.close()
-        if self.local.name.startswith("pretrain-run-"):
+        if self.staging:  # never the run's own local output dir
             shutil.rmtree(self.local, ignore_errors=True)
 
 
@@ -84,7 +84,10 @@ class Mirror:
         with self.lock:
             for path in sorted(self.local.rglob("*")):
                 if path.is_file() and not path.name.endswith(".tmp"):
-                    self._send(path)
+                    try:
+                        self._send(path)
+                    except FileNotFoundError:  # removed since listed (a writer's scratch file): nothing to send
+                        pass
 
     def _send(self, path: Path):
         name, stat = path.relative_to(self.local).as_posix(), path.stat()

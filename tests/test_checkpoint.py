@@ -212,6 +212,16 @@ def test_the_run_files_mirror_sends_only_new_bytes(gcs, tmp_path, monkeypatch):
     again.close()
 
 
+def test_a_local_output_dir_is_written_in_place_and_kept(tmp_path):
+    out = tmp_path / "pretrain-run-mine"  # named like the staging dirs of gs:// runs, which are removed at close
+    files = outputs.RunFiles(str(out))
+    assert files.local == out
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("row\n")
+    files.close()
+    assert (out / "metrics.jsonl").read_text() == "row\n"
+
+
 def test_a_preempted_run_on_gcs_leaves_every_row_and_its_trace_there(gcs):
     run = [*TINY, "run.steps=40", "train.log_every=1", "train.profile_steps=[2,3]", "run.output_dir=gs://test-bucket/prof"]
     proc = start(run, env=gcs)
