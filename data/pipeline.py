@@ -20,8 +20,14 @@ still one integer, `window start x ROWS_PER_WINDOW + row within the window`. Row
 `segment_ids` (1, 2, ... per piece, 0 for padding) and `positions` (restarting at each piece), so
 no token attends to or predicts across documents. Packing is done here rather than by Grain's
 packers because their state belongs to one iterator.
+
+A `Mixture` of several text datasets is one stream too: each dataset is shuffled and repeated on its
+own, and Grain's `MapDataset.mix` interleaves them in fixed proportions of records, a function of
+the stream index alone; so everything above holds for mixtures unchanged, and rows also carry
+`dataset_ids` (which dataset each token came from).
 """
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -41,29 +47,40 @@ class Rows:
     `stream` is random-access (a Grain MapDataset); `make_row(read, position, memo)` builds the
     lane's row at `position` (`read(k)` is the lane's k-th record, None past the end of a finite
     stream; `memo` a dict of the lane's own, kept between its rows) and returns (row dict, how far
-    the lane's position moves; 0 if it had nothing left). `workers` threads build rows in parallel
-    (decoding and reads release the GIL). A finite stream ends when every lane has run out or a
-    lane has no row to give (`make_row` returned None).
+    the lane's position moves; 0 if it had nothing left). A lane that reads a record it does not
+    have fetches it and its next `read_ahead - 1` at once, concurrently: on GCS each record is a
+    request, which then overlap. `workers` threads build the lanes' rows in parallel (decoding and
+    reads release the GIL). A finite stream ends when every lane has run out or a lane has no row to
+    give (`make_row` returned None).
     """
 
-    def __init__(self, stream, make_row, *, global_batch: int, rows: Sequence[int], workers: int = 0):
+    def __init__(self, stream, make_row, *, global_batch: int, rows: Sequence[int], workers: int = 0, read_ahead: int = 1):
         self.stream, self.make_row, self.global_batch, self.rows = stream, make_row, global_batch, rows
         self.positions = np.zeros(len(rows), np.int64)
-        self.last_read = {}  # lane -> (k, its k-th record)
+        self.fetched = [{} for _ in rows]  # lane -> {k: its k-th record}, from the last one read on
         self.memos = [{} for _ in rows]
         self.pool = ThreadPoolExecutor(workers) if workers else None
+        self.read_ahead = read_ahead
+        self.fetch_pool = ThreadPoolExecutor(read_ahead) if read_ahead > 1 else None
 
     def __iter__(self):
         return self
 
+    def _record(self, lane: int, k: int):
+        i = self.rows[lane] + k * self.global_batch
+        return self.stream[i] if i < len(self.stream) else None
+
     def _read(self, lane: int, k: int):
-        """The lane's k-th record. The last one read is kept: a record that did not fit in a window
-        is the first of the next."""
-        last = self.last_read.get(lane)
-        if last is None or last[0] != k:
-            i = self.rows[lane] + k * self.global_batch
-            last = self.last_read[lane] = (k, self.stream[i] if i < len(self.stream) else None)
-        return last[1]
+        """The lane's k-th record. Those before it are dropped: a lane reads on, except that a record
+        that did not fit in a window is the first of the next."""
+        fetched = self.fetched[lane]
+        if k not in fetched:
+            ks = range(k, k + self.read_ahead)
+            records = self.fetch_pool.map(self._record, [lane] * len(ks), ks) if self.fetch_pool else [self._record(lane, k)]
+            fetched.update(zip(ks, records))
+        for old in [j for j in fetched if j < k]:
+            del fetched[old]
+        return fetched[k]
 
     def _lane(self, lane: int):
         return self.make_row(functools.partial(self._read, lane), int(self.positions[lane]), self.memos[lane])
@@ -79,6 +96,7 @@ class Rows:
     def set_positions(self, positions: np.ndarray):
         """Move every lane to where a checkpoint says it was."""
         self.positions = np.asarray(positions, np.int64).copy()
+        self.fetched = [{} for _ in self.rows]
 
 
 def _stream(source, seed: int, num_epochs: int | None) -> grain.MapDataset:
@@ -88,8 +106,24 @@ def _stream(source, seed: int, num_epochs: int | None) -> grain.MapDataset:
 # --- text ----------------------------------------------------------------------------------
 
 
-def _text_piece(record: bytes) -> np.ndarray:
-    return np.frombuffer(record, np.int32)
+@dataclasses.dataclass(frozen=True)
+class Mixture:
+    """Several sources of text records, drawn in proportions `shares` of records."""
+
+    sources: Sequence
+    shares: Sequence[float]
+
+
+def _tagged_piece(dataset: int, record: bytes) -> tuple[int, np.ndarray]:
+    return dataset, np.frombuffer(record, np.int32)
+
+
+def _text_stream(source, seed: int, num_epochs: int | None) -> grain.MapDataset:
+    """(dataset index, piece) pairs; a mixture ends when its first dataset runs out (with num_epochs)."""
+    if not isinstance(source, Mixture):
+        return _stream(source, seed, num_epochs).map(functools.partial(_tagged_piece, 0))
+    streams = [_stream(s, seed + j, num_epochs).map(functools.partial(_tagged_piece, j)) for j, s in enumerate(source.sources)]
+    return grain.MapDataset.mix(streams, list(source.shares))
 
 
 PACK_WINDOW = 16  # rows' worth of tokens a text lane packs together
@@ -98,17 +132,18 @@ PACK_WINDOW = 16  # rows' worth of tokens a text lane packs together
 ROWS_PER_WINDOW = 2 * PACK_WINDOW + 1
 
 
-def _window(read, start: int, seq_len: int) -> list[np.ndarray]:
-    """The lane's records from `start` on, as many as fit in PACK_WINDOW rows' worth of tokens (at least one)."""
+def _window(read, start: int, seq_len: int) -> list[tuple[int, np.ndarray]]:
+    """The lane's (dataset, piece) records from `start` on, as many as fit in PACK_WINDOW rows' worth
+    of tokens (at least one)."""
     pieces, tokens = [], 0
-    while (piece := read(start + len(pieces))) is not None:
-        n = len(piece) - 1
+    while (record := read(start + len(pieces))) is not None:
+        n = len(record[1]) - 1
         if n > seq_len:
             raise DataError(f"a record of {n + 1} tokens cannot be packed into rows of seq_len={seq_len}; "
                             f"raise data.seq_len to at least {n} or prepare the data with --seq-len {seq_len}")
         if pieces and tokens + n > PACK_WINDOW * seq_len:
             break
-        pieces.append(piece)
+        pieces.append(record)
         tokens += n
     return pieces
 
@@ -129,14 +164,20 @@ def best_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return [sorted(row) for row in rows]
 
 
-def pack_text_row(read, position: int, memo: dict, seq_len: int):
+def text_record(position: int) -> int:
+    """The lane's first record not yet trained on at a text lane's `position`."""
+    return position // ROWS_PER_WINDOW
+
+
+def pack_text_row(read, position: int, memo: dict, seq_len: int, dataset_ids: bool = False):
     """The lane's row at `position`: row `position % ROWS_PER_WINDOW` of the best-fit packing of the
     window of records that starts at record `position // ROWS_PER_WINDOW`."""
-    row = {name: np.zeros(seq_len, np.int32) for name in ("inputs", "targets", "segment_ids", "positions")}
+    names = ("inputs", "targets", "segment_ids", "positions") + (("dataset_ids",) if dataset_ids else ())
+    row = {name: np.zeros(seq_len, np.int32) for name in names}
     start, index = divmod(position, ROWS_PER_WINDOW)
     if memo.get("start") != start:  # a new window (or a resume): read and pack it once for all its rows
         pieces = _window(read, start, seq_len)
-        memo.update(start=start, pieces=pieces, packed=best_fit([len(p) - 1 for p in pieces], seq_len))
+        memo.update(start=start, pieces=pieces, packed=best_fit([len(p) - 1 for _, p in pieces], seq_len))
     pieces, packed = memo["pieces"], memo["packed"]
     if not pieces:
         return row, 0
@@ -145,11 +186,14 @@ def pack_text_row(read, position: int, memo: dict, seq_len: int):
                         "from before windowed packing); train afresh with checkpoint.overwrite=true")
     filled = 0
     for segment, i in enumerate(packed[index], 1):
-        n = len(pieces[i]) - 1
-        row["inputs"][filled : filled + n] = pieces[i][:-1]
-        row["targets"][filled : filled + n] = pieces[i][1:]
+        dataset, piece = pieces[i]
+        n = len(piece) - 1
+        row["inputs"][filled : filled + n] = piece[:-1]
+        row["targets"][filled : filled + n] = piece[1:]
         row["segment_ids"][filled : filled + n] = segment
         row["positions"][filled : filled + n] = np.arange(n)
+        if dataset_ids:
+            row["dataset_ids"][filled : filled + n] = dataset
         filled += n
     following = position + 1 if index + 1 < len(packed) else (start + len(pieces)) * ROWS_PER_WINDOW
     return row, following - position
@@ -157,10 +201,11 @@ def pack_text_row(read, position: int, memo: dict, seq_len: int):
 
 def text_rows(source, *, seq_len: int, global_batch: int, rows: Sequence[int], seed: int,
               num_epochs: int | None = None, workers: int = 0) -> Rows:
-    """Packed rows of `seq_len` tokens from a source of token-id pieces."""
-    stream = _stream(source, seed, num_epochs).map(_text_piece)
-    return Rows(stream, functools.partial(pack_text_row, seq_len=seq_len), global_batch=global_batch, rows=rows,
-                workers=workers)
+    """Packed rows of `seq_len` tokens from a source of token-id pieces, or a `Mixture` of them."""
+    make_row = functools.partial(pack_text_row, seq_len=seq_len, dataset_ids=isinstance(source, Mixture))
+    # A window holds at least PACK_WINDOW records (each fills at most a row): reading them together wastes none.
+    return Rows(_text_stream(source, seed, num_epochs), make_row, global_batch=global_batch, rows=rows, workers=workers,
+                read_ahead=PACK_WINDOW)
 
 
 # --- images --------------------------------------------------------------------------------
@@ -198,7 +243,7 @@ class _Random:
 
 def synthetic_text_rows(*, vocab_size: int, seq_len: int, global_batch: int, rows: Sequence[int], seed: int) -> Rows:
     """Random token rows of the right shape, one document per row."""
-    draw = lambda rng: rng.integers(4, vocab_size, seq_len + 1, dtype=np.int32)  # noqa: E731
+    draw = lambda rng: (0, rng.integers(4, vocab_size, seq_len + 1, dtype=np.int32))  # noqa: E731
     return Rows(grain.MapDataset.source(_Random(seed, draw)), functools.partial(pack_text_row, seq_len=seq_len),
                 global_batch=global_batch, rows=rows)
 

@@ -63,10 +63,17 @@ def _convert(key: str, hint, value, root):
     if origin is list:
         if isinstance(value, str):
             value = yaml.safe_load(value)
+        if isinstance(value, str) and hasattr(args[0], "from_string"):  # the command line's shorthand
+            try:
+                value = [args[0].from_string(v.strip()) for v in value.split(",")]
+            except ValueError as e:
+                raise ConfigError(f"config key '{key}': {e}") from None
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}' wants a list, got {value!r}")
         return [_convert(f"{key}[{i}]", args[0], v, root) for i, v in enumerate(value)]
     if dataclasses.is_dataclass(hint):
+        if dataclasses.is_dataclass(value):
+            return value
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' wants a mapping, got {value!r}")
         return _build(hint, value, f"{key}.", root)
@@ -213,6 +220,7 @@ def validate(cfg: Config, num_devices: int, platform: str) -> tuple[int, int]:
 
     require(cfg.data.workers >= 0, f"data.workers={cfg.data.workers} must be >= 0")
     require(cfg.data.prefetch >= 0, f"data.prefetch={cfg.data.prefetch} must be >= 0 (0: no read-ahead)")
+    require(cfg.data.num_epochs >= 0, f"data.num_epochs={cfg.data.num_epochs} must be >= 0 (0: repeat for as long as the run goes)")
     for key in ("every", "every_minutes", "keep", "keep_every"):
         require(getattr(cfg.checkpoint, key) >= 0, f"checkpoint.{key}={getattr(cfg.checkpoint, key)} must be >= 0")
     per_step = data * cfg.train.microbatches

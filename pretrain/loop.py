@@ -34,7 +34,8 @@ class Done:
     state: object
     metrics: dict  # device arrays: reading them waits for the step
     position: np.ndarray  # this process's data position after the step's batch
-    last: bool  # the run ends after it (run.steps reached, or preempted)
+    last: bool  # the run stops after it (the end, or preempted)
+    end: bool  # the run is done after it: run.steps reached, or the data ran out (data.num_epochs)
 
 
 class Throughput:
@@ -97,22 +98,23 @@ class Event:
 
 
 class Every(Event):
-    """Due every `period` steps (0: never) and at run.steps."""
+    """Due every `period` steps (0: never) and at the run's end."""
 
-    def __init__(self, period: int, total: int):
-        self.period, self.total = period, total
+    def __init__(self, period: int):
+        self.period = period
 
     def due(self, done: Done) -> bool:
-        return done.step == self.total or (self.period > 0 and done.step % self.period == 0)
+        return done.end or (self.period > 0 and done.step % self.period == 0)
 
 
 class Log(Every):
     """A metrics row every train.log_every steps, a progress line in between."""
 
     def __init__(self, step_fn, logger: MetricsLogger, throughput: Throughput, history: dict, feed: "Feed"):
-        super().__init__(step_fn.cfg.train.log_every, step_fn.cfg.run.steps)
-        self.feed, self.waited = feed, 0.0
+        super().__init__(step_fn.cfg.train.log_every)
+        self.feed, self.waited, self.step_fn = feed, 0.0, step_fn
         self.total, self.unit = step_fn.cfg.run.steps, step_fn.task.unit
+        self.datasets = [s.name for s in getattr(step_fn.cfg.data, "sources", [])]  # a mixture counts units per dataset
         self.capacity = step_fn.task.units_per_step()  # a step's units if nothing were padding
         self.flops_per_unit = step_fn.task.flops_per_step() / self.capacity
         self.peak = total_peak_flops(step_fn.cfg.runtime.peak_flops_per_device)
@@ -124,15 +126,19 @@ class Log(Every):
         if not self.due(done):
             self.logger.progress(done.step, self.throughput.step_time() * (self.total - done.step))
             return
-        metrics, units = jax.device_get((done.metrics, self.throughput.units))  # waits for the step
+        metrics, per_dataset = jax.device_get((done.metrics, self.throughput.units))  # waits for the step
         metrics = {k: float(v) for k, v in metrics.items() if k != "units"}
-        step_time, units = self.throughput.step_time(), float(sum(units))
+        per_dataset = np.sum(per_dataset, axis=0)
+        step_time, units = self.throughput.step_time(), float(np.sum(per_dataset))
         seconds = step_time * self.throughput.steps
+        drawn = {f"{self.unit}/{name}": float(n) for name, n in zip(self.datasets, np.atleast_1d(per_dataset))}
+        epochs = self.step_fn.task.epochs(done.position, self.step_fn.rows)
         # Throughput and MFU count what was trained on: padding is no work.
         self.logger.write({"step": done.step, **metrics, "step_time_s": step_time, f"{self.unit}_per_sec": units / seconds,
                            "mfu": self.flops_per_unit * units / seconds / self.peak,
                            "pad_fraction": 1 - units / (self.capacity * self.throughput.steps),
-                           "data_wait_s": self.feed.waited - self.waited, "eta_s": step_time * (self.total - done.step)})
+                           "data_wait_s": self.feed.waited - self.waited, "eta_s": step_time * (self.total - done.step),
+                           **drawn, **{k: round(v, 4) for k, v in epochs.items()}})
         self.waited = self.feed.waited
         self.history["train_loss"].append(metrics["loss"])
         self.throughput.reset()
@@ -142,17 +148,18 @@ class Evaluate(Every):
     """The held-out loss (and the task's samples) every train.eval_every steps and at the end."""
 
     def __init__(self, step_fn, logger: MetricsLogger, pauses, history: dict, files: RunFiles):
-        super().__init__(step_fn.cfg.train.eval_every, step_fn.cfg.run.steps)
+        super().__init__(step_fn.cfg.train.eval_every)
         self.step_fn, self.logger, self.pauses, self.history, self.files = step_fn, logger, pauses, history, files
 
     def after(self, done: Done):
         if not self.due(done):
             return
         with self.pauses("eval", done.step):
-            loss = evaluate(self.step_fn, done.state)
-            if loss is not None:
-                self.logger.write({"step": done.step, **self.step_fn.task.eval_metrics(loss)})
-                self.history["eval_loss"].append(loss)
+            losses = evaluate(self.step_fn, done.state)
+            if losses:
+                per_set = {f"eval_loss/{name}": loss for name, loss in losses.items() if name}
+                self.logger.write({"step": done.step, **self.step_fn.task.eval_metrics(losses[""]), **per_set})
+                self.history["eval_loss"].append(losses[""])
             self.step_fn.task.write_samples(self.step_fn.sampling_model(done.state), done.step, self.files.local)
 
 
@@ -162,7 +169,7 @@ class Save(Every):
 
     def __init__(self, step_fn, checkpointer: Checkpointer, logger: MetricsLogger, pauses, files: RunFiles):
         cfg = step_fn.cfg
-        super().__init__(cfg.checkpoint.every, cfg.run.steps)
+        super().__init__(cfg.checkpoint.every)
         self.step_fn, self.checkpointer, self.logger, self.pauses, self.files = step_fn, checkpointer, logger, pauses, files
         self.minutes, self.check_every, self.timeout_s = cfg.checkpoint.every_minutes, cfg.train.log_every, cfg.runtime.init_timeout_s
         self.saved_at = time.monotonic()
@@ -187,7 +194,7 @@ class Record(Every):
     """Closes the goodput records' stretch of steps at each log row (pretrain/goodput.py)."""
 
     def __init__(self, step_fn, records: Records, feed):
-        super().__init__(step_fn.cfg.train.log_every, step_fn.cfg.run.steps)
+        super().__init__(step_fn.cfg.train.log_every)
         self.records, self.feed = records, feed
 
     def after(self, done: Done):
@@ -248,27 +255,27 @@ def fit(step_fn, plan: ResumePlan = Fresh(), started: float | None = None) -> di
         events = [Profile(profiler), Log(step_fn, logger, throughput, history, feed), Record(step_fn, records, feed),
                   Evaluate(step_fn, logger, pauses, history, files), Save(step_fn, checkpointer, logger, pauses, files)]
         stack.enter_context(step_fn.context())  # after Log, whose CPU peak is measured off the mesh
-        batch, position = feed.next() if start < cfg.run.steps else (None, None)
-        done = None
-        for step in range(start + 1, cfg.run.steps + 1):
+        upcoming = feed.next() if start < cfg.run.steps else None  # (batch, position); None: no more data
+        last = start
+        while upcoming is not None:
+            step, (batch, position) = last + 1, upcoming
             for event in events:
                 event.before(step)
             state, metrics = compiled(state, batch)
             watchdog.dispatched(step, metrics)
             stop = preemption.requested(step)
-            done = Done(step, state, metrics, position, last=stop or step == cfg.run.steps)
-            if not done.last:  # batch n+1 goes to the devices while step n runs
-                batch, position = feed.next()
+            # Batch n+1 goes to the devices while step n runs; without one, step n is the last.
+            upcoming = None if stop or step == cfg.run.steps else feed.next()
+            done = Done(step, state, metrics, position, last=upcoming is None, end=upcoming is None and not stop)
             for event in events:
                 event.after(done)
-            if stop:
-                history["preempted"] = True
-                break
+            history["preempted"], last = stop, step
         profiler.close(state)  # a run preempted inside the traced steps
         checkpointer.wait()
         records.add("checkpoint", final=True, preempted=history["preempted"])
-        preempted = (done.step, time.monotonic() - preemption.noticed_at) if history["preempted"] else None
-        _closing_note(logger, cfg, start, preempted, compile_s, time.perf_counter() - run_start)
+        preempted = (last, time.monotonic() - preemption.noticed_at) if history["preempted"] else None
+        ran_out = start < cfg.run.steps and last < cfg.run.steps and not preempted
+        _closing_note(logger, cfg, start, last, ran_out, preempted, compile_s, time.perf_counter() - run_start)
     return {"state": state, "compile_s": compile_s, "wall_s": time.perf_counter() - run_start, **history}
 
 
@@ -304,9 +311,12 @@ class Feed(contextlib.AbstractContextManager):
             if isinstance(item, Exception):
                 return
 
-    def next(self) -> tuple[dict, np.ndarray]:
+    def next(self) -> tuple[dict, np.ndarray] | None:
+        """The next (placed batch, position after it); None once finite data (data.num_epochs) ran out."""
         start = time.perf_counter()
         item = self.ahead.get() if self.ahead is not None else self._read()
+        if isinstance(item, StopIteration):
+            return None
         if isinstance(item, Exception):
             raise item
         host, position = item
@@ -318,15 +328,18 @@ class Feed(contextlib.AbstractContextManager):
         self.stopped.set()
 
 
-def evaluate(step_fn, state) -> float | None:
-    """Mean loss over the same held-out batches every time; None without held-out data."""
-    batches = step_fn.task.batches("validation", step_fn.rows)
-    if batches is None:
-        return None
-    sums = [step_fn.eval_jit(state, step_fn.place_batch(next(batches)))
-            for _ in range(step_fn.cfg.train.eval_batches)]
-    total, count = jax.device_get(jax.tree.map(lambda *x: sum(x), *sums))  # one host sync for the whole eval
-    return float(total) / max(float(count), 1.0)
+def evaluate(step_fn, state) -> dict[str, float]:
+    """Mean loss over the same held-out batches every time, by held-out set ("": all of them; a
+    mixture has one set per dataset); {} without held-out data."""
+    sums = {name: [step_fn.eval_jit(state, step_fn.place_batch(next(batches))) for _ in range(step_fn.cfg.train.eval_batches)]
+            for name, batches in step_fn.task.eval_batches(step_fn.rows).items()}
+    if not sums:
+        return {}
+    sums = jax.device_get(sums)  # one host sync for the whole eval
+    totals = {name: np.sum(s, axis=0) for name, s in sums.items()}
+    losses = {name: float(total) / max(float(count), 1.0) for name, (total, count) in totals.items()}
+    total, count = np.sum(list(totals.values()), axis=0)
+    return losses | {"": float(total) / max(float(count), 1.0)}
 
 
 def initial_state(step_fn, plan: ResumePlan, checkpointer: Checkpointer, rows):
@@ -372,8 +385,12 @@ def _compile_logged(step_fn):
     return compiled, seconds
 
 
-def _closing_note(logger, cfg, start: int, preempted: tuple[int, float] | None, compile_s: float, wall: float):
-    if preempted is not None:
+def _closing_note(logger, cfg, start: int, last: int, ran_out: bool, preempted: tuple[int, float] | None,
+                  compile_s: float, wall: float):
+    if ran_out:
+        logger.note(f"the data ran out (data.num_epochs={cfg.data.num_epochs}) after step {last} of {cfg.run.steps}: "
+                    f"{last - start} steps in {wall:.1f} s; output in {cfg.run.output_dir}")
+    elif preempted is not None:
         step, seconds = preempted
         logger.note(f"preempted: checkpoint {step} committed {seconds:.1f} s after the notice; "
                     f"exit code {PREEMPTED_EXIT_CODE}: run the same command to resume")

@@ -46,10 +46,35 @@ class MeshConfig:
 
 
 @dataclasses.dataclass
+class DataSource:
+    """One dataset of a mixture (data.sources)."""
+
+    path: str  # a directory (local or gs://) from `pretrain prepare text`
+    weight: float = 1.0  # its share of the training tokens, relative to the other sources' weights
+    name: str = ""  # in metrics (tokens/NAME, eval_loss/NAME); "": the path's last part
+
+    @classmethod
+    def from_string(cls, text: str) -> "DataSource":
+        """The command line's shorthand NAME=PATH:WEIGHT (a list of them, comma-separated)."""
+        name, _, rest = text.partition("=")
+        path, _, weight = rest.rpartition(":")
+        try:
+            return cls(path=path, weight=float(weight), name=name)
+        except ValueError:
+            raise ValueError(f"'{text}' is not NAME=PATH:WEIGHT, e.g. web=gs://bucket/web:0.7") from None
+
+
+@dataclasses.dataclass
 class DataConfig:
     # stdlib: the Python standard library's sources, prepared on first use; synthetic: random
     # ids of the right shape; anything else: a directory (local or gs://) from `pretrain prepare`.
     source: str = "stdlib"
+    # Several prepared datasets mixed by weight (they replace data.source), all with one tokenizer:
+    # a YAML list of {path, weight, name}, or NAME=PATH:WEIGHT,... on the command line.
+    sources: list[DataSource] = dataclasses.field(default_factory=list)
+    # 0: every dataset repeats (reshuffled each time) for as long as the run goes; N: the run ends,
+    # with a checkpoint, before the first step whose batch it cannot fill once a dataset was read N times.
+    num_epochs: int = 0
     seq_len: int = 128
     workers: int = 0  # threads that read and pack rows (0: the training thread); no effect on the batches
     prefetch: int = 2  # global batches read ahead of the loop by a thread (0: none); no effect on the batches
@@ -67,6 +92,7 @@ class ImageDataConfig:
     workers: int = 0  # threads that decode and augment (0: the training thread); no effect on the batches
     prefetch: int = 2  # global batches read ahead of the loop by a thread (0: none); no effect on the batches
     augment: bool = True  # random horizontal flips (off for digits, which flipping changes)
+    num_epochs: int = 0  # as data.num_epochs of a language model run
     val_fraction: float = 0.1  # digits and plain image directories: share of images held out
 
 

@@ -111,7 +111,8 @@ class TrainStep:
             zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
             (grads, weight, sums), _ = jax.lax.scan(accumulate, zero, (micro, jnp.arange(k)))
         # Losses are sums over tokens; one division makes the step independent of how the batch was split.
-        units = weight  # what the step trained on: real target tokens (padding left out), or images
+        # What the step trained on: real target tokens (padding left out) or images, per dataset if the task counts so.
+        units = sums.pop("units", weight)
         weight = jnp.maximum(weight, 1.0)
         grads = jax.tree.map(lambda g: g / weight, grads)
         metrics = {name: value / weight for name, value in sums.items()} | {"units": units}

@@ -87,6 +87,19 @@ def _check_transformer(cfg: LanguageModelRun, data: int, model: int, platform: s
         _check_splash(cfg, platform)
 
 
+def _check_mixture(d):
+    """data.sources, its names already resolved."""
+    if not d.sources:
+        return
+    require(d.source != "synthetic", "data.sources and data.source=synthetic exclude each other; drop one")
+    for i, s in enumerate(d.sources):
+        require(s.path, f"data.sources[{i}] has no path; give the directory of a prepared text dataset")
+        require(s.weight > 0, f"data.sources[{i}] ({s.name}) has weight {s.weight}; weights must be positive")
+    names = [s.name for s in d.sources]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    require(not twice, f"data.sources names {twice} more than one dataset; give each a distinct name")
+
+
 def _check_rope_scaling(s: RopeScaling):
     require(s.type in ROPE_SCALINGS, f"model.rope_scaling.type='{s.type}' is unknown; use one of {list(ROPE_SCALINGS)}")
     if s.type == "none":
@@ -177,28 +190,56 @@ def _check_unet(cfg: DiffusionRun, data: int, model: int):
 class Task:
     """A task gives the trainer: build_model(rngs); loss(model, batch, mesh, rules, key) -> (summed
     loss, weight, summed metrics), key being a training step's randomness (None in eval, which must
-    be deterministic); units_per_step and flops_per_step for throughput and MFU; batch_shapes;
-    prepare(model_axis) to open and check the data, which sets `sources`; batches(split, rows);
-    eval_metrics(loss) for the eval row; write_samples(model, step, local_dir)
-    after each eval. Subclasses say how to read a source (_pipeline) and what random batches
-    look like (_synthetic)."""
+    be deterministic), the metrics' "units" (if there) counting what was trained on per dataset;
+    units_per_step and flops_per_step for throughput and MFU; batch_shapes; prepare(model_axis) to
+    open and check the data, which sets `sources`, `held_out` and `passes`; batches(split, rows) and
+    eval_batches(rows); eval_metrics(loss) for the eval row; write_samples(model, step, local_dir)
+    after each eval. Subclasses say how to read a source (_pipeline), where a lane's position is in
+    its records (_record), and what random batches look like (_synthetic)."""
 
     unit: str  # what throughput counts
-    sources: dict | None  # split -> random-access source of records, or None for an empty split
+    sources: dict | None  # split -> random-access source of records (a mixture's: pipeline.Mixture), or None if empty
+    held_out: dict  # eval set name ("": the one dataset; a mixture: each dataset's name) -> held-out source
+    passes: list  # (metric name, share of the training stream's records, records in one pass) per dataset
 
     def batches(self, split: str, rows: Sequence[int]):
         """Endless iterator (data.pipeline.Rows) over rows `rows` of each global batch; None if the
-        split is empty. Its `positions` are the data position a checkpoint keeps."""
-        cfg = self.cfg
-        if cfg.data.source == "synthetic":
+        split is empty. Its `positions` are the data position a checkpoint keeps. Training data ends
+        after data.num_epochs, if set."""
+        if self.cfg.data.source == "synthetic":
             return self._synthetic(rows)
+        self._check_prepared()
+        return self._rows(self.sources[split], split == "train", rows) if self.sources[split] is not None else None
+
+    def eval_batches(self, rows: Sequence[int]) -> dict:
+        """Rows (as `batches`) of each held-out set, by name; {} without held-out data."""
+        if self.cfg.data.source == "synthetic":
+            return {"": self._synthetic(rows)}
+        self._check_prepared()
+        return {name: self._rows(source, False, rows) for name, source in self.held_out.items()}
+
+    def epochs(self, positions: np.ndarray, rows: Sequence[int]) -> dict[str, float]:
+        """Passes through each training dataset so far, at this process's lanes' `positions`: the lane
+        furthest behind has trained on every record before its next one in the stream."""
+        if self.cfg.data.source == "synthetic":
+            return {}
+        index = min(row + self._record(int(p)) * self.cfg.train.global_batch for row, p in zip(rows, positions))
+        return {name: index * share / length for name, share, length in self.passes}
+
+    def _check_prepared(self):
         if self.sources is None:
             raise RuntimeError(f"{type(self).__name__}.prepare() must run before batches()")
-        if self.sources[split] is None:
-            return None
-        train = split == "train"
-        return self._pipeline(self.sources[split], train, global_batch=cfg.train.global_batch, rows=rows,
-                              seed=cfg.run.seed if train else 0, workers=cfg.data.workers if train else 0)
+
+    def _rows(self, source, train: bool, rows: Sequence[int]):
+        cfg = self.cfg
+        return self._pipeline(source, train, global_batch=cfg.train.global_batch, rows=rows,
+                              seed=cfg.run.seed if train else 0, workers=cfg.data.workers if train else 0,
+                              num_epochs=(cfg.data.num_epochs or None) if train else None)
+
+    def _one_dataset(self, sources: dict):
+        """`sources` (split -> source) as the run's data."""
+        self.sources, self.held_out = sources, {"": sources["validation"]} if sources["validation"] is not None else {}
+        self.passes = [("epoch", 1.0, len(sources["train"]))]
 
 
 class LanguageModelTask(Task):
@@ -211,27 +252,36 @@ class LanguageModelTask(Task):
         if cfg.model.attention == "auto":
             attention = AUTO_ATTENTION.get(platform, "xla")
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=attention))
+        if any(not s.name for s in cfg.data.sources):  # a dataset is named by its directory
+            named = [dataclasses.replace(s, name=s.name or s.path.rstrip("/").rsplit("/", 1)[-1]) for s in cfg.data.sources]
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=named))
         _check_execution(cfg.model, platform)
         _check_transformer(cfg, *mesh_shape, platform)
+        _check_mixture(cfg.data)
         return cfg
 
     def __init__(self, cfg: LanguageModelRun):
         self.cfg = cfg
-        self.manifest, self.sources = None, None
+        self.sources = None
         self.tokenizer = None  # the dataset's data.tokenizer.Tokenizer, once prepared (none for synthetic data)
 
     def build_model(self, rngs):
         return Transformer(self.cfg.model, rngs=rngs)
 
     def loss(self, model, batch, mesh, rules, key=None):
-        """(summed loss, number of target tokens, summed metrics) over a batch; needs no randomness."""
+        """(summed loss, number of target tokens, summed metrics) over a batch; needs no randomness.
+        A mixture's batch also counts its target tokens per dataset (the metrics' "units")."""
         hidden = model(batch["inputs"], batch["segment_ids"], batch["positions"])
         mask = (batch["segment_ids"] > 0).astype(jnp.float32)
         total, ce_sum, z_sum = output_cross_entropy(
             hidden, model.output_weight(), batch["targets"], mask, z_loss=self.cfg.optim.z_loss,
             chunk_tokens=self.cfg.model.loss_chunk_tokens, mesh=mesh, rules=rules,
         )
-        return total, jnp.sum(mask), {"loss": ce_sum, "z_loss": z_sum}
+        sums = {"loss": ce_sum, "z_loss": z_sum}
+        if "dataset_ids" in batch:
+            ids = batch["dataset_ids"]
+            sums["units"] = jnp.stack([jnp.sum(mask * (ids == j)) for j in range(len(self.cfg.data.sources))])
+        return total, jnp.sum(mask), sums
 
     def units_per_step(self) -> int:
         return self.cfg.train.global_batch * self.cfg.data.seq_len
@@ -241,14 +291,18 @@ class LanguageModelTask(Task):
 
     def batch_shapes(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         shape = (self.cfg.train.global_batch, self.cfg.data.seq_len)
-        return {k: (shape, np.dtype(np.int32)) for k in ("inputs", "targets", "segment_ids", "positions")}
+        names = ("inputs", "targets", "segment_ids", "positions") + (("dataset_ids",) if self.cfg.data.sources else ())
+        return {k: (shape, np.dtype(np.int32)) for k in names}
 
     def prepare(self, model_axis: int):
-        """Open (and for the embedded corpus, build once) the prepared dataset and check it against
-        the model. Bad data raises ConfigError or DataError here, before the run writes anything."""
+        """Open (and for the embedded corpus, build once) the prepared dataset, or each dataset of a
+        mixture, and check it against the model. Bad data raises ConfigError or DataError here, before
+        the run writes anything."""
         d, m = self.cfg.data, self.cfg.model
         if d.source == "synthetic" or self.sources is not None:
             return
+        if d.sources:
+            return self._prepare_mixture(model_axis)
         if d.source == "stdlib":
             directory = corpus.stdlib_dataset(
                 d.cache_dir, vocab_size=m.vocab_size, seq_len=d.seq_len,
@@ -256,6 +310,12 @@ class LanguageModelTask(Task):
             )
         else:
             directory = epath.Path(d.source)  # local or gs://, read in place
+        _, sources = self._open(directory, f"data.source={d.source}", model_axis)
+        self._one_dataset(sources)
+
+    def _open(self, directory, label: str, model_axis: int) -> tuple[dict, dict]:
+        """(manifest, split -> source) of one prepared text dataset, checked against the model."""
+        d, m = self.cfg.data, self.cfg.model
         manifest = records.read_manifest(directory, "text")
         self.tokenizer = tokenizer_lib.read(directory)
         _check_resumed_tokenizer(self.cfg, self.tokenizer)
@@ -264,18 +324,42 @@ class LanguageModelTask(Task):
         if m.vocab_size not in (vocab, padded):
             pad_note = f" (its {vocab} pieces padded to a multiple of the model axis, {model_axis})" if padded != vocab else ""
             raise ConfigError(
-                f"model.vocab_size={m.vocab_size} does not match the tokenizer of {d.source}; set model.vocab_size={padded}{pad_note}"
+                f"model.vocab_size={m.vocab_size} does not match the tokenizer of {label}; set model.vocab_size={padded}{pad_note}"
             )
         if manifest["seq_len"] > d.seq_len:
             raise ConfigError(
-                f"data.seq_len={d.seq_len} is shorter than the pieces prepared in {d.source} (up to {manifest['seq_len']} "
+                f"data.seq_len={d.seq_len} is shorter than the pieces prepared in {label} (up to {manifest['seq_len']} "
                 f"tokens), which cannot be packed into rows; set data.seq_len>={manifest['seq_len']} or prepare again "
                 f"with --seq-len {d.seq_len}"
             )
         sources = {split: records.open_split(directory, manifest, split) for split in ("train", "validation")}
         if sources["train"] is None:
-            raise ConfigError(f"data.source={d.source} has no training records; prepare it with more text")
-        self.manifest, self.sources = manifest, sources
+            raise ConfigError(f"{label} has no training records; prepare it with more text")
+        return manifest, sources
+
+    def _prepare_mixture(self, model_axis: int):
+        """data.sources: one tokenizer for all; each dataset's weight, a share of tokens, becomes a share
+        of records by its mean targets per record."""
+        opened, first = [], None
+        for i, s in enumerate(self.cfg.data.sources):
+            label = f"data.sources[{i}] ({s.name}: {s.path})"
+            manifest, sources = self._open(epath.Path(s.path), label, model_axis)
+            if first is None:
+                first = (label, manifest["tokenizer_sha256"], s.path)
+            elif manifest["tokenizer_sha256"] != first[1]:
+                raise ConfigError(f"{first[0]} and {label} were prepared with different tokenizers; prepare {s.path} "
+                                  f"again with the first's: `pretrain prepare text --tokenizer {first[2]} ...`")
+            train = manifest["splits"]["train"]
+            opened.append((s, sources, (train["tokens"] - train["documents"]) / train["records"]))
+        weights = [s.weight / targets for s, _, targets in opened]
+        shares = [w / sum(weights) for w in weights]
+        self.sources = {"train": pipeline.Mixture([src["train"] for _, src, _ in opened], shares)}
+        self.held_out = {s.name: src["validation"] for s, src, _ in opened if src["validation"] is not None}
+        self.passes = [(f"epoch/{s.name}", share, len(src["train"])) for (s, src, _), share in zip(opened, shares)]
+
+    @staticmethod
+    def _record(position: int) -> int:
+        return pipeline.text_record(position)
 
     def _synthetic(self, rows: Sequence[int]):
         c = self.cfg
@@ -378,13 +462,17 @@ class DiffusionTask(Task):
         if len(classes) > m.num_classes > 0:
             raise ConfigError(f"data.source={d.source} has {len(classes)} classes, more than model.num_classes="
                               f"{m.num_classes}; set model.num_classes={len(classes)}")
-        self.sources = sources
+        self._one_dataset(sources)
 
     def _synthetic(self, rows: Sequence[int]):
         c = self.cfg
         return pipeline.synthetic_image_rows(size=c.model.image_size, channels=c.model.channels,
                                              num_classes=c.model.num_classes, global_batch=c.train.global_batch,
                                              rows=rows, seed=c.run.seed)
+
+    @staticmethod
+    def _record(position: int) -> int:
+        return position  # one image per row
 
     def _pipeline(self, source, train: bool, **kwargs):
         m = self.cfg.model

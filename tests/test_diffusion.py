@@ -28,38 +28,42 @@ def inputs(cfg, batch=8, seed=0):
     return x, t, labels
 
 
-def randomized(model):
-    """Zero-initialised output layers make a fresh UNet output 0: fill every parameter with noise."""
-    graphdef, state = nnx.split(model)
+def randomized(cfg):
+    """(graphdef, state) of a UNet whose every parameter is noise (zero-initialised output layers make
+    a fresh one output 0). Built from shapes, filled by NumPy, run jitted: op by op, each small op
+    would compile alone."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: UNet(cfg, rngs=nnx.Rngs(0))))
     leaves, tree = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    return nnx.merge(graphdef, jax.tree.unflatten(tree, [0.2 * jax.random.normal(k, l.shape) for k, l in zip(keys, leaves)]))
+    rng = np.random.default_rng(1)
+    return graphdef, jax.tree.unflatten(tree, [jnp.asarray(0.2 * rng.standard_normal(l.shape), jnp.float32) for l in leaves])
+
+
+def forward(graphdef):
+    return jax.jit(lambda s, x, t, y: nnx.merge(graphdef, s)(x, t, y))
 
 
 @pytest.mark.parametrize("cfg", PRESETS.values(), ids=PRESETS.keys())
 def test_unet_output_has_the_input_shape(cfg):
-    model = randomized(UNet(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = randomized(cfg)
     x, t, labels = inputs(cfg, batch=2)
-    out = model(x, t, labels)
+    out = forward(graphdef)(state, x, t, labels)
     assert out.shape == x.shape and bool(jnp.all(jnp.isfinite(out))) and float(jnp.std(out)) > 1e-3
 
 
 def test_sharded_unet_equals_unsharded():
     cfg = PRESETS["digits 16x16, class-conditional"]
-    model = randomized(UNet(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = randomized(cfg)
     x, t, labels = inputs(cfg)
-    reference = np.asarray(model(x, t, labels))
+    reference = np.asarray(forward(graphdef)(state, x, t, labels))  # on one device
 
     mesh = sharding.make_mesh((2, 4))
-    graphdef, state = nnx.split(model)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.LOGICAL_RULES):
         shardings = nnx.get_named_sharding(state, mesh)
         state = jax.device_put(state, shardings)
         kernel = state["down"][0]["conv1"]["kernel"][...]
         assert tuple(kernel.sharding.spec) == (None, None, "data", "model")  # conv_in on data, conv_out on model
         batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-        forward = jax.jit(lambda s, x, t, y: nnx.merge(graphdef, s)(x, t, y))
-        out = forward(state, *(jax.device_put(a, batch) for a in (x, t, labels)))
+        out = forward(graphdef)(state, *(jax.device_put(a, batch) for a in (x, t, labels)))
     np.testing.assert_allclose(np.asarray(out), reference, atol=1e-5, rtol=1e-5)
 
 
