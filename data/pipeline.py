@@ -39,6 +39,7 @@ from data import images
 from data.records import DataError
 
 ENDLESS = 2**62  # length of the synthetic streams
+MAX_FETCHES = 128  # records a process reads at once
 
 
 class Rows:
@@ -61,7 +62,9 @@ class Rows:
         self.memos = [{} for _ in rows]
         self.pool = ThreadPoolExecutor(workers) if workers else None
         self.read_ahead = read_ahead
-        self.fetch_pool = ThreadPoolExecutor(read_ahead) if read_ahead > 1 else None
+        # Enough threads for every lane that reads at once to have its records in flight together.
+        fetchers = min(read_ahead * max(workers, 1), MAX_FETCHES)
+        self.fetch_pool = ThreadPoolExecutor(fetchers) if read_ahead > 1 else None
 
     def __iter__(self):
         return self

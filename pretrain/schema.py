@@ -76,8 +76,10 @@ class DataConfig:
     # with a checkpoint, before the first step whose batch it cannot fill once a dataset was read N times.
     num_epochs: int = 0
     seq_len: int = 128
-    workers: int = 0  # threads that read and pack rows (0: the training thread); no effect on the batches
-    prefetch: int = 2  # global batches read ahead of the loop by a thread (0: none); no effect on the batches
+    # Threads that read and pack this process's rows (lanes) in parallel (0: one after another), each
+    # lane with its next 16 records in flight at once; neither this nor prefetch changes the batches.
+    workers: int = 16
+    prefetch: int = 4  # global batches read ahead of the loop by a thread (0: none)
     cache_dir: str = "~/.cache/pretrain"  # the prepared stdlib corpus (gs:// datasets are read in place)
     max_corpus_mb: float = 8.0  # stdlib: how much of it to read
     val_fraction: float = 0.02  # stdlib: share of documents held out
