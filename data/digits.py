@@ -10,7 +10,6 @@ import io
 
 import numpy as np
 from PIL import Image
-from sklearn.datasets import load_digits
 
 from data import images
 from data.prepare import digest, is_validation
@@ -20,6 +19,8 @@ CLASSES = [str(i) for i in range(10)]
 
 def records(val_fraction: float) -> dict[str, list[bytes]]:
     """{"train": [...], "validation": [...]} image records of the digits: white ink on black."""
+    from sklearn.datasets import load_digits  # a second of imports that only digits runs need
+
     digits = load_digits()
     pixels = np.round(digits.images * (255 / 16)).astype(np.uint8)  # ink counts 0..16 -> 0..255
     out = {"train": [], "validation": []}

@@ -117,7 +117,8 @@ class Log(Every):
         self.datasets = [s.name for s in getattr(step_fn.cfg.data, "sources", [])]  # a mixture counts units per dataset
         self.capacity = step_fn.task.units_per_step()  # a step's units if nothing were padding
         self.flops_per_unit = step_fn.task.flops_per_step() / self.capacity
-        self.peak = total_peak_flops(step_fn.cfg.runtime.peak_flops_per_device)
+        # Only process 0 writes rows; on CPU the peak is measured, seconds the others need not spend.
+        self.peak = total_peak_flops(step_fn.cfg.runtime.peak_flops_per_device) if logger.enabled else float("nan")
         self.logger, self.throughput, self.history = logger, throughput, history
 
     def after(self, done: Done):

@@ -1,5 +1,6 @@
 """Throughput, MFU and the metric sinks: a line on stdout, metrics.jsonl, TensorBoard."""
 
+import functools
 import json
 import os
 import sys
@@ -8,7 +9,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from tensorboardX import SummaryWriter
 
 from pretrain import tpu
 
@@ -24,6 +24,7 @@ PEAK_FLOPS = {
 }
 
 
+@functools.cache  # the host's peak: measured once per process
 def measure_cpu_flops(n: int = 2048, reps: int = 8) -> float:
     """FLOP/s of a jitted float32 matmul on one CPU device (which uses every host core), from
     its fastest repetition: a peak, and steady from run to run where a mean follows the load."""
@@ -80,6 +81,8 @@ class MetricsLogger:
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, path)
         self.jsonl = path.open("a")
+        from tensorboardX import SummaryWriter  # process 0 only: it imports torch where torch is installed
+
         self.tb = SummaryWriter(str(local_dir / "tensorboard"))
 
     def write(self, row: dict):

@@ -20,7 +20,7 @@ from test_checkpoint import losses, resumable_copy
 
 SMOKE = str(ROOT / "configs" / "diffusion" / "smoke.yaml")
 STEPS = 40
-RUN = [CACHE, f"run.steps={STEPS}", "optim.warmup_steps=10", "train.log_every=1",
+RUN = [CACHE, f"run.steps={STEPS}", "optim.warmup_steps=10", "train.log_every=1", "train.global_batch=32",
        "train.eval_every=20", "checkpoint.every=20", "checkpoint.keep=0", "diffusion.sample_steps=10",
        "diffusion.sample_num=20"]
 

@@ -149,7 +149,7 @@ def test_two_slices_send_only_the_gradient_reduction_over_dcn(capsys):
     parameters a chip holds (params / 32) in the gradients' dtypes: bfloat16 for the layers' weights,
     which come out of the backward pass in the compute dtype, float32 for the embedding and output layer."""
     eight_b = config_lib.preset_path("llm", "8b")
-    small = ["model.num_layers=2", "data.seq_len=1024", "train.global_batch=128", "train.microbatches=1"]
+    small = ["model.num_layers=2", "data.seq_len=256", "train.global_batch=32", "train.microbatches=1"]
     rc = cli.main(["plan", str(eight_b), "--topology", "v5p-64", "--slices", "2", "--json", *small])
     r = json.loads(capsys.readouterr().out)
     assert rc == 0 and r["mesh"] == {"replica": 2, "data": 8, "model": 4} and r["hosts"] == 16
