@@ -16,7 +16,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import idle  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -56,7 +58,9 @@ def main() -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--image-batch", type=int, default=64)
+    idle.add_flag(parser)
     args = parser.parse_args()
+    idle.check(args.any_load)
     cfg = config_lib.load(config_lib.preset_path("llm", "smoke"))
     batch, seq = cfg.train.global_batch, cfg.data.seq_len
     source = text_source(cfg)

@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import idle  # noqa: E402
 from checkpoint_io import start_emulator  # noqa: E402
 
 
@@ -97,20 +98,15 @@ def train(output_dir: str, env: dict, overrides: list[str], sigterm_at: int = 0)
 
 
 def delayed_gcs_args(doc: str, delay_s: float) -> argparse.Namespace:
-    """The command line of the delayed-GCS benchmarks; exits 2 on a busy machine (1-minute load
-    above 0.5 on these 2 cores: a timing would measure the load) unless --any-load."""
+    """The command line of the delayed-GCS benchmarks; exits 2 on a busy machine (benchmarks/idle.py)
+    unless --any-load."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--delay-s", type=float, default=delay_s)
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--any-load", action="store_true", help="run even if the machine is busy")
+    idle.add_flag(parser)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    load = os.getloadavg()[0]
-    print(f"1-minute load before: {load:.2f}")
-    if load > 0.5 and not args.any_load:
-        print("error: the machine is busy (load above 0.5); a timing now measures the load. Wait, or pass --any-load",
-              file=sys.stderr)
-        sys.exit(2)
+    idle.check(args.any_load)
     return args
 
 

@@ -19,7 +19,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import idle  # noqa: E402
 import jax  # noqa: E402
 
 from pretrain import cli, config as config_lib  # noqa: E402
@@ -71,7 +73,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--variants", action="store_true", help="remat none/full x scan on/off")
     parser.add_argument("--depths", help="comma-separated numbers of layers (language model), e.g. 2,32")
+    idle.add_flag(parser)
     args = parser.parse_args()
+    idle.check(args.any_load)
     try:
         # Synthetic batches measure the step alone; no persistent cache, so compile times are real.
         cfg = config_lib.load(args.config, [*args.overrides, "data.source=synthetic", "runtime.compilation_cache_dir="])

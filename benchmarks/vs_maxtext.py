@@ -8,6 +8,9 @@ workers compile one after the other (no persistent compilation cache), then take
 steps of ours, a few of MaxText's, and again, so both see the same machine load. Prints the
 median step time of each, their ratio and both compile times, one row per shape.
 
+It refuses a machine whose 1-minute load is above 0.5 (benchmarks/idle.py), and takes a turn again
+whenever other programs used more than 0.5 cores during it (--any-load: neither).
+
 Both run synthetic batches on faked CPU devices, bfloat16 compute, float32 weights, full remat,
 scanned layers, AdamW (weight decay 0.1, clipping at 1.0), no z-loss. Our mesh data x model is
 MaxText's fsdp x tensor (our `data` axis shards the batch and, FSDP-style, the weights).
@@ -23,6 +26,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import idle  # benchmarks/idle.py, beside this script
 
 ROOT = Path(__file__).resolve().parent.parent
 MAXTEXT = "maxtext[tpu]==0.2.5"
@@ -45,6 +50,7 @@ SHAPES = {
                       seq=256, batch=8, mesh=(1, 1)),
 }
 
+TURN_RETRIES, TURN_PAUSE_S = 10, 15  # a disturbed turn is taken again, at most this often
 REPLY = "@@ "  # prefix of the workers' protocol lines on stdout; everything else goes to their log
 
 
@@ -195,20 +201,37 @@ class Worker:
         self.proc.wait()
 
 
-def compare(shape: str, rounds: int, steps: int, maxtext_py: Path, logs: Path) -> dict:
+def turn(worker, steps: int, any_load: bool) -> tuple[dict, float]:
+    """One side's turn of `steps` steps, taken again (after a pause) while other programs used more
+    than idle.IDLE_LOAD cores during it; (its step times, the cores others used)."""
+    for attempt in range(TURN_RETRIES):
+        busy, start = idle.busy_seconds(), time.perf_counter()
+        r = worker.run(steps)
+        load = idle.others(busy, sum(r["cpu"]), time.perf_counter() - start)
+        if load <= idle.IDLE_LOAD or any_load:
+            return r, load
+        print(f"  (other programs used {load:.2f} cores during a turn; taking it again in {TURN_PAUSE_S} s)", flush=True)
+        time.sleep(TURN_PAUSE_S)
+    print(f"error: other programs kept using more than {idle.IDLE_LOAD} cores; stop them, or pass --any-load", file=sys.stderr)
+    sys.exit(2)
+
+
+def compare(shape: str, rounds: int, steps: int, maxtext_py: Path, logs: Path, any_load: bool) -> dict:
     ours = Worker(sys.executable, "ours", shape, logs / f"{shape}-ours.log")
     ours_ready = ours.receive()  # compile one at a time: compile times are not shared cores
     theirs = Worker(maxtext_py, "maxtext", shape, logs / f"{shape}-maxtext.log")
     theirs_ready = theirs.receive()
     times = {"ours": [], "maxtext": []}
     cpu = {"ours": [], "maxtext": []}
+    seen = []  # cores other programs used in each kept turn
     for _ in range(rounds):
         for side, worker in (("ours", ours), ("maxtext", theirs)):
-            r = worker.run(steps)
+            r, load = turn(worker, steps, any_load)
             times[side] += r["times"]
             cpu[side] += r["cpu"]
+            seen.append(load)
     ours.close(), theirs.close()
-    return {
+    return {"others_max": max(seen),
         "ours_ms": 1000 * statistics.median(times["ours"]), "maxtext_ms": 1000 * statistics.median(times["maxtext"]),
         "ours_cpu_s": statistics.median(cpu["ours"]), "maxtext_cpu_s": statistics.median(cpu["maxtext"]),
         "ours_compile_s": ours_ready["compile_s"], "maxtext_compile_s": theirs_ready["compile_s"],
@@ -222,6 +245,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=6, help="turns each side takes")
     parser.add_argument("--steps", type=int, default=3, help="steps per turn")
     parser.add_argument("--worker", choices=("ours", "maxtext"), help=argparse.SUPPRESS)
+    idle.add_flag(parser)
     args = parser.parse_args()
     shapes = args.shapes.split(",")
     if args.worker:
@@ -231,23 +255,25 @@ def main() -> int:
     if unknown:
         print(f"error: unknown shape(s) {', '.join(unknown)}; choose from {', '.join(SHAPES)}", file=sys.stderr)
         return 2
+    idle.check(args.any_load)
     maxtext_py = maxtext_python()
     logs = Path(tempfile.mkdtemp(prefix="vs-maxtext-logs-"))
     print(f"{args.rounds} turns of {args.steps} steps each; worker logs in {logs}")
     header = (f"{'shape':>10} {'mesh':>5} {'ours ms':>9} {'MaxText ms':>10} {'speed-up':>8} {'ours compile s':>14} "
-              f"{'MaxText compile s':>17} {'CPU s/step ours':>15} {'MaxText':>7}")
+              f"{'MaxText compile s':>17} {'CPU s/step ours':>15} {'MaxText':>7} {'others, cores':>13}")
     print(header, flush=True)
     for shape in shapes:
-        r = compare(shape, args.rounds, args.steps, maxtext_py, logs)
+        r = compare(shape, args.rounds, args.steps, maxtext_py, logs, args.any_load)
         mesh = "x".join(map(str, SHAPES[shape]["mesh"]))
         print(
             f"{shape:>10} {mesh:>5} {r['ours_ms']:9.0f} {r['maxtext_ms']:10.0f} {r['maxtext_ms'] / r['ours_ms']:7.2f}x "
             f"{r['ours_compile_s']:14.1f} {r['maxtext_compile_s']:17.1f} "
-            f"{r['ours_cpu_s']:15.2f} {r['maxtext_cpu_s']:7.2f}",
+            f"{r['ours_cpu_s']:15.2f} {r['maxtext_cpu_s']:7.2f} {r['others_max']:13.2f}",
             flush=True,
         )
     print(f"jax {r['jax'][0]} (ours), {r['jax'][1]} (MaxText); speed-up = MaxText's step time / ours (medians).")
     print("CPU s/step: the process's CPU time per step, which the load of other programs inflates less than wall time.")
+    print(f"others, cores: the most that other programs used during a kept turn (a turn above {idle.IDLE_LOAD} is taken again).")
     return 0
 
 
