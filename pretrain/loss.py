@@ -67,8 +67,8 @@ def _chunk(dw, xs, *, w, start, vocab_axes: tuple, shards: int, z_loss: float, g
     return dw + einsum("te,tv->ev", hc, g, dtype=hc.dtype, out=jnp.float32), (sums, dh)
 
 
-def _local(h, w, y, m, *, grads: bool, vocab_axes: tuple, batch_axes: tuple, shards: int, chunk_tokens: int,
-           z_loss: float):
+def _local(h, w, y, m, *, grads: bool, vocab_axes: tuple, batch_axes: tuple, scatter_axes: tuple, shards: int,
+           chunk_tokens: int, z_loss: float):
     """This device's sums (and gradients): its rows, its slice of the vocabulary, chunk by chunk."""
     b, length, e = h.shape
     n = b * length // chunk_size(b * length, chunk_tokens)
@@ -85,10 +85,16 @@ def _local(h, w, y, m, *, grads: bool, vocab_axes: tuple, batch_axes: tuple, sha
     if not grads:
         return sums
     dh = ys[1]
-    # The hidden states were replicated over the vocabulary shards, the weight over the rows.
+    # The hidden states were replicated over the vocabulary shards: their gradient sums over them.
     dh = jax.lax.psum(dh.reshape(h.shape), vocab_axes) if vocab_axes else dh.reshape(h.shape)
-    dw = jax.lax.psum(dw, batch_axes) if batch_axes else dw
-    return sums, dh, dw
+    # The weight was replicated over the rows: its gradient sums over them, in the compute dtype (as
+    # the weight was gathered) and reduce-scattered along `embed` where the parameter is sharded so
+    # (FSDP); only the scattered shard is summed over the other row axes (a multi-slice run's DCN).
+    dw = dw.astype(h.dtype)
+    if scatter_axes:
+        dw = jax.lax.psum_scatter(dw, scatter_axes, scatter_dimension=0, tiled=True)
+    rest = tuple(a for a in batch_axes if a not in scatter_axes)
+    return sums, dh, jax.lax.psum(dw, rest) if rest else dw
 
 
 def output_cross_entropy(hidden, weight, targets, mask, *, z_loss: float, chunk_tokens: int, mesh, rules):
@@ -101,14 +107,19 @@ def output_cross_entropy(hidden, weight, targets, mask, *, z_loss: float, chunk_
     h_spec = logical_spec(("batch", "length", None), rules)
     w_spec = logical_spec((None, "vocab"), rules)
     t_spec = logical_spec(("batch", "length"), rules)
-    vocab_axes = _axes(w_spec[1])
-    local = functools.partial(_local, vocab_axes=vocab_axes, batch_axes=_axes(h_spec[0]) + _axes(h_spec[1]),
+    vocab_axes, batch_axes = _axes(w_spec[1]), _axes(h_spec[0]) + _axes(h_spec[1])
+    # The weight's gradient leaves sharded along `embed` over the row axes the parameter shards it on.
+    scatter_axes = tuple(a for a in _axes(logical_spec(("embed",), rules)[0]) if a in batch_axes)
+    if weight.shape[0] % math.prod(mesh.shape[a] for a in scatter_axes):
+        scatter_axes = ()
+    local = functools.partial(_local, vocab_axes=vocab_axes, batch_axes=batch_axes, scatter_axes=scatter_axes,
                               shards=math.prod(mesh.shape[a] for a in vocab_axes), chunk_tokens=chunk_tokens,
                               z_loss=z_loss)
     in_specs = (h_spec, w_spec, t_spec, t_spec)
     forward = jax.shard_map(functools.partial(local, grads=False), mesh=mesh, in_specs=in_specs, out_specs=jax.P())
+    dw_spec = jax.P(scatter_axes or None, w_spec[1])
     with_grads = jax.shard_map(functools.partial(local, grads=True), mesh=mesh, in_specs=in_specs,
-                               out_specs=(jax.P(), h_spec, w_spec))
+                               out_specs=(jax.P(), h_spec, dw_spec))
 
     @jax.custom_vjp
     def sums(h, w, y, m):
