@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MAXTEXT = "maxtext[tpu]==0.2.5"
 MAXTEXT_VENV = Path("~/.cache/pretrain/maxtext-venv").expanduser()
 # MaxText 0.2.5 needs Python 3.12 (this machine's pyenv has one); PYTHON312=... picks another.
-PYTHON312 = os.environ.get("PYTHON312") or shutil.which("python3.12") or "/root/.pyenv/versions/3.12.1/bin/python3"
+PYTHON312_CANDIDATES = ["/root/.pyenv/versions/3.12.1/bin/python3", "python3.12"]
 
 SHAPES = {
     # The tiny Llama of issue 13 on 8 faked devices.
@@ -165,11 +165,20 @@ def jax_version():
 # --- the driver --------------------------------------------------------------------------------
 
 
+def python312() -> str:
+    """A Python 3.12 that runs (a pyenv shim named python3.12 may exist without a 3.12 behind it)."""
+    for python in filter(None, [os.environ.get("PYTHON312"), *PYTHON312_CANDIDATES]):
+        if shutil.which(python) and subprocess.run([python, "-c", "import sys; assert sys.version_info[:2] == (3, 12)"],
+                                                   capture_output=True).returncode == 0:
+            return python
+    sys.exit("error: MaxText 0.2.5 needs Python 3.12; install one, or point PYTHON312=... at it")
+
+
 def maxtext_python() -> Path:
     python = MAXTEXT_VENV / "bin/python"
     if not python.exists() or subprocess.run([python, "-c", "import maxtext"], capture_output=True).returncode:
         print(f"installing {MAXTEXT} into {MAXTEXT_VENV} (once) ...", flush=True)
-        subprocess.run([PYTHON312, "-m", "venv", MAXTEXT_VENV], check=True)
+        subprocess.run([python312(), "-m", "venv", MAXTEXT_VENV], check=True)
         subprocess.run([python, "-m", "pip", "install", "-q", MAXTEXT], check=True)
     return python
 

@@ -4,6 +4,12 @@ import os
 from pathlib import Path
 
 os.environ["JAX_PLATFORMS"] = "cpu"
+# Every compile goes to the cache, also the many small ones (Orbax's slices of shards, evals, inits)
+# that each process of each run would otherwise compile again; the processes the tests start inherit it.
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+# With shapes this small the CPU compiles, not the steps, take the time: LLVM at -O0 compiles the tiny
+# train step in a third less CPU time and runs it a third slower (HLO and numerics are XLA's either way).
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
 import jax  # noqa: E402
 
@@ -12,7 +18,6 @@ ROOT = Path(__file__).resolve().parent.parent
 XLA_CACHE = ROOT / ".cache" / "xla"
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_compilation_cache_dir", str(XLA_CACHE))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 CACHE = f"runtime.compilation_cache_dir={XLA_CACHE}"  # the same for the runs the tests start as processes
 
 import pytest  # noqa: E402
