@@ -21,6 +21,22 @@ class RopeScaling:
     original_max_position_embeddings: int = 8192
 
 
+REMAT_CHOICES = ("device", "offload", "remat")
+
+
+@dataclasses.dataclass
+class CustomRemat:
+    """What `remat: custom` does with each named tensor of a decoder layer (MaxText's `custom`
+    policy): keep it in device memory for the backward pass (device), move it to host memory and back
+    (offload), or recompute it (remat). Whatever is not named is recomputed."""
+
+    layer_input: str = "remat"  # the residual stream entering the layer
+    qkv: str = "remat"  # the query, key and value projections
+    out_proj: str = "remat"  # attention's output projection
+    mlp_in: str = "remat"  # the MLP's gate and up projections
+    mlp_out: str = "remat"  # the MLP's down projection
+
+
 @dataclasses.dataclass
 class TransformerConfig:
     vocab_size: int = 512
@@ -37,6 +53,7 @@ class TransformerConfig:
     norm_eps: float = 1e-5
     dtype: str = "float32"
     remat: str = "full"
+    remat_custom: CustomRemat = dataclasses.field(default_factory=CustomRemat)  # with remat: custom
     scan_layers: bool = True
     attention: str = "xla"  # a backend of models.attention.BACKENDS; the trainer resolves "auto"
     splash_block_q: int = 512  # splash's query and key/value block sizes (capped at the sequence length)

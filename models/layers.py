@@ -79,8 +79,20 @@ REMAT_POLICIES = {
 }
 
 
-def remat(fn, policy: str, *, in_scan: bool):
-    """Wrap a block in jax.checkpoint; inside lax.scan CSE cannot undo remat, so it may stay on."""
+def custom_policy(names: dict[str, str]):
+    """Keep the tensors named `device` (jax.ad_checkpoint.checkpoint_name), offload those named
+    `offload` to pinned host memory, recompute the rest."""
+    chosen = {choice: [name for name, c in names.items() if c == choice] for choice in ("device", "offload")}
+    return jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=chosen["device"], names_which_can_be_offloaded=chosen["offload"],
+        offload_src="device", offload_dst="pinned_host")
+
+
+def remat(fn, policy: str, *, in_scan: bool, names: dict[str, str] | None = None):
+    """Wrap a block in jax.checkpoint (policy "custom": `names` says what becomes of each named
+    tensor); inside lax.scan CSE cannot undo remat, so it may stay on."""
+    if policy == "custom":
+        return jax.checkpoint(fn, policy=custom_policy(names), prevent_cse=not in_scan)
     if REMAT_POLICIES[policy] is None:
         return fn
     return jax.checkpoint(fn, policy=REMAT_POLICIES[policy], prevent_cse=not in_scan)

@@ -6,10 +6,13 @@ on `scan_layers`. Each layer is rematerialised with the policy named by `remat`.
 """
 
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from models.attention import attention_fn, cached_attention
 from models.configs import RopeScaling, TransformerConfig
@@ -59,6 +62,7 @@ class DecoderLayer(nnx.Module):
         q = constrain(einsum("ble,ehd->blhd", y, self.wq[...], dtype=dtype), ("batch", "length", "heads", None))
         k = einsum("ble,ekd->blkd", y, self.wk[...], dtype=dtype)
         v = einsum("ble,ekd->blkd", y, self.wv[...], dtype=dtype)
+        q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
         freqs = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         return rope(q, positions, freqs), rope(k, positions, freqs), v
 
@@ -66,16 +70,18 @@ class DecoderLayer(nnx.Module):
         """Output projection, residual, then the SwiGLU MLP block."""
         dtype = jnp.dtype(self.cfg.dtype)
         attn = constrain(attn, ("batch", "length", "heads", None))
-        x = x + constrain(einsum("blhd,hde->ble", attn, self.wo[...], dtype=dtype), ("batch", "length", None))
+        out = einsum("blhd,hde->ble", attn, self.wo[...], dtype=dtype)
+        x = x + constrain(checkpoint_name(out, "out_proj"), ("batch", "length", None))
         y = self.mlp_norm(x)
         mlp = ("batch", "length", "mlp")
-        gate = constrain(einsum("ble,em->blm", y, self.w_gate[...], dtype=dtype), mlp)
-        up = constrain(einsum("ble,em->blm", y, self.w_up[...], dtype=dtype), mlp)
+        gate = constrain(checkpoint_name(einsum("ble,em->blm", y, self.w_gate[...], dtype=dtype), "mlp_in"), mlp)
+        up = constrain(checkpoint_name(einsum("ble,em->blm", y, self.w_up[...], dtype=dtype), "mlp_in"), mlp)
         down = einsum("blm,me->ble", jax.nn.silu(gate) * up, self.w_down[...], dtype=dtype)
-        return x + constrain(down, ("batch", "length", None))
+        return x + constrain(checkpoint_name(down, "mlp_out"), ("batch", "length", None))
 
     def __call__(self, x, segment_ids, positions):
         c = self.cfg
+        x = checkpoint_name(x, "layer_input")  # every later use reads the named copy, so it may leave the device
         q, k, v = self._qkv(x, positions)
         attend = attention_fn(c.attention, splash_block_q=c.splash_block_q, splash_block_kv=c.splash_block_kv)
         return self._finish(x, attend(q, k, v, segment_ids))
@@ -117,7 +123,7 @@ class Transformer(nnx.Module):
         def block(x, layer_params):
             return nnx.merge(graphdef, layer_params)(x, segment_ids, positions), None
 
-        block = remat(block, cfg.remat, in_scan=cfg.scan_layers)
+        block = remat(block, cfg.remat, in_scan=cfg.scan_layers, names=dataclasses.asdict(cfg.remat_custom))
         if cfg.scan_layers:
             x, _ = jax.lax.scan(block, x, stacked)
         else:

@@ -136,6 +136,18 @@ def traffic(compiled, mesh) -> dict:
 RECOMPUTED = {"none": (0, 0), "full": (1, 1), "dots": (0, 0), "dots_no_batch": (0, 1), "offload": (0, 1)}
 
 
+def recomputed(m) -> tuple[float, int]:
+    """(share of the layers' weight matmuls, of attention) that the backward pass computes again. Under
+    remat=custom a projection is recomputed unless its output is kept; attention always is (the
+    output projection's weight gradient needs its output, which no name keeps)."""
+    if m.remat != "custom":
+        return RECOMPUTED[m.remat]
+    e, h, k, d, f = m.embed_dim, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim
+    flops = {"qkv": e * (h + 2 * k) * d, "out_proj": h * d * e, "mlp_in": 2 * e * f, "mlp_out": f * e}
+    kept = dataclasses.asdict(m.remat_custom)
+    return sum(v for name, v in flops.items() if kept[name] == "remat") / sum(flops.values()), 1
+
+
 def roofline(step_fn, chips: int, kind: tpu.TpuKind) -> dict:
     """The compute roofline: the step's executed FLOPs at the chips' peak, and the tokens/s and MFU
     that implies. Executed FLOPs are the MFU count plus what remat recomputes (the forward pass is a
@@ -147,7 +159,7 @@ def roofline(step_fn, chips: int, kind: tpu.TpuKind) -> dict:
     tokens, model_flops = task.units_per_step(), task.flops_per_step()
     head = 6 * m.embed_dim * m.vocab_size * tokens
     attention = 12 * m.num_layers * m.num_heads * m.head_dim * step_fn.cfg.data.seq_len * tokens
-    matmuls, recomputed_attention = RECOMPUTED[m.remat]
+    matmuls, recomputed_attention = recomputed(m)
     if m.attention == "splash" and m.remat != "none":
         recomputed_attention = 1
     executed = model_flops + (matmuls * (model_flops - head - attention) + recomputed_attention * attention) / 3

@@ -19,7 +19,7 @@ from data import corpus, digits, images, pipeline, prepare, records
 from data import tokenizer as tokenizer_lib
 from models import diffusion
 from models.attention import BACKENDS, splash_blocks
-from models.configs import ROPE_SCALINGS, RopeScaling
+from models.configs import REMAT_CHOICES, ROPE_SCALINGS, RopeScaling
 from models.diffusion import SCHEDULES, TARGETS
 from models.layers import REMAT_POLICIES
 from models.transformer import Transformer
@@ -34,12 +34,14 @@ from pretrain.sample import draw_images, grid_columns
 # --- checks of a task's own config, before anything is compiled (pretrain.config checks the rest) ---
 
 
-def _check_execution(m, platform: str):
+def _check_execution(m, platform: str, policies=tuple(REMAT_POLICIES)):
     """How either model family runs: remat policy and compute dtype."""
-    require(m.remat in REMAT_POLICIES, f"model.remat='{m.remat}' is unknown; use one of {sorted(REMAT_POLICIES)}")
+    require(m.remat in policies, f"model.remat='{m.remat}' is unknown; use one of {sorted(policies)}")
+    offloads = m.remat == "offload" or (m.remat == "custom" and "offload" in dataclasses.asdict(m.remat_custom).values())
     require(
-        not (m.remat == "offload" and platform == "cpu"),
-        "model.remat=offload needs host offload, which the CPU backend lacks; use model.remat=full or dots",
+        not (offloads and platform == "cpu"),
+        f"model.remat={m.remat} offloads to host memory, which the CPU backend lacks; use model.remat=full or dots"
+        + ", or no offload in model.remat_custom" * (m.remat == "custom"),
     )
     require(m.dtype in ("float32", "bfloat16", "float16"), f"model.dtype='{m.dtype}' must be float32, bfloat16 or float16")
 
@@ -59,6 +61,8 @@ def _check_transformer(cfg: LanguageModelRun, data: int, model: int, platform: s
         require(getattr(m, key) > 0, f"model.{key} must be positive")
     require(m.head_dim % 2 == 0, f"model.head_dim={m.head_dim} must be even for rotary embeddings")
     _check_rope_scaling(m.rope_scaling)
+    for name, choice in dataclasses.asdict(m.remat_custom).items():
+        require(choice in REMAT_CHOICES, f"model.remat_custom.{name}='{choice}' is unknown; use one of {list(REMAT_CHOICES)}")
     require(
         m.num_heads % m.num_kv_heads == 0,
         f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}",
@@ -255,7 +259,7 @@ class LanguageModelTask(Task):
         if any(not s.name for s in cfg.data.sources):  # a dataset is named by its directory
             named = [dataclasses.replace(s, name=s.name or s.path.rstrip("/").rsplit("/", 1)[-1]) for s in cfg.data.sources]
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=named))
-        _check_execution(cfg.model, platform)
+        _check_execution(cfg.model, platform, (*REMAT_POLICIES, "custom"))  # custom: the layers name their tensors
         _check_transformer(cfg, *mesh_shape, platform)
         _check_mixture(cfg.data)
         return cfg

@@ -1,16 +1,20 @@
 """The decoder against unsharded references: sharding, packing, remat and scan."""
 
+import contextlib
 import dataclasses
+import io
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.ad_checkpoint import print_saved_residuals
 
 from models.attention import BACKENDS, fused_attention
-from models.layers import einsum
-from models.transformer import Transformer
+from models.configs import CustomRemat
+from models.layers import einsum, remat
+from models.transformer import DecoderLayer, Transformer
 from pretrain import sharding, tpu
 from pretrain.loss import output_cross_entropy
 
@@ -172,8 +176,10 @@ def test_remat_and_scan_do_not_change_loss_or_gradients():
     b = jax.tree.map(jnp.asarray, batch(cfg))
     results = []
     for scan in (True, False):
-        for policy in ("none", "full", "dots", "dots_no_batch"):
-            model = Transformer(dataclasses.replace(cfg.model, scan_layers=scan, remat=policy), rngs=nnx.Rngs(0))
+        for policy in ("none", "full", "dots", "dots_no_batch", "custom"):
+            m = dataclasses.replace(cfg.model, scan_layers=scan, remat=policy,
+                                    remat_custom=CustomRemat(qkv="device", mlp_in="device"))
+            model = Transformer(m, rngs=nnx.Rngs(0))
             graphdef, params = nnx.split(model)
             loss_and_grads = jax.jit(jax.value_and_grad(lambda p: unsharded_loss(nnx.merge(graphdef, p), b)[0]))
             results.append(loss_and_grads(params))
@@ -181,6 +187,35 @@ def test_remat_and_scan_do_not_change_loss_or_gradients():
     for loss, grads in results[1:]:
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
         jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, atol=1e-6, rtol=1e-5), grads, ref_grads)
+
+
+def test_custom_remat_keeps_exactly_the_tensors_its_table_names():
+    """Under remat=custom a layer's backward pass reads what the table keeps (on the device, or
+    offloaded to host memory) and recomputes every other activation from its weights."""
+    b, length = 2, 16
+    segments, positions = jnp.ones((b, length), jnp.int32), jnp.broadcast_to(jnp.arange(length), (b, length))
+
+    def residuals(**names):
+        m = tiny_config("model.remat=custom").model
+        graphdef, params = nnx.split(DecoderLayer(m, rngs=nnx.Rngs(0)))
+        table = dataclasses.asdict(CustomRemat(**names))
+        block = remat(lambda x, p: nnx.merge(graphdef, p)(x, segments, positions).sum(), "custom", in_scan=False,
+                      names=table)
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            print_saved_residuals(block, jnp.ones((b, length, m.embed_dim)), params)
+        saved = [line.split(" ", 1) for line in printed.getvalue().splitlines()]
+        activations = [(aval, why) for aval, why in saved if not why.startswith(("from the argument p", "from a constant"))]
+        return m, sorted((aval, why.split(" from ")[0]) for aval, why in activations)
+
+    m, kept = residuals(layer_input="offload", qkv="device", mlp_in="device")
+    e, h, k, d, f = m.embed_dim, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim
+    assert kept == sorted([
+        (f"f32<host>[{b},{length},{e}]", "output of device_put"),  # the layer input, offloaded
+        (f"f32[{b},{length},{h},{d}]", "named 'qkv'"), *[(f"f32[{b},{length},{k},{d}]", "named 'qkv'")] * 2,
+        *[(f"f32[{b},{length},{f}]", "named 'mlp_in'")] * 2,
+    ])
+    # Nothing kept: only the layer input, on the device (what full remat keeps).
+    assert residuals()[1] == [(f"f32[{b},{length},{e}]", "from the argument x")]
 
 
 def test_fused_attention_backend_matches_xla():

@@ -1,5 +1,6 @@
 """`pretrain plan`: the train step compiled for TPU topologies on this CPU (libtpu, no TPU)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -7,10 +8,11 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from pretrain import build, cli, runtime, sharding, tpu
+from models.configs import CustomRemat
+from pretrain import build, cli, plan, runtime, sharding, tpu
 from pretrain import config as config_lib
 
-from conftest import TINY, make_trainer
+from conftest import TINY, make_trainer, tiny_config
 from test_trainer import SMOKE
 
 # The tiny model with TPU-friendly rows; no faked CPU devices: the devices are the topology's.
@@ -176,3 +178,13 @@ def test_a_row_no_host_would_read_fails_the_plan_with_one_line(monkeypatch, caps
     err = capsys.readouterr().err.strip().splitlines()
     first_rows = sharding.blocks(sorted(r[0] for r in rows_by_process(*built_batch_sharding("v5e-16")).values()))
     assert err == [f"error: a host of v5e-16 would not start: rows {first_rows} of the global batch are held by no host"]
+
+
+def test_custom_remat_recomputes_attention_and_the_projections_it_does_not_keep():
+    m = tiny_config("model.remat=custom").model  # nothing kept: full remat's work
+    assert plan.recomputed(m) == plan.RECOMPUTED["full"]
+    e, h, k, d, f = m.embed_dim, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim
+    layer = e * (h + 2 * k) * d + h * d * e + 3 * e * f  # multiply-adds per token of the layer's projections
+    only_mlp_out = dataclasses.replace(m, remat_custom=CustomRemat(layer_input="offload", qkv="device", out_proj="device",
+                                                                  mlp_in="offload"))
+    assert plan.recomputed(only_mlp_out) == (pytest.approx(f * e / layer), 1)
