@@ -87,10 +87,11 @@ def _local(h, w, y, m, *, grads: bool, vocab_axes: tuple, batch_axes: tuple, sca
     dh = ys[1]
     # The hidden states were replicated over the vocabulary shards: their gradient sums over them.
     dh = jax.lax.psum(dh.reshape(h.shape), vocab_axes) if vocab_axes else dh.reshape(h.shape)
-    # The weight was replicated over the rows: its gradient sums over them, in the compute dtype (as
-    # the weight was gathered) and reduce-scattered along `embed` where the parameter is sharded so
-    # (FSDP); only the scattered shard is summed over the other row axes (a multi-slice run's DCN).
-    dw = dw.astype(h.dtype)
+    # The weight was replicated over the rows: its gradient sums over them, reduce-scattered along
+    # `embed` where the parameter is sharded so (FSDP); only the scattered shard is summed over the
+    # other row axes (a multi-slice run's DCN). In float32: a bfloat16 reduce-scatter whose result is
+    # converted inside the microbatch loop stops XLA:TPU's compile with a RET_CHECK in
+    # while_loop_all_reduce_code_motion (libtpu 0.0.42; the 8b preset: mesh 8 x 4 on a v5p-64, 32 microbatches).
     if scatter_axes:
         dw = jax.lax.psum_scatter(dw, scatter_axes, scatter_dimension=0, tiled=True)
     rest = tuple(a for a in batch_axes if a not in scatter_axes)
