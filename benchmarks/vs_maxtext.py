@@ -281,15 +281,16 @@ def aot_rows(selection: str) -> list[str]:
     return by_accelerator or selection.split(",")
 
 
-def ours_aot(accelerator: str, config: str, overrides: list[str], log: Path) -> dict:
+def ours_aot(accelerator: str, config: str, overrides: list[str], work: Path, log: Path) -> dict:
     """`pretrain plan --json` for the row: its memory, FLOPs and collectives, and the resolved mesh,
-    remat and attention that MaxText is then given."""
+    remat and attention that MaxText is then given. XLA dumps the optimized HLO beside MaxText's."""
     cmd = [sys.executable, "-m", "pretrain", "plan", config, "--topology", accelerator, "--json", *overrides]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **QUIET_LIBTPU}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **QUIET_LIBTPU, "XLA_FLAGS": dump_flags(work / "ours-hlo")}
     done = subprocess.run(cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=log.open("w"))
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if not lines:
-        raise RuntimeError(f"pretrain plan failed ({done.returncode}); see {log}")
+        last = (log.read_text().strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"pretrain plan failed ({done.returncode}): {last[:300]} (all of it in {log})")
     r = json.loads(lines[-1])
     if r["temporaries_gib"] is None:
         raise RuntimeError(f"ours does not compile: {r['oom']}")
@@ -323,9 +324,8 @@ def maxtext_aot(python: Path, argv: list[str], work: Path, log: Path) -> dict:
     line `train_compile` prints, its FLOPs and collectives counted from the dump."""
     from pretrain import hlo
 
-    dump = work / "hlo"
-    env = {**os.environ, "TPU_SKIP_MDS_QUERY": "1", "PYTHONPATH": "", **QUIET_LIBTPU,
-           "XLA_FLAGS": f"--xla_dump_to={dump} --xla_dump_hlo_module_re=jit_train_step --xla_dump_hlo_as_text"}
+    dump = work / "maxtext-hlo"
+    env = {**os.environ, "TPU_SKIP_MDS_QUERY": "1", "PYTHONPATH": "", **QUIET_LIBTPU, "XLA_FLAGS": dump_flags(dump)}
     env.pop("JAX_PLATFORMS", None)
     cmd = [str(python), "-m", "maxtext.trainers.pre_train.train_compile", *argv]
     done = subprocess.run(cmd, cwd=work, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -340,6 +340,10 @@ def maxtext_aot(python: Path, argv: list[str], work: Path, log: Path) -> dict:
     return {"arguments_gib": stats["argument_size_in_bytes"] / GIB, "temporaries_gib": stats["temp_size_in_bytes"] / GIB,
             "matmul_flops": hlo.matmul_flops(text), "collectives": hlo.collective_bytes(text, [0] * chips)["ici"],
             "hlo": dumped[-1]}
+
+
+def dump_flags(folder: Path) -> str:
+    return f"--xla_dump_to={folder} --xla_dump_hlo_module_re=jit_train_step --xla_dump_hlo_as_text"
 
 
 # libtpu's harmless complaint about a missing TPU, silenced (FACTS.md).
@@ -360,10 +364,10 @@ def aot_row(name: str, maxtext_py: Path, work: Path):
 
     accelerator, config, overrides = AOT_ROWS[name]
     config = str(ROOT / config)
-    ours = ours_aot(accelerator, config, overrides, work / f"{name}-ours.log")
+    (work / name).mkdir()
+    ours = ours_aot(accelerator, config, overrides, work / name, work / f"{name}-ours.log")
     print(aot_line(name, "ours", ours), flush=True)
     cfg, plan = config_lib.load(config, overrides), ours["plan"]
-    (work / name).mkdir()
     argv = maxtext_argv(accelerator, cfg, plan, work / name)
     print(aot_line(name, "MaxText", maxtext_aot(maxtext_py, argv, work / name, work / f"{name}-maxtext.log")))
     print(f"{'':>13} {accelerator}, mesh data {plan['mesh']['data']} x model {plan['mesh']['model']}, "
@@ -381,7 +385,7 @@ def run_aot(selection: str) -> int:
         return 2
     maxtext_py = maxtext_python()
     work = Path(tempfile.mkdtemp(prefix="vs-maxtext-aot-"))
-    print(f"logs and MaxText's HLO dumps in {work}; per chip per step, GB = 1e9 bytes")
+    print(f"logs and both sides' optimized HLO in {work}/ROW; per chip per step, GB = 1e9 bytes")
     print(f"{'row':>13} {'side':>7} {'args GiB':>9} {'temp GiB':>9} {'matmul TF':>10} {'coll. GB':>9} "
           f"{'all-gath':>9} {'red-scat':>9} {'all-red':>9} {'all-to-all':>9} {'permute':>9}", flush=True)
     for name in names:
