@@ -266,20 +266,25 @@ def _around_windowed_loop(comps: dict, comp: Computation, ins: Instr) -> str | N
         if kind and ins.name in _inputs(comp, loop.operands[0]):
             return kind
     source = comp.instrs[ins.operands[0]]
-    while source.opcode == "get-tuple-element" or source.opcode in _PASS_THROUGH or source.opcode.endswith("-done"):
+    while source.opcode == "get-tuple-element" or _moves(source):
         source = comp.instrs[source.operands[0]]
     return _windowed_kind(_attr(source, "body")) if source.opcode == "while" else None
 
 
 def _inputs(comp: Computation, name: str) -> set[str]:
-    """`name` and the instructions whose results it is made of, through tuples, copies and the
-    -done half of async pairs."""
+    """`name` and the instructions whose results it is made of, through tuples and moves."""
     ins = comp.instrs[name]
     if ins.opcode == "tuple":
         return {name}.union(*(_inputs(comp, o) for o in ins.operands))
-    if ins.opcode in _PASS_THROUGH or ins.opcode.endswith("-done"):
+    if _moves(ins):
         return {name} | _inputs(comp, ins.operands[0])
     return {name}
+
+
+def _moves(ins: Instr) -> bool:
+    """Whether `ins` hands on its first operand's data: copies, also async ones between memory spaces
+    (copy-start, copy-done), reshapes, and the -done half of an async pair."""
+    return ins.opcode in _PASS_THROUGH or ins.opcode == "copy-start" or ins.opcode.endswith("-done")
 
 
 # --- matmuls ---

@@ -229,7 +229,8 @@ def test_calls_and_conditional_branches_add_up():
 
 # Windowed einsums: XLA:TPU's loops that pass weight shards around a ring (all-gather) or partial sums
 # (reduce-scatter) with collective-permutes while each step's matmul runs. The gather's loop takes a
-# first shard sent before it starts; the bidirectional scatter sends its last partial sum after it.
+# first shard sent before it starts; the bidirectional scatter sends its last partial sum after it
+# (here, as XLA often does, after an asynchronous copy between memory spaces).
 # Each permute moves bf16[4,8] (64 B); each loop runs 3 times.
 WINDOWED = module("""%wide.windowed_dot_general_body_ag.1 (s: (s32[], bf16[4,8])) -> (s32[], bf16[4,8]) {
   %s = (s32[], bf16[4,8]{1,0}) parameter(0)
@@ -267,7 +268,9 @@ source_target_pairs={{0,1},{1,2},{2,3},{3,4},{4,5},{5,6},{6,7},{7,0}}
   %init2 = (s32[], bf16[4,8]{1,0}) tuple(%zero, %gathered)
   %rs = (s32[], bf16[4,8]{1,0}) while(%init2), condition=%cond, body=%wide.windowed_dot_general_body_rs.2.clone
   %partial = bf16[4,8]{1,0} get-tuple-element(%rs), index=1
-  %last = bf16[4,8]{1,0} collective-permute(%partial), channel_id=4, source_target_pairs={{0,7},{1,0},{2,1},{3,2},\
+  %to-hbm = (bf16[4,8]{1,0:S(1)}, bf16[4,8]{1,0}, u32[]) copy-start(%partial)
+  %moved = bf16[4,8]{1,0} copy-done(%to-hbm)
+  %last = bf16[4,8]{1,0} collective-permute(%moved), channel_id=4, source_target_pairs={{0,7},{1,0},{2,1},{3,2},\
 {4,3},{5,4},{6,5},{7,6}}
   ROOT %other = bf16[4,8]{1,0} collective-permute(%last), channel_id=5, source_target_pairs={{0,4},{4,0}}
 }""")
