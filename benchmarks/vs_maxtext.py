@@ -1,6 +1,7 @@
 """This project's train step against MaxText's, on the same model, mesh, batch, dtype and remat.
 
     python benchmarks/vs_maxtext.py [--shapes tiny,125m,tiny-1dev,125m-1dev] [--rounds 6] [--steps 3]
+    python benchmarks/vs_maxtext.py --aot [ROWS|ACCELERATOR]
 
 Each side runs in a worker process of its own: ours with this Python, MaxText 0.2.5 in a
 Python 3.12 virtualenv (installed on first use under ~/.cache/pretrain/maxtext-venv). The two
@@ -14,11 +15,22 @@ whenever other programs used more than 0.5 cores during it (--any-load: neither)
 Both run synthetic batches on faked CPU devices, bfloat16 compute, float32 weights, full remat,
 scanned layers, AdamW (weight decay 0.1, clipping at 1.0), no z-loss. Our mesh data x model is
 MaxText's fsdp x tensor (our `data` axis shards the batch and, FSDP-style, the weights).
+
+--aot compares compiled programs for a TPU slice instead, running nothing: ours from `pretrain plan`,
+MaxText's from its `train_compile` (XLA dumps its optimized HLO), both compiled here through libtpu
+for the same model, slice, global batch, sequence, microbatches, remat, mesh and attention. Per chip
+and side: XLA's arguments and temporaries, the matmul FLOPs executed and the collective bytes per
+step by kind, both counted from the optimized HLO by pretrain/hlo.py (loops by their trip counts,
+windowed einsums' permutes as the all-gathers and reduce-scatters they implement). A row set
+(comma-separated names of AOT_ROWS, or an accelerator type for its rows) picks rows; default all.
+Each side's compile takes minutes and several GB of memory; they run one at a time.
 """
 
 import argparse
+import glob
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -248,14 +260,163 @@ def compare(shape: str, rounds: int, steps: int, maxtext_py: Path, logs: Path, a
     }
 
 
+# --- --aot: compiled programs for a TPU slice, side by side -------------------------------------
+
+# The issue's comparison: Llama-3-8B at 128 x 8192 tokens per step, one batch (no microbatches).
+_8B_128 = ["train.global_batch=128", "train.microbatches=1", "data.seq_len=8192", "model.remat=full",
+           "model.attention=splash"]
+AOT_ROWS = {  # name: (accelerator, config, overrides)
+    "8b-fsdp32": ("v5p-64", "configs/llm/8b.yaml", _8B_128 + ["mesh.data=32", "mesh.model=1"]),
+    "8b-fsdp8-tp4": ("v5p-64", "configs/llm/8b.yaml", _8B_128 + ["mesh.data=8", "mesh.model=4"]),
+    "8b-preset": ("v5p-64", "configs/llm/8b.yaml", []),
+    "70b-fsdp64": ("v5p-128", "configs/llm/70b.yaml", ["train.global_batch=128", "train.microbatches=1",
+                                                       "model.remat=full", "model.attention=splash",
+                                                       "mesh.data=64", "mesh.model=1"]),
+    "1b-preset": ("v5e-16", "configs/llm/1b.yaml", []),
+}
+# Our remat policies and attention as MaxText's: `minimal` saves the weight matmuls' outputs and
+# recomputes attention, which is what `dots` does around splash's kernel.
+MAXTEXT_REMAT = {"full": "full", "none": "none", "dots": "minimal", "dots_no_batch": "minimal",
+                 "offload": "minimal_offloaded"}
+MAXTEXT_ATTENTION = {"splash": "flash", "xla": "dot_product"}
+GIB = 2**30
+
+
+def aot_rows(selection: str) -> list[str]:
+    """Row names from `all`, an accelerator type, or a comma-separated list of names."""
+    if selection == "all":
+        return list(AOT_ROWS)
+    by_accelerator = [name for name, row in AOT_ROWS.items() if row[0] == selection]
+    return by_accelerator or selection.split(",")
+
+
+def ours_aot(accelerator: str, config: str, overrides: list[str], work: Path, log: Path) -> dict:
+    """`pretrain plan --json` for the row: its memory, FLOPs and collectives, and the resolved mesh,
+    remat and attention that MaxText is then given. XLA dumps the optimized HLO beside MaxText's."""
+    cmd = [sys.executable, "-m", "pretrain", "plan", config, "--topology", accelerator, "--json", *overrides]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **QUIET_LIBTPU, "XLA_FLAGS": dump_flags(work / "ours-hlo")}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=log.open("w"))
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        last = (log.read_text().strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"pretrain plan failed ({done.returncode}): {last[:300]} (all of it in {log})")
+    r = json.loads(lines[-1])
+    if r["temporaries_gib"] is None:
+        raise RuntimeError(f"ours does not compile: {r['oom']}")
+    return {"arguments_gib": r["arguments_gib"], "temporaries_gib": r["temporaries_gib"],
+            "matmul_flops": r["matmul_flops_per_chip"], "collectives": r["collective_bytes"]["ici"],
+            "plan": r}
+
+
+def maxtext_argv(accelerator: str, cfg, plan: dict, out_dir: Path) -> list[str]:
+    """MaxText's `train_compile` arguments for the model, batch, mesh, remat and attention that our
+    plan resolved. Its per-device batch is per microbatch; gradient accumulation multiplies it."""
+    m, t = cfg.model, cfg.train
+    return [
+        f"compile_topology={accelerator}", "compile_topology_num_slices=1", "dataset_type=synthetic",
+        "enable_checkpointing=false", f"base_output_directory={out_dir}", "run_name=aot", "enable_dropout=false",
+        f"base_num_decoder_layers={m.num_layers}", f"base_emb_dim={m.embed_dim}", f"base_num_query_heads={m.num_heads}",
+        f"base_num_kv_heads={m.num_kv_heads}", f"head_dim={m.head_dim}", f"base_mlp_dim={m.mlp_dim}",
+        f"vocab_size={m.vocab_size}", f"logits_via_embedding={str(m.tie_embeddings).lower()}",
+        "normalize_embedding_logits=false", f"rope_max_timescale={int(m.rope_theta)}",
+        f"max_target_length={cfg.data.seq_len}", f"gradient_accumulation_steps={t.microbatches}",
+        f"per_device_batch_size={t.global_batch / t.microbatches / plan['chips']:g}",
+        f"dtype={m.dtype}", "weight_dtype=float32", "scan_layers=true",
+        f"remat_policy={MAXTEXT_REMAT[plan['remat']]}", f"attention={MAXTEXT_ATTENTION[plan['attention']]}",
+        f"ici_fsdp_parallelism={plan['mesh']['data']}", f"ici_tensor_parallelism={plan['mesh']['model']}",
+        "opt_type=adamw", "adam_weight_decay=0.1", "gradient_clipping_threshold=1.0", "z_loss_multiplier=0",
+    ]
+
+
+def maxtext_aot(python: Path, argv: list[str], work: Path, log: Path) -> dict:
+    """Compile MaxText's train step with XLA dumping its optimized HLO; its memory analysis from the
+    line `train_compile` prints, its FLOPs and collectives counted from the dump."""
+    from pretrain import hlo
+
+    dump = work / "maxtext-hlo"
+    env = {**os.environ, "TPU_SKIP_MDS_QUERY": "1", "PYTHONPATH": "", **QUIET_LIBTPU, "XLA_FLAGS": dump_flags(dump)}
+    env.pop("JAX_PLATFORMS", None)
+    cmd = [str(python), "-m", "maxtext.trainers.pre_train.train_compile", *argv]
+    done = subprocess.run(cmd, cwd=work, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log.write_text(done.stdout)
+    memory = re.search(r"Memory analysis: CompiledMemoryStats\((.*?)\)", done.stdout)
+    dumped = sorted(glob.glob(str(dump / "*jit_train_step*after_optimizations.txt")), key=os.path.getsize)
+    if done.returncode or not memory or not dumped:
+        raise RuntimeError(f"MaxText's train_compile failed ({done.returncode}); see {log}")
+    stats = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", memory[1])}
+    text = Path(dumped[-1]).read_text()  # the train step (the largest, should XLA dump more than one)
+    chips = int(re.search(r"num_partitions=(\d+)", text)[1])
+    return {"arguments_gib": stats["argument_size_in_bytes"] / GIB, "temporaries_gib": stats["temp_size_in_bytes"] / GIB,
+            "matmul_flops": hlo.matmul_flops(text), "collectives": hlo.collective_bytes(text, [0] * chips)["ici"],
+            "hlo": dumped[-1]}
+
+
+def dump_flags(folder: Path) -> str:
+    return f"--xla_dump_to={folder} --xla_dump_hlo_module_re=jit_train_step --xla_dump_hlo_as_text"
+
+
+# libtpu's harmless complaint about a missing TPU, silenced (FACTS.md).
+QUIET_LIBTPU = {"TPU_ACCELERATOR_TYPE": "v5litepod-4", "TPU_WORKER_HOSTNAMES": "localhost"}
+AOT_KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+
+def aot_line(name: str, side: str, r: dict) -> str:
+    c = r["collectives"]
+    kinds = " ".join(f"{c[k] / 1e9:9.2f}" for k in AOT_KINDS)
+    return (f"{name:>13} {side:>7} {r['arguments_gib']:9.2f} {r['temporaries_gib']:9.2f} "
+            f"{r['matmul_flops'] / 1e12:10,.0f} {sum(c.values()) / 1e9:9.2f} {kinds}")
+
+
+def aot_row(name: str, maxtext_py: Path, work: Path):
+    """Compile one row, ours then MaxText's, and print a line for each and one for the settings."""
+    from pretrain import config as config_lib
+
+    accelerator, config, overrides = AOT_ROWS[name]
+    config = str(ROOT / config)
+    (work / name).mkdir()
+    ours = ours_aot(accelerator, config, overrides, work / name, work / f"{name}-ours.log")
+    print(aot_line(name, "ours", ours), flush=True)
+    cfg, plan = config_lib.load(config, overrides), ours["plan"]
+    argv = maxtext_argv(accelerator, cfg, plan, work / name)
+    print(aot_line(name, "MaxText", maxtext_aot(maxtext_py, argv, work / name, work / f"{name}-maxtext.log")))
+    print(f"{'':>13} {accelerator}, mesh data {plan['mesh']['data']} x model {plan['mesh']['model']}, "
+          f"{cfg.train.global_batch} x {cfg.data.seq_len} tokens in {cfg.train.microbatches} microbatch(es), "
+          f"remat {plan['remat']} (MaxText {MAXTEXT_REMAT[plan['remat']]}), attention {plan['attention']}", flush=True)
+
+
+def run_aot(selection: str) -> int:
+    sys.path.insert(0, str(ROOT))
+    names = aot_rows(selection)
+    unknown = [n for n in names if n not in AOT_ROWS]
+    if unknown:
+        print(f"error: unknown row(s) {', '.join(unknown)}; choose from {', '.join(AOT_ROWS)} or an accelerator "
+              f"type of theirs", file=sys.stderr)
+        return 2
+    maxtext_py = maxtext_python()
+    work = Path(tempfile.mkdtemp(prefix="vs-maxtext-aot-"))
+    print(f"logs and both sides' optimized HLO in {work}/ROW; per chip per step, GB = 1e9 bytes")
+    print(f"{'row':>13} {'side':>7} {'args GiB':>9} {'temp GiB':>9} {'matmul TF':>10} {'coll. GB':>9} "
+          f"{'all-gath':>9} {'red-scat':>9} {'all-red':>9} {'all-to-all':>9} {'permute':>9}", flush=True)
+    for name in names:
+        try:
+            aot_row(name, maxtext_py, work)
+        except RuntimeError as e:  # one row's failure does not stop the others
+            print(f"{name:>13}: {e}", flush=True)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
     parser.add_argument("--rounds", type=int, default=6, help="turns each side takes")
     parser.add_argument("--steps", type=int, default=3, help="steps per turn")
     parser.add_argument("--worker", choices=("ours", "maxtext"), help=argparse.SUPPRESS)
+    parser.add_argument("--aot", nargs="?", const="all", metavar="ROWS",
+                        help=f"compare compiled TPU programs instead: rows of {', '.join(AOT_ROWS)}, or an accelerator")
     idle.add_flag(parser)
     args = parser.parse_args()
+    if args.aot:
+        return run_aot(args.aot)
     shapes = args.shapes.split(",")
     if args.worker:
         (ours_worker if args.worker == "ours" else maxtext_worker)(SHAPES[shapes[0]])

@@ -1,11 +1,18 @@
-"""Collective traffic of a compiled, SPMD-partitioned XLA program, read from its optimized HLO text.
+"""Collective traffic and matmul FLOPs of a compiled, SPMD-partitioned XLA program, read from its
+optimized HLO text.
 
 `collective_bytes(jax.jit(f).lower(...).compile().as_text(), device_slices)` counts, per device and
 per execution of the entry computation, the collectives of each kind and the bytes of data they
 carry, split by whether a collective's device group stays within one TPU slice (ICI) or crosses
 slices (DCN, the data-centre network). Loops multiply by their trip counts. The bytes are the size of
 the collective's data (its result; the un-scattered input of a reduce-scatter), not the wire traffic
-of any particular algorithm.
+of any particular algorithm. XLA:TPU implements many FSDP all-gathers and reduce-scatters as
+"windowed einsums": loops that pass shards around a ring with collective-permutes while each step's
+matmul runs; those permutes count as the all-gather or reduce-scatter they implement.
+
+`matmul_flops(text)` counts the FLOPs of the program's dots and convolutions (XLA:TPU writes most
+matmuls as convolutions), per device per execution, loops multiplied by their trip counts. Work
+inside custom calls (Pallas kernels such as splash attention) is invisible to it.
 """
 
 import functools
@@ -47,6 +54,7 @@ class Instr(NamedTuple):
 
 
 class Computation(NamedTuple):
+    name: str
     instrs: dict[str, Instr]
     root: str
 
@@ -58,31 +66,50 @@ def collective_bytes(hlo_text: str, device_slices: Sequence[int]) -> dict:
     comps, entry = _parse(hlo_text)
     slices = list(device_slices)
 
-    @functools.cache
-    def totals(name: str) -> Counter:
-        """(field, link, kind) -> count or bytes, for one execution of computation `name`."""
-        comp, acc = comps[name], Counter()
-        for ins in comp.instrs.values():
-            if found := _megascale(ins):
-                kind, nbytes = found
-                link = "dcn"
-            elif found := _collective(comp, ins):
-                kind, nbytes = found
-                link = "dcn" if _crosses(_groups(ins.attrs, len(slices)), slices) else "ici"
-            if found:
-                acc["bytes", link, kind] += nbytes
-                acc["counts", link, kind] += 1
-            for callee, times in _callees(comps, comp, ins):
-                for key, value in totals(callee).items():
-                    acc[key] += times * value
-        return acc
+    def visit(comp: Computation, ins: Instr, windowed: str | None) -> Counter:
+        if found := _megascale(ins):
+            kind, nbytes = found
+            link = "dcn"
+        elif found := _collective(comp, ins):
+            kind, nbytes = found
+            link = "dcn" if _crosses(_groups(ins.attrs, len(slices)), slices) else "ici"
+            if kind == "collective-permute":
+                kind = windowed or _around_windowed_loop(comps, comp, ins) or kind
+        if not found:
+            return Counter()
+        return Counter({("bytes", link, kind): nbytes, ("counts", link, kind): 1})
 
-    acc = totals(entry)
+    acc = _per_execution(comps, entry, visit)
 
     def by_link(field: str) -> dict:
         return {link: {kind: acc[field, link, kind] for kind in KINDS} for link in ("ici", "dcn")}
 
     return {**by_link("bytes"), "counts": by_link("counts")}
+
+
+def matmul_flops(hlo_text: str) -> int:
+    """FLOPs of the dots and convolutions per device per execution of the entry computation."""
+    comps, entry = _parse(hlo_text)
+    return _per_execution(comps, entry, lambda comp, ins, _: Counter(flops=_matmul_flops(comp, ins)))["flops"]
+
+
+def _per_execution(comps: dict, entry: str, visit) -> Counter:
+    """The sum of visit(computation, instruction, windowed) over the instructions that one execution
+    of the entry runs, each weighted by how often its computation runs (loops by their trip counts).
+    `windowed` is the collective that the windowed-einsum loop around the instruction implements
+    ("all-gather" or "reduce-scatter"), None outside such loops."""
+
+    @functools.cache
+    def totals(name: str, windowed: str | None) -> Counter:
+        comp, acc = comps[name], Counter()
+        for ins in comp.instrs.values():
+            acc.update(visit(comp, ins, windowed))
+            for callee, times in _callees(comps, comp, ins):
+                for key, value in totals(callee, _windowed_kind(callee) or windowed).items():
+                    acc[key] += times * value
+        return acc
+
+    return totals(entry, None)
 
 
 # --- parsing ---
@@ -96,12 +123,23 @@ def _parse(text: str) -> tuple[dict[str, Computation], str]:
             if m := _HEADER.match(line):
                 instrs, name, root = {}, m[2], None
                 entry = name if m[1] else entry
-        elif line == "}":
-            comps[name], instrs = Computation(instrs, root), None
+        elif line == "}" or line.startswith("},"):  # `}, execution_thread="sparsecore"` ends one too
+            comps[name], instrs = Computation(name, _with_element_refs(instrs), root), None
         elif m := _INSTR.match(line):
             instrs[m[2]] = _instr(m[2], m[3])
             root = m[2] if m[1] else root
     return comps, entry
+
+
+def _with_element_refs(instrs: dict[str, Instr]) -> dict[str, Instr]:
+    """Operands may name a tuple's element as `%t#1`: each such name becomes the get-tuple-element
+    it stands for, so that every operand is an instruction of the computation."""
+    refs = {o for ins in instrs.values() for o in ins.operands if "#" in o and o not in instrs}
+    for ref in sorted(refs):
+        tuple_name, index = ref.rsplit("#", 1)
+        shape = _split_top(instrs[tuple_name].shape[1:-1])[int(index)].strip()
+        instrs[ref] = Instr(ref, shape, "get-tuple-element", [tuple_name], f", index={index}")
+    return instrs
 
 
 def _instr(name: str, text: str) -> Instr:
@@ -205,6 +243,111 @@ def _groups(attrs: str, num_devices: int) -> list[list[int]]:
 
 def _crosses(groups: list[list[int]], slices: list[int]) -> bool:
     return any(len({slices[d] for d in group}) > 1 for group in groups)
+
+
+# --- windowed einsums ---
+
+_WINDOWED_BODY = re.compile(r"windowed_dot_general_body_(ag|rs)")
+
+
+def _windowed_kind(computation: str) -> str | None:
+    """The collective that a windowed-einsum loop body implements, from the name XLA gives it."""
+    m = _WINDOWED_BODY.search(computation)
+    return {"ag": "all-gather", "rs": "reduce-scatter"}[m[1]] if m else None
+
+
+def _around_windowed_loop(comps: dict, comp: Computation, ins: Instr) -> str | None:
+    """The collective of the windowed-einsum loop that the permute `ins` belongs to from outside: XLA
+    may send the first shard before the loop starts (the permute feeds the loop's initial state), and
+    a bidirectional reduce-scatter sends its last partial sum after it (the permute takes the loop's
+    result). None if neither."""
+    for loop in comp.instrs.values():
+        kind = loop.opcode == "while" and _windowed_kind(_attr(loop, "body"))
+        if kind and ins.name in _inputs(comp, loop.operands[0]):
+            return kind
+    source = comp.instrs[ins.operands[0]]
+    while source.opcode == "get-tuple-element" or _moves(source):
+        source = comp.instrs[source.operands[0]]
+    return _windowed_kind(_attr(source, "body")) if source.opcode == "while" else None
+
+
+def _inputs(comp: Computation, name: str) -> set[str]:
+    """`name` and the instructions whose results it is made of, through tuples and moves."""
+    ins = comp.instrs[name]
+    if ins.opcode == "tuple":
+        return {name}.union(*(_inputs(comp, o) for o in ins.operands))
+    if _moves(ins):
+        return {name} | _inputs(comp, ins.operands[0])
+    return {name}
+
+
+def _moves(ins: Instr) -> bool:
+    """Whether `ins` hands on its first operand's data: copies, also async ones between memory spaces
+    (copy-start, copy-done), reshapes, and the -done half of an async pair."""
+    return ins.opcode in _PASS_THROUGH or ins.opcode == "copy-start" or ins.opcode.endswith("-done")
+
+
+# --- matmuls ---
+
+def _dims(shape: str) -> list[int]:
+    """The dimensions of an array shape such as `bf16[8,128]{1,0}`."""
+    dims = _ARRAY.match(shape)[2]
+    return [int(d.strip().lstrip("<=")) for d in dims.split(",") if d.strip()]
+
+
+def _matmul_flops(comp: Computation, ins: Instr) -> int:
+    """2 x (products summed into the result): each product is a multiply and an add."""
+    if ins.opcode == "dot":
+        lhs = _dims(comp.instrs[ins.operands[0]].shape)
+        contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.attrs)
+        summed = math.prod(lhs[int(d)] for d in contracting[1].split(",") if d) if contracting else 1
+        return 2 * math.prod(_dims(ins.shape)) * summed
+    if ins.opcode == "convolution":
+        return 2 * _conv_products(comp, ins)
+    return 0
+
+
+def _conv_products(comp: Computation, ins: Instr) -> int:
+    """Multiply-adds of a convolution: for each output batch and feature element, the kernel's input
+    features (one feature group's) times the (output position, window tap) pairs that fall on real
+    input. XLA:TPU writes batched matmuls as convolutions whose window slides over zero padding, so
+    counting every tap of the window would count the padding too."""
+    lhs_labels, rhs_labels, out_labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", ins.attrs).groups()
+    lhs, rhs = (_dims(comp.instrs[o].shape) for o in ins.operands[:2])
+    out = _dims(ins.shape)
+    products = rhs[rhs_labels.index("i")]
+    products *= math.prod(size for size, label in zip(out, out_labels) if not label.isdigit())
+    for d, window in enumerate(_window(ins.attrs, sum(c.isdigit() for c in out_labels))):
+        products *= _taps_on_input(lhs[lhs_labels.index(str(d))], out[out_labels.index(str(d))], **window)
+    return products
+
+
+def _window(attrs: str, rank: int) -> list[dict]:
+    """Per spatial dimension: size, stride, padding and dilations of a convolution's `window={...}`."""
+    m = re.search(r"window=\{([^}]*)\}", attrs)
+    fields = dict(f.split("=") for f in m[1].split()) if m else {}
+
+    def each(key: str, default: str) -> list[str]:
+        return fields[key].split("x") if key in fields else [default] * rank
+
+    return [dict(size=int(size), stride=int(stride), low=int(pad.split("_")[0]), lhs_dilate=int(ld), rhs_dilate=int(rd))
+            for size, stride, pad, ld, rd in zip(each("size", "1"), each("stride", "1"), each("pad", "0_0"),
+                                                each("lhs_dilate", "1"), each("rhs_dilate", "1"))]
+
+
+def _taps_on_input(n: int, outputs: int, size: int, stride: int, low: int, lhs_dilate: int, rhs_dilate: int) -> int:
+    """(output position, window tap) pairs of one spatial dimension whose input position holds an
+    element of the n-long input (not padding, nor a hole of lhs dilation)."""
+    last = (n - 1) * lhs_dilate  # the input's last position once dilated
+    if lhs_dilate > 1:  # rare (gradients of strided convolutions): count one by one
+        return sum(0 <= p <= last and p % lhs_dilate == 0
+                   for o in range(outputs) for k in range(size) for p in [o * stride + k * rhs_dilate - low])
+    pairs = 0
+    for k in range(size):  # outputs o with 0 <= o * stride + k * rhs_dilate - low <= last
+        first_o = max(0, -(-(low - k * rhs_dilate) // stride))
+        last_o = min(outputs - 1, (last + low - k * rhs_dilate) // stride)
+        pairs += max(0, last_o - first_o + 1)
+    return pairs
 
 
 # --- control flow ---

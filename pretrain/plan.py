@@ -107,26 +107,29 @@ def plan(cfg: Config, accelerator_type: str, num_slices: int = 1) -> dict:
         oom = _out_of_memory(e)
         if oom is None:
             raise
-        return out | {"temporaries_gib": None, "total_gib": None, "fits": False, "oom": oom,
-                      "est_step_s": None, "compile_s": time.perf_counter() - start}
+        return out | {"arguments_gib": None, "temporaries_gib": None, "total_gib": None, "fits": False, "oom": oom,
+                      "matmul_flops_per_chip": None, "est_step_s": None, "compile_s": time.perf_counter() - start}
     finally:
         jax.config.update("jax_enable_compilation_cache", cache)
     out["compile_s"] = time.perf_counter() - start
     memory = compiled.memory_analysis()
     total = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
              + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
-    out |= {"temporaries_gib": memory.temp_size_in_bytes / GIB, "total_gib": total / GIB,
-            "fits": total <= kind.hbm_gib * GIB}
-    out |= traffic(compiled, step_fn.mesh)
+    text = compiled.as_text()
+    out |= {"arguments_gib": memory.argument_size_in_bytes / GIB, "temporaries_gib": memory.temp_size_in_bytes / GIB,
+            "total_gib": total / GIB, "fits": total <= kind.hbm_gib * GIB,
+            # What the chip's matrix units execute, recomputation included (splash's kernel not seen).
+            "matmul_flops_per_chip": hlo.matmul_flops(text)}
+    out |= traffic(text, step_fn.mesh)
     out |= roofline(step_fn, chips, kind)
     return out
 
 
-def traffic(compiled, mesh) -> dict:
+def traffic(hlo_text: str, mesh) -> dict:
     """Bytes per chip per step that the step's collectives carry within a slice (ICI) and between
-    slices (DCN), by kind, from the compiled program (loops counted as often as they run)."""
+    slices (DCN), by kind, from the compiled program's text (loops counted as often as they run)."""
     slices = [getattr(d, "slice_index", 0) or 0 for d in mesh.devices.flat]  # by the program's device ids
-    counted = hlo.collective_bytes(compiled.as_text(), slices)
+    counted = hlo.collective_bytes(hlo_text, slices)
     return {"ici_bytes_per_step": sum(counted["ici"].values()), "dcn_bytes_per_step": sum(counted["dcn"].values()),
             "collective_bytes": {"ici": counted["ici"], "dcn": counted["dcn"]}}
 

@@ -225,3 +225,138 @@ def test_calls_and_conditional_branches_add_up():
   ROOT %c3 = f32[4]{0} conditional(%b, %c2, %c2), branch_computations={%permute, %identity}
 }""")
     assert hlo.collective_bytes(text, TWO_SLICES) == expect(ici={"collective-permute": (3, 48)})
+
+
+# Windowed einsums: XLA:TPU's loops that pass weight shards around a ring (all-gather) or partial sums
+# (reduce-scatter) with collective-permutes while each step's matmul runs. The gather's loop takes a
+# first shard sent before it starts; the bidirectional scatter sends its last partial sum after it
+# (here, as XLA often does, after an asynchronous copy between memory spaces).
+# Each permute moves bf16[4,8] (64 B); each loop runs 3 times.
+WINDOWED = module("""%wide.windowed_dot_general_body_ag.1 (s: (s32[], bf16[4,8])) -> (s32[], bf16[4,8]) {
+  %s = (s32[], bf16[4,8]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%s), index=0
+  %x = bf16[4,8]{1,0} get-tuple-element(%s), index=1
+  %cps = (bf16[4,8]{1,0}, bf16[4,8]{1,0}, u32[], u32[]) collective-permute-start(%x), channel_id=1, \
+source_target_pairs={{0,1},{1,2},{2,3},{3,4},{4,5},{5,6},{6,7},{7,0}}
+  %cpd = bf16[4,8]{1,0} collective-permute-done(%cps)
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  ROOT %t = (s32[], bf16[4,8]{1,0}) tuple(%next, %cpd)
+}""", """%wide.windowed_dot_general_body_rs.2.clone (s: (s32[], bf16[4,8])) -> (s32[], bf16[4,8]) {
+  %s = (s32[], bf16[4,8]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%s), index=0
+  %x = bf16[4,8]{1,0} get-tuple-element(%s), index=1
+  %y = bf16[4,8]{1,0} collective-permute(%x), channel_id=2, source_target_pairs={{0,7},{1,0},{2,1},{3,2},{4,3},\
+{5,4},{6,5},{7,6}}
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  ROOT %t = (s32[], bf16[4,8]{1,0}) tuple(%next, %y)
+}""", """%cond (s: (s32[], bf16[4,8])) -> pred[] {
+  %s = (s32[], bf16[4,8]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%s), index=0
+  %n = s32[] constant(3)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}""", """ENTRY %main (p: bf16[4,8]) -> bf16[4,8] {
+  %p = bf16[4,8]{1,0} parameter(0)
+  %zero = s32[] constant(0)
+  %first-start = (bf16[4,8]{1,0}, bf16[4,8]{1,0}, u32[], u32[]) collective-permute-start(%p), channel_id=3, \
+source_target_pairs={{0,1},{1,2},{2,3},{3,4},{4,5},{5,6},{6,7},{7,0}}
+  %first = bf16[4,8]{1,0} collective-permute-done(%first-start)
+  %init = (s32[], bf16[4,8]{1,0}) tuple(%zero, %first)
+  %ag = (s32[], bf16[4,8]{1,0}) while(%init), condition=%cond, body=%wide.windowed_dot_general_body_ag.1
+  %gathered = bf16[4,8]{1,0} get-tuple-element(%ag), index=1
+  %init2 = (s32[], bf16[4,8]{1,0}) tuple(%zero, %gathered)
+  %rs = (s32[], bf16[4,8]{1,0}) while(%init2), condition=%cond, body=%wide.windowed_dot_general_body_rs.2.clone
+  %partial = bf16[4,8]{1,0} get-tuple-element(%rs), index=1
+  %to-hbm = (bf16[4,8]{1,0:S(1)}, bf16[4,8]{1,0}, u32[]) copy-start(%partial)
+  %moved = bf16[4,8]{1,0} copy-done(%to-hbm)
+  %last = bf16[4,8]{1,0} collective-permute(%moved), channel_id=4, source_target_pairs={{0,7},{1,0},{2,1},{3,2},\
+{4,3},{5,4},{6,5},{7,6}}
+  ROOT %other = bf16[4,8]{1,0} collective-permute(%last), channel_id=5, source_target_pairs={{0,4},{4,0}}
+}""")
+
+
+def test_windowed_einsum_permutes_count_as_the_gather_or_scatter_they_implement():
+    # A permute that neither runs in such a loop nor feeds or follows one stays a permute.
+    assert hlo.collective_bytes(WINDOWED, ONE_SLICE) == expect(ici={
+        "all-gather": (1 + 3, 4 * 64), "reduce-scatter": (3 + 1, 4 * 64), "collective-permute": (1, 64)})
+
+
+def test_matmul_flops_of_a_dot_in_a_scanned_loop():
+    """x [8,16] times each of 5 stacked [16,16] weights in a scan (a while loop), then by [16,4]:
+    2 x 8 x 16 x 16 FLOPs per step, 2 x 8 x 4 x 16 after."""
+
+    def f(x, ws, v):
+        x, _ = jax.lax.scan(lambda x, w: (jnp.tanh(x @ w), None), x, ws)
+        return x @ v
+
+    args = jnp.ones((8, 16)), jnp.ones((5, 16, 16)), jnp.ones((16, 4))
+    text = jax.jit(f).lower(*args).compile().as_text()
+    assert re.search(r"\bwhile\(", text) and re.search(r"\bdot\(", text)
+    assert hlo.matmul_flops(text) == 5 * 2 * 8 * 16 * 16 + 2 * 8 * 4 * 16
+
+
+def test_matmul_flops_of_convolutions_and_batched_dots():
+    text = module("""%body (s: (s32[], f32[2,3,5], f32[2,5,7])) -> (s32[], f32[2,3,5], f32[2,5,7]) {
+  %s = (s32[], f32[2,3,5]{2,1,0}, f32[2,5,7]{2,1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%s), index=0
+  %a = f32[2,3,5]{2,1,0} get-tuple-element(%s), index=1
+  %b = f32[2,5,7]{2,1,0} get-tuple-element(%s), index=2
+  %d = f32[2,3,7]{2,1,0} dot(%a, %b), lhs_batch_dims={0}, lhs_contracting_dims={2}, rhs_batch_dims={0}, \
+rhs_contracting_dims={1}
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  ROOT %t = (s32[], f32[2,3,5]{2,1,0}, f32[2,5,7]{2,1,0}) tuple(%next, %a, %b)
+}""", """%cond (s: (s32[], f32[2,3,5], f32[2,5,7])) -> pred[] {
+  %s = (s32[], f32[2,3,5]{2,1,0}, f32[2,5,7]{2,1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%s), index=0
+  %n = s32[] constant(4)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}""", """%fused_conv (p0: f32[1,10,8], p1: f32[3,4,6]) -> f32[1,8,6] {
+  %p0 = f32[1,10,8]{2,1,0} parameter(0)
+  %p1 = f32[3,4,6]{2,1,0} parameter(1)
+  ROOT %conv = f32[1,8,6]{2,1,0} convolution(%p0, %p1), window={size=3}, dim_labels=b0f_0io->b0f, \
+feature_group_count=2
+}""", """ENTRY %main (a: f32[2,3,5], b: f32[2,5,7], x: f32[1,10,8], k: f32[3,4,6], h: f32[2,1,6], w: f32[3,6,4]) \
+-> f32[2,3,4] {
+  %a = f32[2,3,5]{2,1,0} parameter(0)
+  %b = f32[2,5,7]{2,1,0} parameter(1)
+  %x = f32[1,10,8]{2,1,0} parameter(2)
+  %k = f32[3,4,6]{2,1,0} parameter(3)
+  %h = f32[2,1,6]{2,1,0} parameter(4)
+  %w = f32[3,6,4]{2,1,0} parameter(5)
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[2,3,5]{2,1,0}, f32[2,5,7]{2,1,0}) tuple(%zero, %a, %b)
+  %loop = (s32[], f32[2,3,5]{2,1,0}, f32[2,5,7]{2,1,0}) while(%init), condition=%cond, body=%body
+  %grouped = f32[1,8,6]{2,1,0} fusion(%x, %k), kind=kOutput, calls=%fused_conv
+  %strided = f32[1,5,6]{2,1,0} convolution(%x, %k), window={size=3 stride=2 pad=1_1}, dim_labels=b0f_0io->b0f, \
+feature_group_count=2
+  ROOT %padded = f32[2,3,4]{2,1,0} convolution(%h, %w), window={size=3 pad=2_2 rhs_reversal=1}, \
+dim_labels=b0f_0io->b0f
+}""")
+    dot = 4 * 2 * (2 * 3 * 7) * 5  # 4 loop steps; each output sums over the contracting 5
+    # 8 input features in 2 groups: each output sums 4 features x 3 taps ...
+    grouped = 2 * (1 * 8 * 6) * 4 * 3
+    # ... and with stride 2 and padding 1, the 5 outputs x 3 taps hold 14 pairs on input (the first misses 1).
+    strided = 2 * (1 * 6) * 4 * 14
+    # The TPU's matmul as a convolution: the kernel's 3 positions slide over one input position padded by
+    # 2 on each side, so each output meets input at one tap only: 6 products, not 18.
+    padded = 2 * (2 * 3 * 4) * 6
+    assert hlo.matmul_flops(text) == dot + grouped + strided + padded
+
+
+def test_sparsecore_computations_and_tuple_element_operands():
+    """Newer TPU HLO ends some computations with `}, execution_thread=...` and may name a tuple's element
+    as an operand, `%t#1`: here a reduce-scatter of that element, f32[8,16] (512 B)."""
+    text = module(ADD, """%offloaded (x: f32[4]) -> f32[4] {
+  ROOT %x = f32[4]{0} parameter(0)
+}, execution_thread="sparsecore\"""", """ENTRY %main (p: f32[4], q: f32[8,16]) -> f32[2,16] {
+  %p = f32[4]{0} parameter(0)
+  %q = f32[8,16]{1,0} parameter(1)
+  %t = (f32[4]{0}, f32[8,16]{1,0}) tuple(%p, %q)
+  %s = ((f32[4]{0}), f32[4]{0}, u32[]) async-start(%t#0), async_execution_thread="sparsecore", calls=%offloaded
+  %d = f32[4]{0} async-done(%s)
+  ROOT %rs = f32[2,16]{1,0} reduce-scatter(%t#1), channel_id=1, replica_groups=[2,4]<=[8], dimensions={0}, \
+to_apply=%add
+}""")
+    assert hlo.collective_bytes(text, ONE_SLICE) == expect(ici={"reduce-scatter": (1, 512)})
