@@ -268,6 +268,9 @@ _8B_128 = ["train.global_batch=128", "train.microbatches=1", "data.seq_len=8192"
 AOT_ROWS = {  # name: (accelerator, config, overrides)
     "8b-fsdp32": ("v5p-64", "configs/llm/8b.yaml", _8B_128 + ["mesh.data=32", "mesh.model=1"]),
     "8b-fsdp8-tp4": ("v5p-64", "configs/llm/8b.yaml", _8B_128 + ["mesh.data=8", "mesh.model=4"]),
+    # MaxText shards the activations between layers over its tensor axis in either case.
+    "8b-fsdp8-tp4-sp": ("v5p-64", "configs/llm/8b.yaml", _8B_128 + ["mesh.data=8", "mesh.model=4",
+                                                                   "mesh.sequence_parallel=true"]),
     "8b-preset": ("v5p-64", "configs/llm/8b.yaml", []),
     "70b-fsdp64": ("v5p-128", "configs/llm/70b.yaml", ["train.global_batch=128", "train.microbatches=1",
                                                        "model.remat=full", "model.attention=splash",

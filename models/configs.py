@@ -60,7 +60,7 @@ class TransformerConfig:
     splash_block_kv: int = 512
     # Tokens per chunk of the output layer and loss (pretrain.loss), which bounds the float32
     # logits held at once to chunk x vocab/model per device.
-    loss_chunk_tokens: int = 256
+    loss_chunk_tokens: int = 1024
 
     def num_params(self, *, embedding: bool = True) -> int:
         e, h, k, d, m, v = (self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim, self.mlp_dim, self.vocab_size)

@@ -19,6 +19,12 @@ from models.configs import RopeScaling, TransformerConfig
 from models.layers import RMSNorm, constrain, einsum, fan_in_init, param, remat
 
 
+# The residual stream [B, L, E] between the layers' matmuls (its positions split over `model` under
+# sequence parallelism: pretrain/sharding.py).
+RESIDUAL = ("batch", "residual_length", None)
+WHOLE = ("batch", "length", None)  # a matmul's input: all positions on every device of `model`
+
+
 def rope_frequencies(head_dim: int, theta: float, s: RopeScaling) -> np.ndarray:
     """The [head_dim / 2] float32 angular frequencies of RoPE, scaled as `s` says (by the formulas of
     Hugging Face's rope_type, so that imported Llama 3.x checkpoints see positions as they were trained to)."""
@@ -58,7 +64,7 @@ class DecoderLayer(nnx.Module):
 
     def _qkv(self, x, positions):
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
-        y = self.attn_norm(x)
+        y = constrain(self.attn_norm(x), WHOLE)
         q = constrain(einsum("ble,ehd->blhd", y, self.wq[...], dtype=dtype), ("batch", "length", "heads", None))
         k = einsum("ble,ekd->blkd", y, self.wk[...], dtype=dtype)
         v = einsum("ble,ekd->blkd", y, self.wv[...], dtype=dtype)
@@ -71,13 +77,13 @@ class DecoderLayer(nnx.Module):
         dtype = jnp.dtype(self.cfg.dtype)
         attn = constrain(attn, ("batch", "length", "heads", None))
         out = einsum("blhd,hde->ble", attn, self.wo[...], dtype=dtype)
-        x = x + constrain(checkpoint_name(out, "out_proj"), ("batch", "length", None))
-        y = self.mlp_norm(x)
+        x = x + constrain(checkpoint_name(out, "out_proj"), RESIDUAL)
+        y = constrain(self.mlp_norm(x), WHOLE)
         mlp = ("batch", "length", "mlp")
         gate = constrain(checkpoint_name(einsum("ble,em->blm", y, self.w_gate[...], dtype=dtype), "mlp_in"), mlp)
         up = constrain(checkpoint_name(einsum("ble,em->blm", y, self.w_up[...], dtype=dtype), "mlp_in"), mlp)
         down = einsum("blm,me->ble", jax.nn.silu(gate) * up, self.w_down[...], dtype=dtype)
-        return x + constrain(checkpoint_name(down, "mlp_out"), ("batch", "length", None))
+        return x + constrain(checkpoint_name(down, "mlp_out"), RESIDUAL)
 
     def __call__(self, x, segment_ids, positions):
         c = self.cfg
@@ -114,9 +120,11 @@ class Transformer(nnx.Module):
         """Final hidden states [B, L, E]; `logits` maps them onto the vocabulary."""
         cfg = self.cfg
         # The table is gathered whole along `embed` first (the FSDP gather every weight gets), so each
-        # device looks up its own rows: the partitioner is left no lookup that moves activations.
-        table = constrain(self.embed[...], ("vocab", None))
-        x = constrain(jnp.take(table, tokens, axis=0), ("batch", "length", None)).astype(jnp.dtype(cfg.dtype))
+        # device looks up its own rows: the partitioner is left no lookup that moves activations. It is
+        # looked up in the compute dtype, as the other weights enter their matmuls: the lookup's gradient
+        # (a scatter-add) and its sum over the rows of all devices are then in that dtype too.
+        table = constrain(self.embed[...].astype(jnp.dtype(cfg.dtype)), ("vocab", None))
+        x = constrain(jnp.take(table, tokens, axis=0), RESIDUAL)
 
         graphdef, stacked = nnx.split(self.layers)
 

@@ -1,7 +1,6 @@
 """`pretrain` command line: train, smoke, plan, prepare, export, import-hf, sample."""
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -12,7 +11,6 @@ from etils import epath
 from data import prepare
 from data.records import DataError
 from data.tokenizer import MODEL_TYPES
-from models.layers import REMAT_POLICIES
 
 from pretrain import config as config_lib
 from pretrain import checkpoint, export, goodput, hf, loop, runtime, sample, tpu
@@ -64,19 +62,28 @@ def run_plan(args) -> int:
     except RuntimeError:  # backends already up (an embedding program)
         pass
     cfg = config_lib.load(args.config, args.overrides)
-    policies = list(REMAT_POLICIES) if args.remat_sweep else [cfg.model.remat]
+    if args.remat_sweep and args.mesh_sweep:
+        raise ConfigError("--remat-sweep and --mesh-sweep sweep one thing at a time; pass one of them")
+    variants = plan.variants(cfg, args.topology, args.slices, "mesh" if args.mesh_sweep else "remat" if args.remat_sweep else None)
     rows = []
-    for policy in policies:
-        cfg.model.remat = policy
+    for label, variant in variants:
         try:
-            rows.append(plan.plan(copy.deepcopy(cfg), args.topology, args.slices))
+            rows.append(plan.plan(variant, args.topology, args.slices) | {"label": label})
         except plan.StartupError as e:
             print(f"error: a host of {args.topology} would not start: {e}", file=sys.stderr)
             return 1
+        except ConfigError as e:
+            if len(variants) == 1:
+                raise
+            print(f"skipped {label}: {e}", file=sys.stderr)  # a sweep goes on with the others
+            continue
         if args.json:
             print(json.dumps(rows[-1]), flush=True)
+    if not rows:
+        raise ConfigError(f"no {'mesh' if args.mesh_sweep else 'remat policy'} of the sweep suits the config "
+                          "(each one's reason above)")
     if not args.json:
-        print(plan.report(rows) if args.remat_sweep else plan.describe(rows[0]))
+        print(plan.report(rows, "mesh" if args.mesh_sweep else "remat") if len(variants) > 1 else plan.describe(rows[0]))
     if not any(r["fits"] for r in rows):
         print(f"error: {plan.why_not(rows[-1])}", file=sys.stderr)
         return 1
@@ -186,13 +193,15 @@ def main(argv=None) -> int:
     p.add_argument("family", nargs="?", default="llm", choices=sorted(SMOKE_OVERRIDES))
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p = sub.add_parser("plan", help="compile the train step for a TPU slice on this machine: memory per chip, "
-                                    "whether it fits, FLOPs and a roofline step time")
+                                    "whether it fits, FLOPs, collectives and a forecast step time")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--topology", required=True, help="Cloud accelerator type, e.g. v5p-64, v5e-16, v6e-16, v4-32")
     p.add_argument("--slices", type=int, default=1, help="number of such slices (multislice over DCN)")
     p.add_argument("--json", action="store_true", help="print one JSON object (per remat policy with --remat-sweep)")
-    p.add_argument("--remat-sweep", action="store_true", help="plan every remat policy and print a table")
+    p.add_argument("--remat-sweep", action="store_true", help="plan every remat policy; a table ranked by the forecast")
+    p.add_argument("--mesh-sweep", action="store_true",
+                   help="plan every mesh.data x mesh.model of the slice; a table ranked by the forecast")
     p = sub.add_parser("goodput", help="where a run's wall time went, across all its attempts: productive steps, "
                                        "compiling, restoring, input, checkpoints, lost steps, restarts")
     p.add_argument("run_dir", help="the run's run.output_dir, local or gs://")

@@ -217,6 +217,8 @@ def validate(cfg: Config, num_devices: int, platform: str) -> tuple[int, int]:
         f"train.profile_steps={p} must be [start, end] with 1 <= start <= end <= run.steps={cfg.run.steps}, or [] for none",
     )
     data, model = mesh_shape(cfg, num_devices)
+    require(not cfg.mesh.sequence_parallel or cfg.task == "llm",
+            f"mesh.sequence_parallel splits a language model's positions; task {cfg.task} has none: set it false")
 
     require(cfg.data.workers >= 0, f"data.workers={cfg.data.workers} must be >= 0")
     require(cfg.data.prefetch >= 0, f"data.prefetch={cfg.data.prefetch} must be >= 0 (0: no read-ahead)")

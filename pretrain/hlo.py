@@ -13,6 +13,10 @@ matmul runs; those permutes count as the all-gather or reduce-scatter they imple
 `matmul_flops(text)` counts the FLOPs of the program's dots and convolutions (XLA:TPU writes most
 matmuls as convolutions), per device per execution, loops multiplied by their trip counts. Work
 inside custom calls (Pallas kernels such as splash attention) is invisible to it.
+
+`op_costs(text)` gives, for each operation the device runs (fusions, custom calls, copies...), the
+matmul FLOPs it does and the bytes it moves to and from HBM and host memory per execution of the
+entry: the inputs of a per-op roofline (pretrain/forecast.py).
 """
 
 import functools
@@ -39,6 +43,7 @@ _INSTR = re.compile(r"(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _COMMENT = re.compile(r"/\*.*?\*/")
 _METADATA = re.compile(r',\s*metadata=\{(?:[^{}"]|"[^"]*")*\}')  # may hold any text: drop it
 _ARRAY = re.compile(r"([a-z]\w*)\[([^\]]*)\]")
+_LAID_OUT = re.compile(r"([a-z]\w*)\[([^\]]*)\](\{[^}]*\})?")  # an array with its layout
 _GROUPS = re.compile(
     r"(?:replica_groups|source_target_pairs)=(\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?|\{[{}\d,\s]*\})")
 _IOTA = re.compile(r"\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
@@ -60,37 +65,152 @@ class Computation(NamedTuple):
 
 
 def collective_bytes(hlo_text: str, device_slices: Sequence[int]) -> dict:
-    """{"ici": {kind: bytes}, "dcn": {kind: bytes}, "counts": {"ici": {kind: n}, "dcn": {kind: n}}}
-    per device per step; device_slices[i] is the slice index of the device with logical id i
-    (partition id i, i.e. mesh.devices.flat[i] of the jitted program's mesh)."""
+    """{"ici": {kind: bytes}, "dcn": {kind: bytes}, "counts": {"ici": {kind: n}, "dcn": {kind: n}},
+    "sync": {"ici": {kind: bytes}, "dcn": ...}} per device per step. "sync" holds the collectives
+    that the device waits for (not split into -start/-done, outside async computations and windowed
+    einsums): those that XLA did not schedule to overlap other work. device_slices[i] is the slice
+    index of the device with logical id i (partition id i, i.e. mesh.devices.flat[i] of the jitted
+    program's mesh)."""
     comps, entry = _parse(hlo_text)
-    slices = list(device_slices)
+    slices, in_async = list(device_slices), _called_by(comps, "async-start")
 
     def visit(comp: Computation, ins: Instr, windowed: str | None) -> Counter:
         if found := _megascale(ins):
             kind, nbytes = found
-            link = "dcn"
+            link, sync = "dcn", False
         elif found := _collective(comp, ins):
             kind, nbytes = found
             link = "dcn" if _crosses(_groups(ins.attrs, len(slices)), slices) else "ici"
             if kind == "collective-permute":
                 kind = windowed or _around_windowed_loop(comps, comp, ins) or kind
+            sync = not ins.opcode.endswith("-start") and windowed is None and comp.name not in in_async
         if not found:
             return Counter()
-        return Counter({("bytes", link, kind): nbytes, ("counts", link, kind): 1})
+        return Counter({("bytes", link, kind): nbytes, ("counts", link, kind): 1, ("sync", link, kind): sync * nbytes})
 
     acc = _per_execution(comps, entry, visit)
 
     def by_link(field: str) -> dict:
         return {link: {kind: acc[field, link, kind] for kind in KINDS} for link in ("ici", "dcn")}
 
-    return {**by_link("bytes"), "counts": by_link("counts")}
+    return {**by_link("bytes"), "counts": by_link("counts"), "sync": by_link("sync")}
 
 
 def matmul_flops(hlo_text: str) -> int:
     """FLOPs of the dots and convolutions per device per execution of the entry computation."""
     comps, entry = _parse(hlo_text)
     return _per_execution(comps, entry, lambda comp, ins, _: Counter(flops=_matmul_flops(comp, ins)))["flops"]
+
+
+class OpCost(NamedTuple):
+    """One operation's work per execution of the entry (its executions summed)."""
+    flops: int  # matmul FLOPs (dots and convolutions, also those fused into it)
+    hbm_bytes: int  # read from and written to HBM (not on-chip memories)
+    host_bytes: int  # moved between the device and host memory (offloaded activations)
+
+
+# Ops that move no data of their own, and collectives (collective_bytes counts those).
+_NO_TRAFFIC = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "while", "call", "conditional",
+               "after-all", "partition-id", "replica-id", "opt-barrier", "async-start", "async-update", "send", "recv",
+               "iota"}
+_HBM, _HOST = "0", "5"  # memory spaces: S(1) and up are on-chip memories, except pinned host memory S(5)
+
+
+def op_costs(hlo_text: str) -> dict[str, OpCost]:
+    """OpCost of each operation that one execution of the entry runs, by instruction name: the ops
+    of the entry and of the loops, calls and async computations it runs (a fusion is one op)."""
+    comps, entry = _parse(hlo_text)
+    fused, flops = _called_by(comps, "fusion"), functools.cache(lambda name: _fused_flops(comps, name))
+
+    def visit(comp: Computation, ins: Instr, _) -> Counter:
+        base = ins.opcode.removesuffix("-start").removesuffix("-done")
+        if comp.name in fused or ins.opcode in _NO_TRAFFIC or base in KINDS or ins.opcode.endswith("-done") \
+                or ins.opcode == "custom-call" and '"AllocateBuffer"' in ins.attrs:
+            return Counter()
+        if ins.opcode.endswith("-start"):  # `op-start` returns ((operands...), result, context): it is `op`
+            ins = ins._replace(opcode=base, shape=_split_top(ins.shape[1:-1])[1])
+        moved = _traffic(comps, comp, ins)
+        work = flops(_attr(ins, "calls")) if ins.opcode == "fusion" else _matmul_flops(comp, ins)
+        return Counter({(ins.name, "flops"): work, (ins.name, _HBM): moved.get(_HBM, 0),
+                        (ins.name, _HOST): moved.get(_HOST, 0)})
+
+    acc = _per_execution(comps, entry, visit)
+    names = {name for name, _ in acc}
+    return {n: OpCost(acc[n, "flops"], acc[n, _HBM], acc[n, _HOST]) for n in sorted(names)}
+
+
+def _called_by(comps: dict, opcode: str) -> set[str]:
+    """The computations that instructions with `opcode` call (`calls=`)."""
+    return {_attr(i, "calls") for c in comps.values() for i in c.instrs.values() if i.opcode == opcode}
+
+
+def _fused_flops(comps: dict, name: str) -> int:
+    comp = comps[name]
+    return sum(_fused_flops(comps, _attr(i, "calls")) if i.opcode == "fusion" else _matmul_flops(comp, i)
+               for i in comp.instrs.values())
+
+
+def _spaces(shape: str) -> Counter:
+    """Bytes of an (array or tuple) shape by memory space ("0" HBM, "5" host, ...)."""
+    out = Counter()
+    for dtype, dims, layout in _LAID_OUT.findall(shape):
+        space = re.search(r"S\((\d+)\)", layout or "")
+        out[space[1] if space else _HBM] += _shape_bytes(f"{dtype}[{dims}]")
+    return out
+
+
+def _traffic(comps: dict, comp: Computation, ins: Instr) -> Counter:
+    """Bytes that `ins` reads and writes, by memory space. A slice reads only what it returns, an
+    in-place update writes only the update; inside a fusion likewise for each fused parameter. A
+    transfer between host and device memory (offloading) counts its bytes once in each."""
+    operands = [comp.instrs[o].shape for o in ins.operands]
+    if ins.opcode == "fusion":
+        return _fusion_traffic(comps[_attr(ins, "calls")], operands, ins.shape)
+    read = [_spaces(s) for s in operands]
+    written = _spaces(ins.shape)
+    if ins.opcode in ("dynamic-slice", "slice", "gather"):
+        read[0] = _as_read(read[0], written)
+    elif ins.opcode in ("dynamic-update-slice", "scatter"):
+        update = read[1] if ins.opcode == "dynamic-update-slice" else read[2]
+        read[0], written = Counter(), _as_read(written, update)
+    return sum(read, Counter()) + written
+
+
+def _as_read(source: Counter, result: Counter) -> Counter:
+    """The bytes of `result` counted in the memory space of `source` (where a slice reads them from)."""
+    space = max(source, key=source.get) if source else _HBM
+    return Counter({space: sum(result.values())})
+
+
+def _fusion_traffic(callee: Computation, operands: list[str], result: str) -> Counter:
+    """A fusion's traffic: each operand whole, unless the fused computation only slices it (the
+    slices' bytes) or updates it in place (nothing); the result whole, or only the in-place updates."""
+    params = {int(i.operands[0]): i.name for i in callee.instrs.values() if i.opcode == "parameter"}
+    users = {}
+    for i in callee.instrs.values():
+        for k, o in enumerate(i.operands):
+            users.setdefault(o, []).append((i, k))
+    roots = [callee.instrs[callee.root]]
+    if roots[0].opcode == "tuple":
+        roots = [callee.instrs[o] for o in roots[0].operands]
+    in_place = {r.operands[0]: r for r in roots if r.opcode == "dynamic-update-slice"}
+    total = Counter()
+    for index, shape in enumerate(operands):
+        name, space = params.get(index), _spaces(shape)
+        uses = users.get(name, [])
+        if name in in_place:
+            continue
+        if uses and all(u.opcode in ("dynamic-slice", "slice", "gather") and k == 0 for u, k in uses):
+            total += _as_read(space, sum((_spaces(u.shape) for u, _ in uses), Counter()))
+        else:
+            total += space
+    outputs = _split_top(result[1:-1]) if result.startswith("(") else [result]
+    for root, shape in zip(roots, outputs):
+        if root.opcode == "dynamic-update-slice":
+            total += _as_read(_spaces(shape), _spaces(callee.instrs[root.operands[1]].shape))
+        else:
+            total += _spaces(shape)
+    return total
 
 
 def _per_execution(comps: dict, entry: str, visit) -> Counter:

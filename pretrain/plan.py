@@ -3,8 +3,8 @@ it fits and how fast it could go, before renting the slice.
 
 libtpu (the `tpu` extra) lets JAX compile for a TPU topology without the hardware. The train step is
 built by the same code as `pretrain train` (build.build) over the topology's devices; only the
-compile's figures are read, nothing runs. The step-time estimate is the compute roofline (see
-`roofline`): a bound that real steps do not beat.
+compile's figures are read, nothing runs. The step time is forecast from the compiled program
+(pretrain/forecast.py); the compute roofline beside it is a bound that real steps do not beat.
 """
 
 import dataclasses
@@ -13,7 +13,8 @@ import time
 
 import jax
 
-from pretrain import build, hlo, sharding, tpu
+from pretrain import build, forecast, hlo, sharding, tpu
+from models.layers import REMAT_POLICIES
 from pretrain.config import ConfigError
 from pretrain.schema import Config
 
@@ -108,7 +109,8 @@ def plan(cfg: Config, accelerator_type: str, num_slices: int = 1) -> dict:
         if oom is None:
             raise
         return out | {"arguments_gib": None, "temporaries_gib": None, "total_gib": None, "fits": False, "oom": oom,
-                      "matmul_flops_per_chip": None, "est_step_s": None, "compile_s": time.perf_counter() - start}
+                      "matmul_flops_per_chip": None, "est_step_s": None, "forecast": None,
+                      "compile_s": time.perf_counter() - start}
     finally:
         jax.config.update("jax_enable_compilation_cache", cache)
     out["compile_s"] = time.perf_counter() - start
@@ -121,7 +123,7 @@ def plan(cfg: Config, accelerator_type: str, num_slices: int = 1) -> dict:
             # What the chip's matrix units execute, recomputation included (splash's kernel not seen).
             "matmul_flops_per_chip": hlo.matmul_flops(text)}
     out |= traffic(text, step_fn.mesh)
-    out |= roofline(step_fn, chips, kind)
+    out |= estimate(step_fn, text, chips, kind)
     return out
 
 
@@ -151,32 +153,40 @@ def recomputed(m) -> tuple[float, int]:
     return sum(v for name, v in flops.items() if kept[name] == "remat") / sum(flops.values()), 1
 
 
-def roofline(step_fn, chips: int, kind: tpu.TpuKind) -> dict:
-    """The compute roofline: the step's executed FLOPs at the chips' peak, and the tokens/s and MFU
-    that implies. Executed FLOPs are the MFU count plus what remat recomputes (the forward pass is a
-    third of the count). HBM traffic, communication and imperfect overlap make real steps slower.
+def estimate(step_fn, hlo_text: str, chips: int, kind: tpu.TpuKind) -> dict:
+    """The forecast step time (pretrain/forecast.py), the compute roofline (the step's executed FLOPs
+    at the chips' peak: a bound no step beats), and the tokens/s and MFU the forecast implies. MFU is
+    counted as MaxText counts it, 6 FLOPs per matmul parameter and token plus attention over the whole
+    sequence (the train logs' count), and with causal attention (half of that attention).
 
-    (XLA's cost analysis cannot stand in: it counts the bodies of the loops over layers and
-    microbatches once, and cannot see into Pallas kernels.)"""
+    Executed FLOPs are the MFU count plus what remat recomputes (the forward pass is a third of the
+    count), attention halved under splash, whose kernels skip the blocks above the diagonal. XLA's
+    cost analysis cannot stand in: it counts the bodies of the loops over layers and microbatches
+    once, and cannot see into Pallas kernels."""
     m, task = step_fn.cfg.model, step_fn.task
     tokens, model_flops = task.units_per_step(), task.flops_per_step()
     head = 6 * m.embed_dim * m.vocab_size * tokens
     attention = 12 * m.num_layers * m.num_heads * m.head_dim * step_fn.cfg.data.seq_len * tokens
     matmuls, recomputed_attention = recomputed(m)
-    if m.attention == "splash" and m.remat != "none":
+    splash = m.attention == "splash"
+    if splash and m.remat != "none":
         recomputed_attention = 1
-    executed = model_flops + (matmuls * (model_flops - head - attention) + recomputed_attention * attention) / 3
-    step_s = executed / (chips * kind.peak_bf16_flops)
-    return {"executed_flops_per_step": executed, "est_step_s": step_s, "tokens_per_s": tokens / step_s,
-            "mfu": model_flops / step_s / (chips * kind.peak_bf16_flops)}
+    attention_executed = attention * (1 + recomputed_attention / 3) / (2 if splash else 1)
+    executed = model_flops - attention + matmuls * (model_flops - head - attention) / 3 + attention_executed
+    slices = [getattr(d, "slice_index", 0) or 0 for d in step_fn.mesh.devices.flat]
+    f = forecast.forecast(hlo_text, slices, kind, attention_executed / chips if splash else 0.0)
+    return {"executed_flops_per_step": executed, "roofline_step_s": executed / (chips * kind.peak_bf16_flops),
+            "est_step_s": f.step_s, "forecast": dataclasses.asdict(f) | {"bound_by": f.bound_by},
+            "tokens_per_s": tokens / f.step_s, "mfu": model_flops / f.step_s / (chips * kind.peak_bf16_flops),
+            "mfu_causal": (model_flops - attention / 2) / f.step_s / (chips * kind.peak_bf16_flops)}
 
 
 # --- what the command prints ---------------------------------------------------------------
 
 
-def _title(r: dict) -> str:
-    mesh = sharding.describe(r["mesh"])
-    return f"{r['topology']} ({r['chips']} chips, mesh {mesh}), attention {r['attention']}"
+def _title(r: dict, with_mesh: bool = True) -> str:
+    mesh = f", mesh {sharding.describe(r['mesh'])}" if with_mesh else ""
+    return f"{r['topology']} ({r['chips']} chips{mesh}), attention {r['attention']}"
 
 
 def describe(r: dict) -> str:
@@ -195,8 +205,14 @@ def describe(r: dict) -> str:
              f"{_cadence(r['checkpoint_every'])}",
              f"  FLOPs per step: {r['flops_per_step']:.3e} (the MFU count)"]
     if r["est_step_s"] is not None:
-        lines.append(f"  roofline: step {r['est_step_s']:.3f} s, {r['tokens_per_s']:,.0f} tokens/s, "
-                     f"MFU {100 * r['mfu']:.1f}%")
+        f = r["forecast"]
+        lines += [f"  forecast: step {r['est_step_s']:.3f} s, {r['tokens_per_s']:,.0f} tokens/s, MFU {100 * r['mfu']:.1f}% "
+                  f"(6N + attention over the whole sequence, as MaxText counts), {100 * r['mfu_causal']:.1f}% with "
+                  f"causal attention",
+                  f"    bound by {f['bound_by']}: compute {f['compute_s']:.3f} s (matmul-bound ops {f['matmul_s']:.3f}, "
+                  f"HBM-bound {f['memory_s']:.3f}); beside it ICI {f['ici_s']:.3f} s, DCN {f['dcn_s']:.3f} s, "
+                  f"host transfers {f['host_s']:.3f} s; synchronous collectives {f['sync_s']:.3f} s",
+                  f"  roofline: step {r['roofline_step_s']:.3f} s (the executed FLOPs at peak: a bound)"]
     if r["total_gib"] is not None:
         for link in ("ici", "dcn"):
             kinds = ", ".join(f"{k} {b / 1e9:.2f}" for k, b in r["collective_bytes"][link].items() if b)
@@ -211,17 +227,36 @@ def _cadence(every: dict) -> str:
     return " and ".join(when) or "at the end and on preemption only"
 
 
-def report(rows: list[dict]) -> str:
-    """One table row per plan (the remat sweep)."""
-    table = [("remat", "params+opt GiB", "temp GiB", "total GiB", "fits", "step s", "tokens/s", "MFU", "compile s")]
+def variants(cfg: Config, accelerator_type: str, num_slices: int, sweep: str | None) -> list[tuple[str, Config]]:
+    """(label, config) of each plan to make: cfg alone (sweep None); cfg with each remat policy
+    ("remat"); or with each mesh.data x mesh.model of the slices' chips whose `model` divides a
+    slice's chips and the query heads ("mesh")."""
+    if sweep is None:
+        return [(cfg.model.remat, cfg)]
+    if sweep == "remat":
+        return [(p, dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat=p))) for p in REMAT_POLICIES]
+    try:
+        chips = tpu.parse(accelerator_type).chips
+    except tpu.TpuError as e:
+        raise ConfigError(str(e)) from None
+    models = [m for m in range(1, chips + 1) if chips % m == 0 and cfg.model.num_heads % m == 0]
+    return [(f"{chips * num_slices // m} x {m}", dataclasses.replace(
+        cfg, mesh=dataclasses.replace(cfg.mesh, data=chips * num_slices // m, model=m))) for m in models]
+
+
+def report(rows: list[dict], swept: str) -> str:
+    """One table row per plan (a sweep over `swept`: "remat" or "mesh"), the fastest forecast first."""
+    rows = sorted(rows, key=lambda r: (not r["fits"], r["est_step_s"] or 0))
+    table = [(swept, "params+opt GiB", "temp GiB", "total GiB", "fits", "step s", "bound by", "tokens/s", "MFU",
+              "compile s")]
     for r in rows:
         done = r["total_gib"] is not None
         figures = (f"{r['temporaries_gib']:.2f}", f"{r['total_gib']:.2f}", "yes" if r["fits"] else "no",
-                   f"{r['est_step_s']:.3f}", f"{r['tokens_per_s']:,.0f}", f"{100 * r['mfu']:.1f}%") if done else \
-                  ("-", "-", "no", "-", "-", "-")
-        table.append((r["remat"], f"{r['params_and_optimizer_gib']:.2f}", *figures, f"{r['compile_s']:.1f}"))
+                   f"{r['est_step_s']:.3f}", r["forecast"]["bound_by"], f"{r['tokens_per_s']:,.0f}",
+                   f"{100 * r['mfu']:.1f}%") if done else ("-", "-", "no", "-", "-", "-", "-")
+        table.append((r["label"], f"{r['params_and_optimizer_gib']:.2f}", *figures, f"{r['compile_s']:.1f}"))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    title = f"{_title(rows[0])}, {rows[0]['hbm_per_chip_gib']:.2f} GiB HBM per chip"
+    title = f"{_title(rows[0], swept != 'mesh')}, {rows[0]['hbm_per_chip_gib']:.2f} GiB HBM per chip; step: the forecast"
     return "\n".join([title] + ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table])
 
 

@@ -43,6 +43,7 @@ class RuntimeConfig:
 class MeshConfig:
     data: int = -1  # -1: whatever the model axis leaves
     model: int = 1
+    sequence_parallel: bool = False  # language model: the residual stream's positions split over `model`
 
 
 @dataclasses.dataclass

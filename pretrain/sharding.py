@@ -18,6 +18,9 @@ MESH_AXES = ("replica", "data", "model")
 LOGICAL_RULES = (
     ("batch", ("replica", "data")),
     ("length", None),
+    # The residual stream's positions between the layers' matmuls; split over `model` with
+    # mesh.sequence_parallel (axis_rules).
+    ("residual_length", None),
     ("embed", "data"),
     ("vocab", "model"),
     ("heads", "model"),
@@ -36,11 +39,18 @@ LOGICAL_RULES = (
 )
 
 
-def axis_rules(num_kv_heads: int, model_axis: int):
-    """LOGICAL_RULES, with K/V heads replicated when there are fewer of them than `model` devices."""
-    if num_kv_heads % model_axis == 0:
-        return LOGICAL_RULES
-    return tuple((name, None if name == "kv_heads" else axis) for name, axis in LOGICAL_RULES)
+def axis_rules(num_kv_heads: int, model_axis: int, sequence_parallel: bool = False):
+    """LOGICAL_RULES for the language model: K/V heads replicated when there are fewer of them than
+    `model` devices; with `sequence_parallel`, the residual stream's positions split over `model`.
+
+    Sequence parallelism: each device of `model` keeps and normalises 1/model of the positions
+    between the matmuls (so also of the layer inputs saved for the backward pass), the sum of the
+    output projections' partial products is reduce-scattered over the positions instead of all-reduced,
+    and the next matmul's input all-gathered: the same bytes as the all-reduce, in two halves."""
+    changed = {"kv_heads": None} if num_kv_heads % model_axis else {}
+    if sequence_parallel:
+        changed["residual_length"] = "model"
+    return tuple((name, changed.get(name, axis)) for name, axis in LOGICAL_RULES)
 
 
 def make_mesh(shape: tuple[int, int], devices=None) -> jax.sharding.Mesh:

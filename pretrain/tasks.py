@@ -74,6 +74,11 @@ def _check_transformer(cfg: LanguageModelRun, data: int, model: int, platform: s
             f"change model.{key} or mesh.model",
         )
     require(
+        not cfg.mesh.sequence_parallel or cfg.data.seq_len % model == 0,
+        f"mesh.sequence_parallel splits data.seq_len={cfg.data.seq_len} over the model axis ({model}), which "
+        "does not divide it; change data.seq_len or mesh.model",
+    )
+    require(
         m.num_kv_heads < model or m.num_kv_heads % model == 0,
         f"model.num_kv_heads={m.num_kv_heads} is not divisible by the model axis ({model}); "
         "use a multiple of it, or fewer kv heads than it (they are then replicated)",

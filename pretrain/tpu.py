@@ -18,22 +18,29 @@ class TpuKind:
     max_chips_per_vm: int  # single-host slices up to this many chips; bigger ones have 4 per VM
     hbm_gib: float  # per chip
     peak_bf16_flops: float  # dense, per chip
+    hbm_bytes_per_s: float  # per chip
+    ici_link_bytes_per_s: float  # one ICI link, both directions together
+    dcn_bytes_per_s: float  # per chip, between slices
+    host_bytes_per_s: float  # per chip, to and from its host's memory (PCIe)
     device_kinds: tuple[str, ...]  # jax.Device.device_kind prefixes
     gke_accelerator: str  # node label cloud.google.com/gke-tpu-accelerator
     runtime_version: str  # TPU VM software version for gcloud
     topology_prefix: str  # jax.experimental.topologies.get_topology_desc's name prefix
 
 
+# Peak FLOP/s and HBM bandwidth: Cloud TPU's pages for each kind (docs.cloud.google.com/tpu/docs/v4,
+# v5e, v5p, v6e). ICI per link, DCN and PCIe per chip: "How to Scale Your Model", chapter "All About
+# TPUs" (jax-ml.github.io/scaling-book/tpus); v4's figures there are for v4p, the slices sold as v4.
 KINDS = {
     k.name: k
     for k in (
-        TpuKind("v4", 2, 3, (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048), 4, 32.0, 275e12,
+        TpuKind("v4", 2, 3, (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048), 4, 32.0, 275e12, 1.2e12, 9e10, 6.25e9, 1.6e10,
                 ("TPU v4",), "tpu-v4-podslice", "tpu-ubuntu2204-base", "v4"),
-        TpuKind("v5p", 2, 3, (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096), 4, 95.0, 459e12,
-                ("TPU v5p", "TPU v5"), "tpu-v5p-slice", "v2-alpha-tpuv5", "v5"),
-        TpuKind("v5e", 1, 2, (1, 4, 8, 16, 32, 64, 128, 256), 8, 15.75, 197e12,
+        TpuKind("v5p", 2, 3, (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096), 4, 95.0, 459e12, 2.765e12, 1.8e11,
+                6.25e9, 1.6e10, ("TPU v5p", "TPU v5"), "tpu-v5p-slice", "v2-alpha-tpuv5", "v5"),
+        TpuKind("v5e", 1, 2, (1, 4, 8, 16, 32, 64, 128, 256), 8, 15.75, 197e12, 8.19e11, 9e10, 3.125e9, 1.6e10,
                 ("TPU v5 lite", "TPU v5e"), "tpu-v5-lite-podslice", "v2-alpha-tpuv5-lite", "v5e"),
-        TpuKind("v6e", 1, 2, (1, 4, 8, 16, 32, 64, 128, 256), 8, 31.25, 918e12,
+        TpuKind("v6e", 1, 2, (1, 4, 8, 16, 32, 64, 128, 256), 8, 31.25, 918e12, 1.638e12, 1.8e11, 1.25e10, 3.2e10,
                 ("TPU v6 lite", "TPU v6e"), "tpu-v6e-slice", "v2-alpha-tpuv6e", "v6e"),
     )
 }

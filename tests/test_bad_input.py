@@ -36,6 +36,8 @@ CASES = {
                               "model.remat=custom offloads .* or no offload in model.remat_custom"),
     "custom remat choice": (["model.remat=custom", "model.remat_custom.qkv=keep"],
                             r"model.remat_custom.qkv='keep' is unknown; use one of \['device', 'offload', 'remat'\]"),
+    "sequence parallel vs seq_len": (["mesh.sequence_parallel=true", "data.seq_len=14"],
+                                     r"mesh.sequence_parallel splits data.seq_len=14 over the model axis \(4\)"),
     "steps": (["run.steps=0"], "run.steps=0 must be positive"),
     "profile steps": (["train.profile_steps=[5,40]"], r"train.profile_steps=\[5, 40\] must be \[start, end\]"),
     "lr": (["optim.lr=-1e-3"], "optim.lr=-0.001 must be positive"),

@@ -1,6 +1,7 @@
 """pretrain/hlo.py: collective bytes and counts read from optimized HLO, checked against figures
 worked out by hand, on a program compiled for the 8 faked CPU devices and on hand-written HLO."""
 
+import dataclasses
 import re
 
 import jax
@@ -8,18 +9,20 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from pretrain import hlo
+from pretrain import forecast, hlo, tpu
 
 TWO_SLICES = [0] * 4 + [1] * 4  # devices 0-3 in slice 0, 4-7 in slice 1
 ONE_SLICE = [0] * 8
 
 
-def expect(ici=None, dcn=None):
-    """The full result for {kind: (count, bytes)} per link; every other kind 0."""
-    out = {"ici": {}, "dcn": {}, "counts": {"ici": {}, "dcn": {}}}
+def expect(ici=None, dcn=None, synchronous=True):
+    """The full result for {kind: (count, bytes)} per link; every other kind 0. The collectives are
+    all synchronous, or (synchronous=False) all scheduled to overlap other work."""
+    out = {"ici": {}, "dcn": {}, "counts": {"ici": {}, "dcn": {}}, "sync": {"ici": {}, "dcn": {}}}
     for link, figures in (("ici", ici or {}), ("dcn", dcn or {})):
         for kind in hlo.KINDS:
             out["counts"][link][kind], out[link][kind] = figures.get(kind, (0, 0))
+            out["sync"][link][kind] = out[link][kind] if synchronous else 0
     return out
 
 
@@ -114,7 +117,7 @@ to_apply=%add
 }""")
     assert hlo.collective_bytes(text, TWO_SLICES) == expect(
         ici={"all-gather": (1, 256), "all-reduce": (1, 128 + 8)},
-        dcn={"collective-permute": (1, 128)},
+        dcn={"collective-permute": (1, 128)}, synchronous=False,
     )
 
 
@@ -135,7 +138,7 @@ dimensions={0}, to_apply=%add
   ROOT %rs-done = f32[2,16]{1,0} async-done(%rs-start), calls=%wrapped_reduce_scatter
 }""")
     assert hlo.collective_bytes(text, TWO_SLICES) == expect(
-        ici={"reduce-scatter": (1, 512)}, dcn={"all-to-all": (1, 64)})
+        ici={"reduce-scatter": (1, 512)}, dcn={"all-to-all": (1, 64)}, synchronous=False)
 
 
 # An inner loop of 4 steps (an all-reduce of f32[8], 32 B) inside an outer loop of 3 steps (the inner
@@ -278,8 +281,11 @@ source_target_pairs={{0,1},{1,2},{2,3},{3,4},{4,5},{5,6},{6,7},{7,0}}
 
 def test_windowed_einsum_permutes_count_as_the_gather_or_scatter_they_implement():
     # A permute that neither runs in such a loop nor feeds or follows one stays a permute.
-    assert hlo.collective_bytes(WINDOWED, ONE_SLICE) == expect(ici={
-        "all-gather": (1 + 3, 4 * 64), "reduce-scatter": (3 + 1, 4 * 64), "collective-permute": (1, 64)})
+    want = expect(ici={"all-gather": (1 + 3, 4 * 64), "reduce-scatter": (3 + 1, 4 * 64), "collective-permute": (1, 64)},
+                  synchronous=False)
+    # Synchronous: the loop's last partial sum sent after it, and the other permute; not those in the loops.
+    want["sync"]["ici"] |= {"reduce-scatter": 64, "collective-permute": 64}
+    assert hlo.collective_bytes(WINDOWED, ONE_SLICE) == want
 
 
 def test_matmul_flops_of_a_dot_in_a_scanned_loop():
@@ -360,3 +366,106 @@ def test_sparsecore_computations_and_tuple_element_operands():
 to_apply=%add
 }""")
     assert hlo.collective_bytes(text, ONE_SLICE) == expect(ici={"reduce-scatter": (1, 512)})
+
+
+# One loop of 3 steps. Per step: a fusion that slices one [8,16] f32 row block (512 B) out of a stacked
+# f32[32,8,16] and adds another (512 B) with the step index (4 B), writing 512 B: 1540 B; a fused dot
+# [8,16] x [16,4] (2 x 8 x 4 x 16 FLOPs; 512 + 256 B in, 128 B out); an in-place update of one block
+# of the stacked array (512 B in, the index 4 B, 512 B written: 1028 B); an offload of one block to
+# host memory and a fetch of one back (512 B in HBM and 512 B in host memory each); an add of two
+# arrays held in on-chip memory S(1) (no HBM traffic); a synchronous all-reduce of f32[8] (32 B); an
+# all-gather started and done (f32[64], 256 B) beside the rest.
+OPS = module(ADD, """%sliced (p0: f32[32,8,16], p1: s32[], p2: f32[8,16]) -> f32[8,16] {
+  %p0 = f32[32,8,16]{2,1,0} parameter(0)
+  %p1 = s32[] parameter(1)
+  %z = s32[] constant(0)
+  %ds = f32[1,8,16]{2,1,0} dynamic-slice(%p0, %p1, %z, %z), dynamic_slice_sizes={1,8,16}
+  %r = f32[8,16]{1,0} bitcast(%ds)
+  %p2 = f32[8,16]{1,0} parameter(2)
+  ROOT %add = f32[8,16]{1,0} add(%r, %p2)
+}""", """%matmul (a: f32[8,16], b: f32[16,4]) -> f32[8,4] {
+  %a = f32[8,16]{1,0} parameter(0)
+  %b = f32[16,4]{1,0} parameter(1)
+  ROOT %d = f32[8,4]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}""", """%update (p0: f32[32,8,16], p1: f32[1,8,16], p2: s32[]) -> f32[32,8,16] {
+  %p0 = f32[32,8,16]{2,1,0} parameter(0)
+  %p1 = f32[1,8,16]{2,1,0} parameter(1)
+  %p2 = s32[] parameter(2)
+  %z = s32[] constant(0)
+  ROOT %dus = f32[32,8,16]{2,1,0} dynamic-update-slice(%p0, %p1, %p2, %z, %z)
+}""", """%cond (s: (s32[], f32[32,8,16], f32[8,16])) -> pred[] {
+  %s = (s32[], f32[32,8,16]{2,1,0}, f32[8,16]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%s), index=0
+  %n = s32[] constant(3)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}""", """%body (s: (s32[], f32[32,8,16], f32[8,16])) -> (s32[], f32[32,8,16], f32[8,16]) {
+  %s = (s32[], f32[32,8,16]{2,1,0}, f32[8,16]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%s), index=0
+  %stack = f32[32,8,16]{2,1,0} get-tuple-element(%s), index=1
+  %x = f32[8,16]{1,0} get-tuple-element(%s), index=2
+  %y = f32[8,16]{1,0} fusion(%stack, %i, %x), kind=kLoop, calls=%sliced
+  %w = f32[16,4]{1,0} constant({...})
+  %m = f32[8,4]{1,0} fusion(%y, %w), kind=kOutput, calls=%matmul
+  %block = f32[1,8,16]{2,1,0} bitcast(%y)
+  %stack2 = f32[32,8,16]{2,1,0} fusion(%stack, %block, %i), kind=kLoop, calls=%update
+  %host = f32[32,8,16]{2,1,0:S(5)} custom-call(), custom_call_target="AllocateBuffer"
+  %z = s32[] constant(0)
+  %off = ((f32[32,8,16]{2,1,0:S(5)}, f32[1,8,16]{2,1,0}, s32[], s32[], s32[]), f32[32,8,16]{2,1,0:S(5)}, u32[]) \
+dynamic-update-slice-start(%host, %block, %i, %z, %z)
+  %offd = f32[32,8,16]{2,1,0:S(5)} dynamic-update-slice-done(%off)
+  %back = ((f32[32,8,16]{2,1,0:S(5)}, s32[], s32[], s32[]), f32[1,8,16]{2,1,0}, u32[]) \
+dynamic-slice-start(%offd, %i, %z, %z), dynamic_slice_sizes={1,8,16}
+  %backd = f32[1,8,16]{2,1,0} dynamic-slice-done(%back)
+  %v1 = f32[8,16]{1,0:S(1)} copy(%x)
+  %v2 = f32[8,16]{1,0:S(1)} add(%v1, %v1)
+  %r = f32[8]{0} slice(%x), slice={[0:1], [0:8]}
+  %ar = f32[8]{0} all-reduce(%r), channel_id=1, replica_groups=[2,4]<=[8], to_apply=%add
+  %ags = (f32[8]{0}, f32[64]{0}) all-gather-start(%ar), channel_id=2, replica_groups={}, dimensions={0}
+  %agd = f32[64]{0} all-gather-done(%ags)
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  ROOT %t = (s32[], f32[32,8,16]{2,1,0}, f32[8,16]{1,0}) tuple(%next, %stack2, %y)
+}""", """ENTRY %main (p: f32[32,8,16], q: f32[8,16]) -> f32[8,16] {
+  %p = f32[32,8,16]{2,1,0} parameter(0)
+  %q = f32[8,16]{1,0} parameter(1)
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[32,8,16]{2,1,0}, f32[8,16]{1,0}) tuple(%zero, %p, %q)
+  %loop = (s32[], f32[32,8,16]{2,1,0}, f32[8,16]{1,0}) while(%init), condition=%cond, body=%body, \
+backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %out = f32[8,16]{1,0} get-tuple-element(%loop), index=2
+}""")
+
+
+# Per loop step (name: FLOPs, HBM bytes, host bytes); offloads and fetches read their 3 indices
+# (12 B), a slice of f32[8,16] reads only its 32 B; the loop's condition (its compare of two s32
+# into a pred, 9 B) runs 4 times.
+OPS_PER_STEP = {
+    "y": (0, 1540, 0), "m": (2 * 8 * 4 * 16, 512 + 256 + 128, 0), "stack2": (0, 1028, 0),
+    "off": (0, 524, 512), "back": (0, 524, 512), "r": (0, 64, 0), "v1": (0, 512, 0), "v2": (0, 0, 0),
+    "next": (0, 12, 0),
+}
+
+
+def test_op_costs_count_what_each_op_reads_and_writes():
+    expected = {name: hlo.OpCost(*(3 * x for x in figures)) for name, figures in OPS_PER_STEP.items()}
+    assert hlo.op_costs(OPS) == expected | {"lt": hlo.OpCost(0, 4 * 9, 0)}
+
+
+def test_forecast_overlaps_async_collectives_and_offloading_with_compute():
+    """Round figures: 1,000 FLOP/s, 100 B/s of HBM, 10 B/s per ICI link (2 torus dimensions: 20 B/s),
+    50 B/s to host memory; everything sustained at half its peak (500 FLOP/s, 50 B/s of HBM)."""
+    kind = dataclasses.replace(tpu.KINDS["v5e"], peak_bf16_flops=1000.0, hbm_bytes_per_s=100.0,
+                               ici_link_bytes_per_s=10.0, host_bytes_per_s=50.0)
+    f = forecast.forecast(OPS, ONE_SLICE, kind, attention_flops=300.0, sustained=0.5)
+    # Every op is HBM-bound at these rates, the fused dot too (1,024 FLOPs take 2 s, its 896 B 18 s).
+    assert f.memory_s == pytest.approx((3 * sum(b for _, b, _ in OPS_PER_STEP.values()) + 4 * 9) / 50)
+    assert f.matmul_s == pytest.approx(300 / 500)  # splash's FLOPs
+    assert f.compute_s == pytest.approx(f.matmul_s + f.memory_s)
+    assert f.sync_s == pytest.approx(3 * 2 * 32 / 20)  # the all-reduce's 32 B cross the links twice
+    assert f.ici_s == pytest.approx(3 * 256 / 20)
+    assert f.host_s == pytest.approx(3 * 1024 / 50)
+    assert f.step_s == pytest.approx(f.compute_s + f.sync_s)
+    assert f.bound_by == "compute"
+    # With ICI a hundred times slower, the all-gather outlasts the compute it overlaps.
+    slow = forecast.forecast(OPS, ONE_SLICE, dataclasses.replace(kind, ici_link_bytes_per_s=0.1), 300.0, 0.5)
+    assert slow.bound_by == "ICI" and slow.step_s == pytest.approx(3 * 256 / 0.2 + 3 * 2 * 32 / 0.2)
