@@ -24,7 +24,7 @@ import dataclasses
 from pretrain import hlo
 from pretrain.tpu import TpuKind
 
-SUSTAINED = 0.85
+SUSTAINED = 0.62
 
 # How often a collective's data crosses the links (ring algorithms).
 _WIRE = {"all-gather": 1, "reduce-scatter": 1, "all-reduce": 2, "all-to-all": 1, "collective-permute": 1}

@@ -13,8 +13,8 @@ import time
 
 import jax
 
-from pretrain import build, forecast, hlo, sharding, tpu
 from models.layers import REMAT_POLICIES
+from pretrain import build, forecast, hlo, sharding, tpu
 from pretrain.config import ConfigError
 from pretrain.schema import Config
 

@@ -162,7 +162,7 @@ def test_two_slices_send_only_the_gradient_reduction_over_dcn(capsys):
     small = ["model.num_layers=2", "data.seq_len=256", "train.global_batch=32", "train.microbatches=1"]
     rc = cli.main(["plan", str(eight_b), "--topology", "v5p-64", "--slices", "2", "--json", *small])
     r = json.loads(capsys.readouterr().out)
-    assert rc == 0 and r["mesh"] == {"replica": 2, "data": 8, "model": 4} and r["hosts"] == 16
+    assert rc == 0 and r["mesh"] == {"replica": 2, "data": 16, "model": 2} and r["hosts"] == 16
     dcn = r["collective_bytes"]["dcn"]
     assert {k for k, b in dcn.items() if b} == {"all-reduce"}  # no parameter is gathered over DCN
     m = config_lib.load(eight_b, small).model
@@ -174,14 +174,14 @@ def test_two_slices_send_only_the_gradient_reduction_over_dcn(capsys):
 
 
 def test_the_8b_presets_microbatched_layout_compiles(capsys):
-    """The 8b preset's layout (mesh 8 x 4 on a v5p-64, microbatches, splash) at small widths: a bfloat16
-    reduce-scatter of the output layer's gradient inside the microbatch loop once stopped XLA:TPU's
-    compile with a RET_CHECK."""
+    """The 8b preset's layout (mesh 16 x 2 with sequence parallelism on a v5p-64, microbatches, splash)
+    at small widths: a bfloat16 reduce-scatter of the output layer's gradient inside the microbatch
+    loop once stopped XLA:TPU's compile of its earlier layout, 8 x 4, with a RET_CHECK."""
     small = ["model.num_layers=2", "model.embed_dim=256", "model.num_heads=8", "model.num_kv_heads=4", "model.head_dim=32",
              "model.mlp_dim=512", "model.vocab_size=1024", "data.seq_len=512", "train.global_batch=64", "train.microbatches=2"]
     rc = cli.main(["plan", str(config_lib.preset_path("llm", "8b")), "--topology", "v5p-64", "--json", *small])
     r = json.loads(capsys.readouterr().out)
-    assert rc == 0 and r["mesh"] == {"replica": 1, "data": 8, "model": 4} and r["fits"]
+    assert rc == 0 and r["mesh"] == {"replica": 1, "data": 16, "model": 2} and r["fits"]
 
 
 def built_batch_sharding(topology: str):
