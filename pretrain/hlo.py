@@ -193,7 +193,7 @@ def _fusion_traffic(callee: Computation, operands: list[str], result: str) -> Co
     roots = [callee.instrs[callee.root]]
     if roots[0].opcode == "tuple":
         roots = [callee.instrs[o] for o in roots[0].operands]
-    in_place = {r.operands[0]: r for r in roots if r.opcode == "dynamic-update-slice"}
+    in_place = {r.operands[0] for r in roots if r.opcode == "dynamic-update-slice"}
     total = Counter()
     for index, shape in enumerate(operands):
         name, space = params.get(index), _spaces(shape)
