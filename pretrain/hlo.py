@@ -165,7 +165,7 @@ def _traffic(comps: dict, comp: Computation, ins: Instr) -> Counter:
     transfer between host and device memory (offloading) counts its bytes once in each."""
     operands = [comp.instrs[o].shape for o in ins.operands]
     if ins.opcode == "fusion":
-        return _fusion_traffic(comps[_attr(ins, "calls")], operands, ins.shape)
+        return _fusion_traffic(comps, comps[_attr(ins, "calls")], operands, ins.shape)
     read = [_spaces(s) for s in operands]
     written = _spaces(ins.shape)
     if ins.opcode in ("dynamic-slice", "slice", "gather"):
@@ -182,28 +182,20 @@ def _as_read(source: Counter, result: Counter) -> Counter:
     return Counter({space: sum(result.values())})
 
 
-def _fusion_traffic(callee: Computation, operands: list[str], result: str) -> Counter:
+def _fusion_traffic(comps: dict, callee: Computation, operands: list[str], result: str) -> Counter:
     """A fusion's traffic: each operand whole, unless the fused computation only slices it (the
     slices' bytes) or updates it in place (nothing); the result whole, or only the in-place updates."""
-    params = {int(i.operands[0]): i.name for i in callee.instrs.values() if i.opcode == "parameter"}
-    users = {}
-    for i in callee.instrs.values():
-        for k, o in enumerate(i.operands):
-            users.setdefault(o, []).append((i, k))
     roots = [callee.instrs[callee.root]]
     if roots[0].opcode == "tuple":
         roots = [callee.instrs[o] for o in roots[0].operands]
     in_place = {r.operands[0] for r in roots if r.opcode == "dynamic-update-slice"}
+    params = {int(i.operands[0]): i.name for i in callee.instrs.values() if i.opcode == "parameter"}
     total = Counter()
     for index, shape in enumerate(operands):
-        name, space = params.get(index), _spaces(shape)
-        uses = users.get(name, [])
-        if name in in_place:
+        if params.get(index) in in_place:
             continue
-        if uses and all(u.opcode in ("dynamic-slice", "slice", "gather") and k == 0 for u, k in uses):
-            total += _as_read(space, sum((_spaces(u.shape) for u, _ in uses), Counter()))
-        else:
-            total += space
+        sliced = _sliced(comps, callee, params.get(index))
+        total += _spaces(shape) if sliced is None else _as_read(_spaces(shape), sliced)
     outputs = _split_top(result[1:-1]) if result.startswith("(") else [result]
     for root, shape in zip(roots, outputs):
         if root.opcode == "dynamic-update-slice":
@@ -211,6 +203,28 @@ def _fusion_traffic(callee: Computation, operands: list[str], result: str) -> Co
         else:
             total += _spaces(shape)
     return total
+
+
+def _sliced(comps: dict, comp: Computation, param: str | None) -> Counter | None:
+    """The bytes that slices of the fused parameter `param` read, if slicing is all that `comp` does
+    with it (also through fusions nested in it, as a layer's slice of stacked weights or saved
+    inputs often is); None if something reads it whole."""
+    uses = [(i, k) for i in comp.instrs.values() for k, o in enumerate(i.operands) if o == param]
+    if param is None or not uses:
+        return None
+    read = Counter()
+    for user, k in uses:
+        if user.opcode in ("dynamic-slice", "slice", "gather") and k == 0:
+            read += _spaces(user.shape)
+            continue
+        nested = comps[_attr(user, "calls")] if user.opcode == "fusion" else None
+        inner = nested and next((i.name for i in nested.instrs.values()
+                                 if i.opcode == "parameter" and int(i.operands[0]) == k), None)
+        part = _sliced(comps, nested, inner) if inner else None
+        if part is None:
+            return None
+        read += part
+    return read
 
 
 def _per_execution(comps: dict, entry: str, visit) -> Counter:

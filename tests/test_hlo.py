@@ -469,3 +469,28 @@ def test_forecast_overlaps_async_collectives_and_offloading_with_compute():
     # With ICI a hundred times slower, the all-gather outlasts the compute it overlaps.
     slow = forecast.forecast(OPS, ONE_SLICE, dataclasses.replace(kind, ici_link_bytes_per_s=0.1), 300.0, 0.5)
     assert slow.bound_by == "ICI" and slow.step_s == pytest.approx(3 * 256 / 0.2 + 3 * 2 * 32 / 0.2)
+
+
+def test_a_slice_taken_in_a_nested_fusion_reads_only_the_slice():
+    """A layer's slice of a stacked f32[32,8,16] (saved inputs, weights) taken by a fusion nested in
+    the op's fusion: the op reads 512 B of it, not the 16 KiB stack; the other operand (512 B) and the
+    result (512 B) whole."""
+    text = module("""%take (p0: f32[32,8,16], p1: s32[]) -> f32[8,16] {
+  %p0 = f32[32,8,16]{2,1,0} parameter(0)
+  %p1 = s32[] parameter(1)
+  %z = s32[] constant(0)
+  %ds = f32[1,8,16]{2,1,0} dynamic-slice(%p0, %p1, %z, %z), dynamic_slice_sizes={1,8,16}
+  ROOT %r = f32[8,16]{1,0} bitcast(%ds)
+}""", """%outer (q0: f32[32,8,16], q1: s32[], q2: f32[8,16]) -> f32[8,16] {
+  %q0 = f32[32,8,16]{2,1,0} parameter(0)
+  %q1 = s32[] parameter(1)
+  %q2 = f32[8,16]{1,0} parameter(2)
+  %layer = f32[8,16]{1,0} fusion(%q0, %q1), kind=kLoop, calls=%take
+  ROOT %sum = f32[8,16]{1,0} add(%layer, %q2)
+}""", """ENTRY %main (p: f32[32,8,16], i: s32[], x: f32[8,16]) -> f32[8,16] {
+  %p = f32[32,8,16]{2,1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %x = f32[8,16]{1,0} parameter(2)
+  ROOT %y = f32[8,16]{1,0} fusion(%p, %i, %x), kind=kLoop, calls=%outer
+}""")
+    assert hlo.op_costs(text) == {"y": hlo.OpCost(0, 512 + 4 + 512 + 512, 0)}
