@@ -64,7 +64,8 @@ def run_plan(args) -> int:
     cfg = config_lib.load(args.config, args.overrides)
     if args.remat_sweep and args.mesh_sweep:
         raise ConfigError("--remat-sweep and --mesh-sweep sweep one thing at a time; pass one of them")
-    variants = plan.variants(cfg, args.topology, args.slices, "mesh" if args.mesh_sweep else "remat" if args.remat_sweep else None)
+    sweep = "mesh" if args.mesh_sweep else "remat" if args.remat_sweep else None
+    variants = plan.variants(cfg, args.topology, args.slices, sweep)
     rows = []
     for label, variant in variants:
         try:
@@ -80,10 +81,9 @@ def run_plan(args) -> int:
         if args.json:
             print(json.dumps(rows[-1]), flush=True)
     if not rows:
-        raise ConfigError(f"no {'mesh' if args.mesh_sweep else 'remat policy'} of the sweep suits the config "
-                          "(each one's reason above)")
+        raise ConfigError(f"no {sweep} variant of the sweep suits the config (each one's reason above)")
     if not args.json:
-        print(plan.report(rows, "mesh" if args.mesh_sweep else "remat") if len(variants) > 1 else plan.describe(rows[0]))
+        print(plan.report(rows, sweep) if sweep else plan.describe(rows[0]))
     if not any(r["fits"] for r in rows):
         print(f"error: {plan.why_not(rows[-1])}", file=sys.stderr)
         return 1
