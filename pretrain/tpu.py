@@ -86,6 +86,16 @@ class Slice:
             shape = [2, 2, 1]  # Cloud writes the 4-chip 3-D slice this way round
         return "x".join(map(str, shape))
 
+    @property
+    def wrap(self) -> tuple[bool, bool, bool]:
+        """Which torus dimensions close into rings (wraparound links): all three in 3-D slices of whole
+        4x4x4 cubes, and a 2-D slice's sides of 16 (a whole pod's). Without them XLA:TPU cannot run a
+        ring all-gather along a dimension and turns FSDP's gathers into all-reduces, so a plan
+        compiled without them is not the slice's program."""
+        if self.kind.dims == 3:
+            return (self.chips >= 64,) * 3
+        return (*(int(d) == 16 for d in self.topology.split("x")), False)
+
 
 def all_accelerator_types() -> list[str]:
     return [f"{k.name}-{n * k.cores_per_chip}" for k in KINDS.values() for n in k.sizes]
@@ -128,7 +138,7 @@ def topology_devices(slice_: Slice, num_slices: int = 1) -> list:
     return topologies.get_topology_desc(
         platform="tpu", topology_name=f"{kind.topology_prefix}:{slice_.topology}",
         chip_config_name="megacore" if kind.cores_per_chip == 2 else "default",
-        chips_per_host_bounds=tuple(host), num_slices=num_slices,
+        chips_per_host_bounds=tuple(host), num_slices=num_slices, wrap=slice_.wrap,
     ).devices
 
 

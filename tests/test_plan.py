@@ -121,6 +121,26 @@ def test_topology_devices_match_the_table():
         assert tpu.peak_flops(devices[0].device_kind) == slice_.kind.peak_bf16_flops, devices[0].device_kind
 
 
+def test_slices_of_whole_cubes_and_pod_sides_have_wraparound():
+    """As Cloud builds them (and MaxText's table has them): v4/v5p slices of whole 4x4x4 cubes close
+    all three dimensions into rings, v5e/v6e a side of 16 chips."""
+    wraps = {name: tpu.parse(name).wrap for name in ("v5p-64", "v5p-128", "v4-512", "v6e-64", "v6e-128", "v5e-256")}
+    assert wraps == {"v5p-64": (False,) * 3, "v5p-128": (True,) * 3, "v4-512": (True,) * 3,
+                     "v6e-64": (False,) * 3, "v6e-128": (False, True, False), "v5e-256": (True, True, False)}
+
+
+def test_fsdp_gathers_on_a_wrapped_torus_are_all_gathers(capsys):
+    """On a v5p-128 (4x4x4 with wraparound) FSDP over all 64 chips gathers each layer's weights with
+    all-gathers. Compiled without the wraparound links, XLA:TPU turns every gather into an
+    all-reduce of the whole weight, twice the bytes on the wire."""
+    widths = ["model.embed_dim=128", "model.mlp_dim=256", "model.vocab_size=512", "mesh.model=1", "train.global_batch=64"]
+    rc, r, _ = run_plan(capsys, "v5p-128", *widths)
+    assert rc == 0 and r["mesh"] == {"replica": 1, "data": 64, "model": 1}
+    m = config_lib.load(SMOKE, PLAN + widths).model
+    layer = m.embed_dim * (2 * m.num_heads + 2 * m.num_kv_heads) * m.head_dim + 3 * m.embed_dim * m.mlp_dim
+    assert r["collective_bytes"]["ici"]["all-gather"] >= m.num_layers * layer * 2  # bf16, at least once
+
+
 def test_several_slices_split_the_data_axis():
     """Over 2 slices, `replica` has one position per slice: `data` and `model` stay within a slice."""
     devices = tpu.topology_devices(tpu.parse("v5e-4"), 2)
