@@ -119,12 +119,15 @@ class Transformer(nnx.Module):
     def __call__(self, tokens, segment_ids, positions):
         """Final hidden states [B, L, E]; `logits` maps them onto the vocabulary."""
         cfg = self.cfg
-        # The table is gathered whole along `embed` first (the FSDP gather every weight gets), so each
-        # device looks up its own rows: the partitioner is left no lookup that moves activations. It is
-        # looked up in the compute dtype, as the other weights enter their matmuls: the lookup's gradient
-        # (a scatter-add) and its sum over the rows of all devices are then in that dtype too.
-        table = constrain(self.embed[...].astype(jnp.dtype(cfg.dtype)), ("vocab", None))
-        x = constrain(jnp.take(table, tokens, axis=0), RESIDUAL)
+        # Each device looks up its own slice of `embed` for every token of its slice's batch (the ids
+        # are gathered: a few MB), and an all-to-all gives it its rows whole. The table is never gathered
+        # whole, nor its gradient built whole on every device and all-reduced: the gradient comes back
+        # by the reverse all-to-all into each device's slice. Looked up in the compute dtype, as the
+        # other weights enter their matmuls, so the gradient's scatter-add runs in that dtype too.
+        table = self.embed[...].astype(jnp.dtype(cfg.dtype))
+        ids = constrain(tokens, ("slice_batch", None))
+        x = constrain(jnp.take(table, ids, axis=0), ("slice_batch", None, "embed"))
+        x = constrain(x, RESIDUAL)
 
         graphdef, stacked = nnx.split(self.layers)
 

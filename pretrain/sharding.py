@@ -17,6 +17,8 @@ MESH_AXES = ("replica", "data", "model")
 # their embed dimension unnamed, so `batch` and `embed` never claim `data` together.
 LOGICAL_RULES = (
     ("batch", ("replica", "data")),
+    # The batch split over slices only: the embedding lookup gathers token ids within a slice.
+    ("slice_batch", "replica"),
     ("length", None),
     # The residual stream's positions between the layers' matmuls; split over `model` with
     # mesh.sequence_parallel (axis_rules).

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -139,6 +140,22 @@ def test_fsdp_gathers_on_a_wrapped_torus_are_all_gathers(capsys):
     m = config_lib.load(SMOKE, PLAN + widths).model
     layer = m.embed_dim * (2 * m.num_heads + 2 * m.num_kv_heads) * m.head_dim + 3 * m.embed_dim * m.mlp_dim
     assert r["collective_bytes"]["ici"]["all-gather"] >= m.num_layers * layer * 2  # bf16, at least once
+
+
+def test_the_embedding_table_is_never_gathered_or_reduced_whole(monkeypatch, capsys):
+    """FSDP over 4 chips: each chip looks up its slice of `embed` for all tokens, and all-to-alls move
+    the rows (and their gradient back). No collective gathers the [vocab, embed] table or sums its
+    gradient whole, which MaxText's program does not do either."""
+    texts, matmul_flops = [], plan.hlo.matmul_flops
+    monkeypatch.setattr(plan.hlo, "matmul_flops", lambda text: texts.append(text) or matmul_flops(text))
+    rc, r, _ = run_plan(capsys, "v5e-4", "mesh.model=1")
+    assert rc == 0 and r["mesh"]["data"] == 4 and r["collective_bytes"]["ici"]["all-to-all"] > 0
+    m = config_lib.load(SMOKE, PLAN).model
+    table = rf"\[{m.vocab_size},{m.embed_dim}\]"
+    whole = re.findall(rf"= \(?\w+{table}\S* (?:all-gather|all-reduce|reduce-scatter)(?:-start)?\(", texts[0])
+    assert not whole, whole
+    shard = rf"\[{m.vocab_size},{m.embed_dim // 4}\]"
+    assert re.search(rf"\w+{shard}\S* parameter\(", texts[0])  # shapes written as the patterns expect
 
 
 def test_several_slices_split_the_data_axis():
