@@ -89,11 +89,14 @@ def _local(h, w, y, m, *, grads: bool, vocab_axes: tuple, batch_axes: tuple, sca
     dh = jax.lax.psum(dh.reshape(h.shape), vocab_axes) if vocab_axes else dh.reshape(h.shape)
     # The weight was replicated over the rows: its gradient sums over them, reduce-scattered along
     # `embed` where the parameter is sharded so (FSDP); only the scattered shard is summed over the
-    # other row axes (a multi-slice run's DCN). In float32: a bfloat16 reduce-scatter whose result is
-    # converted inside the microbatch loop stops XLA:TPU's compile with a RET_CHECK in
-    # while_loop_all_reduce_code_motion (libtpu 0.0.42; the 8b preset: mesh 8 x 4 on a v5p-64, 32 microbatches).
+    # other row axes (a multi-slice run's DCN). Summed over the chunks in float32, over the devices in
+    # the compute dtype, as every other weight's gradient: half the bytes, and half the HBM for the
+    # whole-vocabulary buffers of the reduction. The barrier keeps XLA:TPU's
+    # while_loop_all_reduce_code_motion off the scattered result when microbatches accumulate it
+    # (converted to float32): that pass stops the compile with a RET_CHECK (libtpu 0.0.42 and 0.0.52).
+    dw = dw.astype(h.dtype)
     if scatter_axes:
-        dw = jax.lax.psum_scatter(dw, scatter_axes, scatter_dimension=0, tiled=True)
+        dw = jax.lax.optimization_barrier(jax.lax.psum_scatter(dw, scatter_axes, scatter_dimension=0, tiled=True))
     rest = tuple(a for a in batch_axes if a not in scatter_axes)
     return sums, dh, jax.lax.psum(dw, rest) if rest else dw
 
