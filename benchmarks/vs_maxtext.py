@@ -18,7 +18,9 @@ MaxText's fsdp x tensor (our `data` axis shards the batch and, FSDP-style, the w
 
 --aot compares compiled programs for a TPU slice instead, running nothing: ours from `pretrain plan`,
 MaxText's from its `train_compile` (XLA dumps its optimized HLO), both compiled here through libtpu
-for the same model, slice, global batch, sequence, microbatches, remat, mesh and attention. Per chip
+for the same model, slice, global batch, sequence, microbatches, remat, mesh and attention. Both
+compile with one compiler: ours runs in MaxText's virtualenv too (this repository on its path), as
+XLA's choices differ between releases (libtpu 0.0.42 -> 0.0.52: 70b FSDP 64 temporaries 50.9 -> 36.6 GiB). Per chip
 and side: XLA's arguments and temporaries, the matmul FLOPs executed and the collective bytes per
 step by kind, both counted from the optimized HLO by pretrain/hlo.py (loops by their trip counts,
 windowed einsums' permutes as the all-gathers and reduce-scatters they implement). A row set
@@ -267,7 +269,8 @@ _8B_128 = ["train.global_batch=128", "train.microbatches=1", "data.seq_len=8192"
            "model.attention=splash"]
 AOT_ROWS = {  # name: (accelerator, config, overrides)
     "8b-fsdp32": ("v5p-64", "configs/llm/8b.yaml", _8B_128 + ["mesh.data=32", "mesh.model=1"]),
-    "8b-fsdp8-tp4": ("v5p-64", "configs/llm/8b.yaml", _8B_128 + ["mesh.data=8", "mesh.model=4"]),
+    "8b-fsdp8-tp4": ("v5p-64", "configs/llm/8b.yaml", _8B_128 + ["mesh.data=8", "mesh.model=4",
+                                                                "mesh.sequence_parallel=false"]),
     # MaxText shards the activations between layers over its tensor axis in either case.
     "8b-fsdp8-tp4-sp": ("v5p-64", "configs/llm/8b.yaml", _8B_128 + ["mesh.data=8", "mesh.model=4",
                                                                    "mesh.sequence_parallel=true"]),
@@ -293,10 +296,11 @@ def aot_rows(selection: str) -> list[str]:
     return by_accelerator or selection.split(",")
 
 
-def ours_aot(accelerator: str, config: str, overrides: list[str], work: Path, log: Path) -> dict:
-    """`pretrain plan --json` for the row: its memory, FLOPs and collectives, and the resolved mesh,
-    remat and attention that MaxText is then given. XLA dumps the optimized HLO beside MaxText's."""
-    cmd = [sys.executable, "-m", "pretrain", "plan", config, "--topology", accelerator, "--json", *overrides]
+def ours_aot(python: Path, accelerator: str, config: str, overrides: list[str], work: Path, log: Path) -> dict:
+    """`pretrain plan --json` for the row, run by `python` (MaxText's): its memory, FLOPs and
+    collectives, and the resolved mesh, remat and attention that MaxText is then given. XLA dumps the
+    optimized HLO beside MaxText's."""
+    cmd = [str(python), "-m", "pretrain", "plan", config, "--topology", accelerator, "--json", *overrides]
     env = {**os.environ, "PYTHONPATH": str(ROOT), **QUIET_LIBTPU, "XLA_FLAGS": dump_flags(work / "ours-hlo")}
     done = subprocess.run(cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=log.open("w"))
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -377,7 +381,7 @@ def aot_row(name: str, maxtext_py: Path, work: Path):
     accelerator, config, overrides = AOT_ROWS[name]
     config = str(ROOT / config)
     (work / name).mkdir()
-    ours = ours_aot(accelerator, config, overrides, work / name, work / f"{name}-ours.log")
+    ours = ours_aot(maxtext_py, accelerator, config, overrides, work / name, work / f"{name}-ours.log")
     print(aot_line(name, "ours", ours), flush=True)
     cfg, plan = config_lib.load(config, overrides), ours["plan"]
     argv = maxtext_argv(accelerator, cfg, plan, work / name)
@@ -397,7 +401,10 @@ def run_aot(selection: str) -> int:
         return 2
     maxtext_py = maxtext_python()
     work = Path(tempfile.mkdtemp(prefix="vs-maxtext-aot-"))
-    print(f"logs and both sides' optimized HLO in {work}/ROW; per chip per step, GB = 1e9 bytes")
+    versions = subprocess.run([str(maxtext_py), "-c", "from importlib.metadata import version as v; "
+                               "print(f'jax {v(\"jax\")}, libtpu {v(\"libtpu\")}')"], text=True, capture_output=True)
+    print(f"both sides compiled by {versions.stdout.strip()}; logs and optimized HLO in {work}/ROW; "
+          "per chip per step, GB = 1e9 bytes")
     print(f"{'row':>13} {'side':>7} {'args GiB':>9} {'temp GiB':>9} {'matmul TF':>10} {'coll. GB':>9} "
           f"{'all-gath':>9} {'red-scat':>9} {'all-red':>9} {'all-to-all':>9} {'permute':>9}", flush=True)
     for name in names:
