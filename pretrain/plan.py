@@ -8,6 +8,7 @@ compile's figures are read, nothing runs. The step time is forecast from the com
 """
 
 import dataclasses
+import importlib.metadata
 import math
 import time
 
@@ -98,6 +99,8 @@ def plan(cfg: Config, accelerator_type: str, num_slices: int = 1) -> dict:
         "checkpoint_gib_per_host": max(checkpoint_bytes_per_host(step_fn)) / GIB,
         "checkpoint_every": {"steps": cfg.checkpoint.every, "minutes": cfg.checkpoint.every_minutes},
         "flops_per_step": step_fn.task.flops_per_step(),
+        # XLA's memory and collectives move between releases: a figure is only worth its compiler's name.
+        "compiler": f"jax {jax.__version__}, libtpu {importlib.metadata.version('libtpu')}",
     }
     start = time.perf_counter()
     cache = jax.config.jax_enable_compilation_cache
@@ -218,7 +221,7 @@ def describe(r: dict) -> str:
             kinds = ", ".join(f"{k} {b / 1e9:.2f}" for k, b in r["collective_bytes"][link].items() if b)
             lines.append(f"  {link.upper()} per chip per step: {r[f'{link}_bytes_per_step'] / 1e9:.2f} GB"
                          + (f" ({kinds})" if kinds else ""))
-    lines.append(f"  compiled in {r['compile_s']:.1f} s")
+    lines.append(f"  compiled in {r['compile_s']:.1f} s by {r['compiler']}")
     return "\n".join(lines)
 
 
@@ -256,7 +259,8 @@ def report(rows: list[dict], swept: str) -> str:
                    f"{100 * r['mfu']:.1f}%") if done else ("-", "-", "no", "-", "-", "-", "-")
         table.append((r["label"], f"{r['params_and_optimizer_gib']:.2f}", *figures, f"{r['compile_s']:.1f}"))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    title = f"{_title(rows[0], swept != 'mesh')}, {rows[0]['hbm_per_chip_gib']:.2f} GiB HBM per chip; step: the forecast"
+    title = (f"{_title(rows[0], swept != 'mesh')}, {rows[0]['hbm_per_chip_gib']:.2f} GiB HBM per chip; "
+             f"step: the forecast; compiled by {rows[0]['compiler']}")
     return "\n".join([title] + ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table])
 
 

@@ -271,5 +271,6 @@ def test_mesh_sweep_plans_every_mesh_and_ranks_them_by_the_forecast(capsys):
     assert [(r["label"], r["mesh"]["data"], r["mesh"]["model"]) for r in rows] == [("2 x 2", 2, 2), ("1 x 4", 1, 4)]
     assert err.strip() == "skipped 4 x 1: " + err.strip().split(": ", 1)[1] and "train.global_batch=4" in err
     table = plan.report(rows, "mesh").splitlines()
+    assert re.search(r"compiled by jax \d+\.\d+\.\d+\S*, libtpu \d+\.\d+\.\d+", table[0]), table[0]  # figures move with it
     ranked = sorted(rows, key=lambda r: r["est_step_s"])
     assert [line.split("  ")[0].strip() for line in table[2:]] == [r["label"] for r in ranked]
