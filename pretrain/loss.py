@@ -90,8 +90,7 @@ def _local(h, w, y, m, *, grads: bool, vocab_axes: tuple, batch_axes: tuple, sca
     # The weight was replicated over the rows: its gradient sums over them, reduce-scattered along
     # `embed` where the parameter is sharded so (FSDP); only the scattered shard is summed over the
     # other row axes (a multi-slice run's DCN). Summed over the chunks in float32, over the devices in
-    # the compute dtype, as every other weight's gradient: half the bytes, and half the HBM for the
-    # whole-vocabulary buffers of the reduction. The barrier keeps XLA:TPU's
+    # the compute dtype, as every other weight's gradient: half the bytes. The barrier keeps XLA:TPU's
     # while_loop_all_reduce_code_motion off the scattered result when microbatches accumulate it
     # (converted to float32): that pass stops the compile with a RET_CHECK (libtpu 0.0.42 and 0.0.52).
     dw = dw.astype(h.dtype)

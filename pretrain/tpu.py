@@ -89,9 +89,9 @@ class Slice:
     @property
     def wrap(self) -> tuple[bool, bool, bool]:
         """Which torus dimensions close into rings (wraparound links): all three in 3-D slices of whole
-        4x4x4 cubes, and a 2-D slice's sides of 16 (a whole pod's). Without them XLA:TPU cannot run a
-        ring all-gather along a dimension and turns FSDP's gathers into all-reduces, so a plan
-        compiled without them is not the slice's program."""
+        4x4x4 cubes, and a 2-D slice's sides of 16 (a whole pod's), as Cloud builds them. Compiled
+        without them, a v5p-128's program is not the slice's: XLA:TPU turns every FSDP gather into
+        an all-reduce of the whole weight."""
         if self.kind.dims == 3:
             return (self.chips >= 64,) * 3
         return (*(int(d) == 16 for d in self.topology.split("x")), False)
