@@ -20,8 +20,8 @@ MaxText's fsdp x tensor (our `data` axis shards the batch and, FSDP-style, the w
 MaxText's from its `train_compile` (XLA dumps its optimized HLO), both compiled here through libtpu
 for the same model, slice, global batch, sequence, microbatches, remat, mesh and attention. Both
 compile with one compiler: ours runs in MaxText's virtualenv too (this repository on its path), as
-XLA's choices differ between releases (libtpu 0.0.42 -> 0.0.52: 70b FSDP 64 temporaries 50.9 -> 36.6 GiB). Per chip
-and side: XLA's arguments and temporaries, the matmul FLOPs executed and the collective bytes per
+XLA's choices differ between releases (libtpu 0.0.42 -> 0.0.52: 70b FSDP 64 temporaries 50.9 -> 36.6
+GiB). Per chip and side: XLA's arguments and temporaries, the matmul FLOPs executed and the collective bytes per
 step by kind, both counted from the optimized HLO by pretrain/hlo.py (loops by their trip counts,
 windowed einsums' permutes as the all-gathers and reduce-scatters they implement). A row set
 (comma-separated names of AOT_ROWS, or an accelerator type for its rows) picks rows; default all.
@@ -388,7 +388,8 @@ def aot_row(name: str, maxtext_py: Path, work: Path):
     print(aot_line(name, "MaxText", maxtext_aot(maxtext_py, argv, work / name, work / f"{name}-maxtext.log")))
     print(f"{'':>13} {accelerator}, mesh data {plan['mesh']['data']} x model {plan['mesh']['model']}, "
           f"{cfg.train.global_batch} x {cfg.data.seq_len} tokens in {cfg.train.microbatches} microbatch(es), "
-          f"remat {plan['remat']} (MaxText {MAXTEXT_REMAT[plan['remat']]}), attention {plan['attention']}", flush=True)
+          f"remat {plan['remat']} (MaxText {MAXTEXT_REMAT[plan['remat']]}), attention {plan['attention']}; "
+          f"both compiled by {plan['compiler']}", flush=True)
 
 
 def run_aot(selection: str) -> int:
@@ -401,10 +402,7 @@ def run_aot(selection: str) -> int:
         return 2
     maxtext_py = maxtext_python()
     work = Path(tempfile.mkdtemp(prefix="vs-maxtext-aot-"))
-    versions = subprocess.run([str(maxtext_py), "-c", "from importlib.metadata import version as v; "
-                               "print(f'jax {v(\"jax\")}, libtpu {v(\"libtpu\")}')"], text=True, capture_output=True)
-    print(f"both sides compiled by {versions.stdout.strip()}; logs and optimized HLO in {work}/ROW; "
-          "per chip per step, GB = 1e9 bytes")
+    print(f"logs and both sides' optimized HLO in {work}/ROW; per chip per step, GB = 1e9 bytes")
     print(f"{'row':>13} {'side':>7} {'args GiB':>9} {'temp GiB':>9} {'matmul TF':>10} {'coll. GB':>9} "
           f"{'all-gath':>9} {'red-scat':>9} {'all-red':>9} {'all-to-all':>9} {'permute':>9}", flush=True)
     for name in names:

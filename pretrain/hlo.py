@@ -209,8 +209,10 @@ def _sliced(comps: dict, comp: Computation, param: str | None) -> Counter | None
     """The bytes that slices of the fused parameter `param` read, if slicing is all that `comp` does
     with it (also through fusions nested in it, as a layer's slice of stacked weights or saved
     inputs often is); None if something reads it whole."""
+    if param is None:
+        return None
     uses = [(i, k) for i in comp.instrs.values() for k, o in enumerate(i.operands) if o == param]
-    if param is None or not uses:
+    if not uses:
         return None
     read = Counter()
     for user, k in uses:

@@ -134,7 +134,8 @@ def test_fsdp_gathers_on_a_wrapped_torus_are_all_gathers(capsys):
     """On a v5p-128 (4x4x4 with wraparound) FSDP over all 64 chips gathers each layer's weights with
     all-gathers. Compiled without the wraparound links, XLA:TPU turns every gather into an
     all-reduce of the whole weight, twice the bytes on the wire."""
-    widths = ["model.embed_dim=128", "model.mlp_dim=256", "model.vocab_size=512", "mesh.model=1", "train.global_batch=64"]
+    widths = ["model.embed_dim=128", "model.mlp_dim=256", "model.vocab_size=512", "mesh.model=1",
+              "train.global_batch=64"]
     rc, r, _ = run_plan(capsys, "v5p-128", *widths)
     assert rc == 0 and r["mesh"] == {"replica": 1, "data": 64, "model": 1}
     m = config_lib.load(SMOKE, PLAN + widths).model
@@ -271,6 +272,7 @@ def test_mesh_sweep_plans_every_mesh_and_ranks_them_by_the_forecast(capsys):
     assert [(r["label"], r["mesh"]["data"], r["mesh"]["model"]) for r in rows] == [("2 x 2", 2, 2), ("1 x 4", 1, 4)]
     assert err.strip() == "skipped 4 x 1: " + err.strip().split(": ", 1)[1] and "train.global_batch=4" in err
     table = plan.report(rows, "mesh").splitlines()
-    assert re.search(r"compiled by jax \d+\.\d+\.\d+\S*, libtpu \d+\.\d+\.\d+", table[0]), table[0]  # figures move with it
+    # The figures move with the compiler: the table names it.
+    assert re.search(r"compiled by jax \d+\.\d+\.\d+\S*, libtpu \d+\.\d+\.\d+", table[0]), table[0]
     ranked = sorted(rows, key=lambda r: r["est_step_s"])
     assert [line.split("  ")[0].strip() for line in table[2:]] == [r["label"] for r in ranked]
