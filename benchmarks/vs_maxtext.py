@@ -269,17 +269,17 @@ _8B_128 = ["train.global_batch=128", "train.microbatches=1", "data.seq_len=8192"
            "model.attention=splash"]
 AOT_ROWS = {  # name: (accelerator, config, overrides)
     "8b-fsdp32": ("v5p-64", "configs/llm/8b.yaml", _8B_128 + ["mesh.data=32", "mesh.model=1"]),
-    "8b-fsdp8-tp4": ("v5p-64", "configs/llm/8b.yaml", _8B_128 + ["mesh.data=8", "mesh.model=4",
-                                                                "mesh.sequence_parallel=false"]),
-    # MaxText shards the activations between layers over its tensor axis in either case.
-    "8b-fsdp8-tp4-sp": ("v5p-64", "configs/llm/8b.yaml", _8B_128 + ["mesh.data=8", "mesh.model=4",
-                                                                   "mesh.sequence_parallel=true"]),
+    # MaxText splits the activations between layers along their width over its tensor axis in each case.
+    **{f"8b-fsdp8-tp4-{split}": ("v5p-64", "configs/llm/8b.yaml", _8B_128 + ["mesh.data=8", "mesh.model=4",
+                                                                             f"mesh.residual_split={split}"])
+       for split in ("none", "length", "embed")},
     "8b-preset": ("v5p-64", "configs/llm/8b.yaml", []),
     "70b-fsdp64": ("v5p-128", "configs/llm/70b.yaml", ["train.global_batch=128", "train.microbatches=1",
                                                        "model.remat=full", "model.attention=splash",
                                                        "mesh.data=64", "mesh.model=1"]),
     "1b-preset": ("v5e-16", "configs/llm/1b.yaml", []),
 }
+ROW_WIDTH = max(map(len, AOT_ROWS))
 # Our remat policies and attention as MaxText's: `minimal` saves the weight matmuls' outputs and
 # recomputes attention, which is what `dots` does around splash's kernel.
 MAXTEXT_REMAT = {"full": "full", "none": "none", "dots": "minimal", "dots_no_batch": "minimal",
@@ -370,7 +370,7 @@ AOT_KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collec
 def aot_line(name: str, side: str, r: dict) -> str:
     c = r["collectives"]
     kinds = " ".join(f"{c[k] / 1e9:9.2f}" for k in AOT_KINDS)
-    return (f"{name:>13} {side:>7} {r['arguments_gib']:9.2f} {r['temporaries_gib']:9.2f} "
+    return (f"{name:>{ROW_WIDTH}} {side:>7} {r['arguments_gib']:9.2f} {r['temporaries_gib']:9.2f} "
             f"{r['matmul_flops'] / 1e12:10,.0f} {sum(c.values()) / 1e9:9.2f} {kinds}")
 
 
@@ -386,7 +386,7 @@ def aot_row(name: str, maxtext_py: Path, work: Path):
     cfg, plan = config_lib.load(config, overrides), ours["plan"]
     argv = maxtext_argv(accelerator, cfg, plan, work / name)
     print(aot_line(name, "MaxText", maxtext_aot(maxtext_py, argv, work / name, work / f"{name}-maxtext.log")))
-    print(f"{'':>13} {accelerator}, mesh data {plan['mesh']['data']} x model {plan['mesh']['model']}, "
+    print(f"{'':>{ROW_WIDTH}} {accelerator}, mesh data {plan['mesh']['data']} x model {plan['mesh']['model']}, "
           f"{cfg.train.global_batch} x {cfg.data.seq_len} tokens in {cfg.train.microbatches} microbatch(es), "
           f"remat {plan['remat']} (MaxText {MAXTEXT_REMAT[plan['remat']]}), attention {plan['attention']}; "
           f"both compiled by {plan['compiler']}", flush=True)
@@ -403,13 +403,13 @@ def run_aot(selection: str) -> int:
     maxtext_py = maxtext_python()
     work = Path(tempfile.mkdtemp(prefix="vs-maxtext-aot-"))
     print(f"logs and both sides' optimized HLO in {work}/ROW; per chip per step, GB = 1e9 bytes")
-    print(f"{'row':>13} {'side':>7} {'args GiB':>9} {'temp GiB':>9} {'matmul TF':>10} {'coll. GB':>9} "
+    print(f"{'row':>{ROW_WIDTH}} {'side':>7} {'args GiB':>9} {'temp GiB':>9} {'matmul TF':>10} {'coll. GB':>9} "
           f"{'all-gath':>9} {'red-scat':>9} {'all-red':>9} {'all-to-all':>9} {'permute':>9}", flush=True)
     for name in names:
         try:
             aot_row(name, maxtext_py, work)
         except RuntimeError as e:  # one row's failure does not stop the others
-            print(f"{name:>13}: {e}", flush=True)
+            print(f"{name:>{ROW_WIDTH}}: {e}", flush=True)
     return 0
 
 

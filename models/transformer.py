@@ -19,10 +19,10 @@ from models.configs import RopeScaling, TransformerConfig
 from models.layers import RMSNorm, constrain, einsum, fan_in_init, param, remat
 
 
-# The residual stream [B, L, E] between the layers' matmuls (its positions split over `model` under
-# sequence parallelism: pretrain/sharding.py).
-RESIDUAL = ("batch", "residual_length", None)
-WHOLE = ("batch", "length", None)  # a matmul's input: all positions on every device of `model`
+# The residual stream [B, L, E] between the layers' matmuls (its positions or its width split over
+# `model` as mesh.residual_split says: pretrain/sharding.py).
+RESIDUAL = ("batch", "residual_length", "residual_embed")
+WHOLE = ("batch", "length", None)  # a matmul's input: whole on every device of `model`
 
 
 def rope_frequencies(head_dim: int, theta: float, s: RopeScaling) -> np.ndarray:

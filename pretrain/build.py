@@ -20,6 +20,6 @@ def build(cfg: config_lib.Config, devices) -> TrainStep:
         mesh = sharding.rehearsal_mesh(shape, tpu.topology_devices(tpu.parse(cfg.runtime.fake_topology)), devices)
     else:
         mesh = sharding.make_mesh(shape, devices)
-    rules = sharding.axis_rules(cfg.model.num_kv_heads, shape[1], cfg.mesh.sequence_parallel) \
+    rules = sharding.axis_rules(cfg.model.num_kv_heads, shape[1], cfg.mesh.residual_split) \
         if cfg.task == "llm" else sharding.LOGICAL_RULES
     return TrainStep(cfg, task(cfg), mesh, rules)

@@ -201,6 +201,9 @@ def require(ok: bool, message: str):
         raise ConfigError(message)
 
 
+RESIDUAL_SPLITS = ("none", "length", "embed")  # mesh.residual_split (pretrain/sharding.py)
+
+
 def validate(cfg: Config, num_devices: int, platform: str) -> tuple[int, int]:
     """Check what every task shares (its own model and data: the task's `resolve`) before it can fail
     deep inside a compile. Returns the mesh shape."""
@@ -217,8 +220,10 @@ def validate(cfg: Config, num_devices: int, platform: str) -> tuple[int, int]:
         f"train.profile_steps={p} must be [start, end] with 1 <= start <= end <= run.steps={cfg.run.steps}, or [] for none",
     )
     data, model = mesh_shape(cfg, num_devices)
-    require(not cfg.mesh.sequence_parallel or cfg.task == "llm",
-            f"mesh.sequence_parallel splits a language model's positions; task {cfg.task} has none: set it false")
+    split = cfg.mesh.residual_split
+    require(split in RESIDUAL_SPLITS, f"mesh.residual_split='{split}' is unknown; use one of {list(RESIDUAL_SPLITS)}")
+    require(split == "none" or cfg.task == "llm",
+            f"mesh.residual_split splits a language model's residual stream; task {cfg.task} has none: set it to none")
 
     require(cfg.data.workers >= 0, f"data.workers={cfg.data.workers} must be >= 0")
     require(cfg.data.prefetch >= 0, f"data.prefetch={cfg.data.prefetch} must be >= 0 (0: no read-ahead)")

@@ -43,7 +43,9 @@ class RuntimeConfig:
 class MeshConfig:
     data: int = -1  # -1: whatever the model axis leaves
     model: int = 1
-    sequence_parallel: bool = False  # language model: the residual stream's positions split over `model`
+    # Language model: the residual stream between the layers' matmuls split over `model` along its
+    # positions (`length`: sequence parallelism) or its width (`embed`, as MaxText), or not (`none`).
+    residual_split: str = "none"
 
 
 @dataclasses.dataclass

@@ -73,11 +73,11 @@ def _check_transformer(cfg: LanguageModelRun, data: int, model: int, platform: s
             f"model.{key}={getattr(m, key)} is not divisible by the model axis ({model}); "
             f"change model.{key} or mesh.model",
         )
-    require(
-        not cfg.mesh.sequence_parallel or cfg.data.seq_len % model == 0,
-        f"mesh.sequence_parallel splits data.seq_len={cfg.data.seq_len} over the model axis ({model}), which "
-        "does not divide it; change data.seq_len or mesh.model",
-    )
+    split = cfg.mesh.residual_split
+    if split != "none":
+        key, size = ("data.seq_len", cfg.data.seq_len) if split == "length" else ("model.embed_dim", m.embed_dim)
+        require(size % model == 0, f"mesh.residual_split={split} splits {key}={size} over the model axis ({model}), "
+                f"which does not divide it; change {key} or mesh.model")
     require(
         m.num_kv_heads < model or m.num_kv_heads % model == 0,
         f"model.num_kv_heads={m.num_kv_heads} is not divisible by the model axis ({model}); "

@@ -136,7 +136,7 @@ CASES = {
     "groups": (["model.groups=12"], "channels=32 .* are not divisible by model.groups=12"),
     "model axis": (["model.base_channels=18", "model.groups=6", "model.num_heads=2"], r"channels=18 .* not divisible by the model axis \(4\)"),
     "target": (["diffusion.target=x0"], "diffusion.target='x0' is unknown"),
-    "sequence parallel": (["mesh.sequence_parallel=true"], "mesh.sequence_parallel splits a language model's positions"),
+    "residual split": (["mesh.residual_split=embed"], "mesh.residual_split splits a language model's residual stream"),
     "sample grid vs data axis": (["diffusion.sample_num=21"], r"diffusion.sample_num=21 must be a positive multiple of the data axis \(2\)"),
 }
 

@@ -211,7 +211,7 @@ def test_two_slices_send_only_the_gradient_reduction_over_dcn(capsys):
 
 
 def test_the_8b_presets_microbatched_layout_compiles(capsys):
-    """The 8b preset's layout (mesh 16 x 2 with sequence parallelism on a v5p-64, microbatches, splash)
+    """The 8b preset's layout (mesh 16 x 2 with the residual split along its width on a v5p-64, microbatches, splash)
     at small widths. The loss reduce-scatters the output layer's gradient in bfloat16 inside the
     microbatch loop: without its optimization barrier, XLA:TPU stops this compile with a RET_CHECK."""
     small = ["model.num_layers=2", "model.embed_dim=256", "model.num_heads=8", "model.num_kv_heads=4", "model.head_dim=32",
@@ -245,19 +245,21 @@ def test_custom_remat_recomputes_attention_and_the_projections_it_does_not_keep(
     assert plan.recomputed(only_mlp_out) == (pytest.approx(f * e / layer), 1)
 
 
-def test_sequence_parallel_keeps_a_share_of_the_saved_layer_inputs(capsys):
+def test_a_split_residual_keeps_a_share_of_the_saved_layer_inputs(capsys):
     """On a v5e-8 with mesh 2 x 4 and full remat, the layer inputs saved for the backward pass are most
-    of the temporaries: with mesh.sequence_parallel each chip keeps a quarter of their positions, and
-    the output projections' sums leave the layer scattered over positions, gathered again before the
-    next matmul."""
+    of the temporaries: with mesh.residual_split each chip keeps a quarter of them (of their positions,
+    or of their width), and the output projections' sums leave the layer scattered, gathered again
+    before the next matmul."""
     long = ["data.seq_len=1024", "model.max_seq_len=1024", "model.num_layers=16", "model.embed_dim=512",
             "train.global_batch=16", "mesh.data=2", "mesh.model=4"]
     _, whole, _ = run_plan(capsys, "v5e-8", *long)
-    _, split, _ = run_plan(capsys, "v5e-8", *long, "mesh.sequence_parallel=true")
-    assert split["temporaries_gib"] < 0.6 * whole["temporaries_gib"], (split["temporaries_gib"], whole["temporaries_gib"])
     gathered = lambda r: r["collective_bytes"]["ici"]["all-gather"]  # noqa: E731
-    assert gathered(split) > gathered(whole)
-    assert split["matmul_flops_per_chip"] == whole["matmul_flops_per_chip"]
+    for split in ("length", "embed"):
+        _, r, _ = run_plan(capsys, "v5e-8", *long, f"mesh.residual_split={split}")
+        assert r["temporaries_gib"] < 0.6 * whole["temporaries_gib"], (split, r["temporaries_gib"],
+                                                                       whole["temporaries_gib"])
+        assert gathered(r) > gathered(whole), split
+        assert r["matmul_flops_per_chip"] == whole["matmul_flops_per_chip"], split
 
 
 def test_mesh_sweep_plans_every_mesh_and_ranks_them_by_the_forecast(capsys):

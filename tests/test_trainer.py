@@ -47,13 +47,14 @@ def test_microbatches_equal_one_step_on_the_whole_batch(trainer):
     )
 
 
-def test_sequence_parallel_step_equals_one_device():
-    """The residual stream's positions split over `model` (mesh.sequence_parallel, data 2 x model 4):
-    the same loss and gradients as the step on one device, within the tolerance every mesh gets; and
-    the layers' output really leaves the layer split over positions."""
+@pytest.mark.parametrize("split, dim", [("length", 1), ("embed", 2)])
+def test_split_residual_step_equals_one_device(split, dim):
+    """The residual stream split over `model` along its positions or its width (mesh.residual_split,
+    data 2 x model 4): the same loss and gradients as the step on one device, within the tolerance
+    every mesh gets; and the layers' output really leaves the layer split so."""
     b = batch(tiny_config(), seed=3)
-    parallel = make_trainer("mesh.sequence_parallel=true")
-    assert dict(parallel.rules)["residual_length"] == "model"
+    parallel = make_trainer(f"mesh.residual_split={split}")
+    assert dict(parallel.rules)[f"residual_{split}"] == "model"
     state, loss = run_steps(parallel, [b])
     one = build(tiny_config("mesh.data=1", "mesh.model=1"), jax.devices()[:1])
     ref_state, ref_loss = run_steps(one, [b])
@@ -65,7 +66,7 @@ def test_sequence_parallel_step_equals_one_device():
         model = nnx.merge(parallel.graphdef, state)["params"]
         placed = parallel.place_batch(b)
         hidden = jax.jit(lambda m, x: m(x["inputs"], x["segment_ids"], x["positions"]))(model, placed)
-    assert hidden.sharding.spec[1] == "model", hidden.sharding.spec
+    assert hidden.sharding.spec[dim] == "model", hidden.sharding.spec
 
 
 def test_thirty_steps_on_a_fixed_batch_drive_the_loss_down(trainer):
