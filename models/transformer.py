@@ -120,14 +120,16 @@ class Transformer(nnx.Module):
         """Final hidden states [B, L, E]; `logits` maps them onto the vocabulary."""
         cfg = self.cfg
         # Each device looks up its own slice of `embed` for every token of its slice's batch (the ids
-        # are gathered: a few MB), and an all-to-all gives it its rows whole. The table is never gathered
-        # whole, nor its gradient built whole on every device and all-reduced: the gradient comes back
-        # by the reverse all-to-all into each device's slice. Looked up in the compute dtype, as the
-        # other weights enter their matmuls, so the gradient's scatter-add runs in that dtype too.
+        # are gathered: a few MB), and an all-to-all gives it its rows whole, of which it keeps its share
+        # of the residual split. The table is never gathered whole, nor its gradient built whole on every
+        # device and all-reduced: the gradient comes back by the reverse all-to-all into each device's
+        # slice. Looked up in the compute dtype, as the other weights enter their matmuls, so the
+        # gradient's scatter-add runs in that dtype too. (Constrained straight to a width split, the
+        # lookup's rows would be all-gathered across slices.)
         table = self.embed[...].astype(jnp.dtype(cfg.dtype))
         ids = constrain(tokens, ("slice_batch", None))
         x = constrain(jnp.take(table, ids, axis=0), ("slice_batch", None, "embed"))
-        x = constrain(x, RESIDUAL)
+        x = constrain(constrain(x, WHOLE), RESIDUAL)
 
         graphdef, stacked = nnx.split(self.layers)
 
