@@ -40,6 +40,8 @@ CASES = {
                        r"mesh.residual_split='width' is unknown; use one of \['none', 'length', 'embed'\]"),
     "residual split vs seq_len": (["mesh.residual_split=length", "data.seq_len=14"],
                                   r"mesh.residual_split=length splits data.seq_len=14 over the model axis \(4\)"),
+    "residual split vs embed_dim": (["mesh.residual_split=embed", "model.embed_dim=18"],
+                                    r"mesh.residual_split=embed splits model.embed_dim=18 over the model axis \(4\)"),
     "steps": (["run.steps=0"], "run.steps=0 must be positive"),
     "profile steps": (["train.profile_steps=[5,40]"], r"train.profile_steps=\[5, 40\] must be \[start, end\]"),
     "lr": (["optim.lr=-1e-3"], "optim.lr=-0.001 must be positive"),
