@@ -50,21 +50,21 @@ def main() -> int:
     import jax
 
     from pretrain import cli, config as config_lib
-    from pretrain.checkpoint import Checkpointer
+    from pretrain.run.checkpoint import Checkpointer
 
     overrides = ["runtime.fake_cpu_devices=8", "data.source=synthetic", f"run.output_dir={output_dir}", *args.overrides]
     cfg = config_lib.load(args.config, overrides)
-    trainer = cli.start(cfg)
-    state = trainer.init_state()
+    train_step = cli.start(cfg)
+    state = train_step.init_state()
     size = sum(x.nbytes for x in jax.tree.leaves(state))
     checkpointer = Checkpointer(cfg)
-    print(f"{args.config}: train state {size / 2**20:,.0f} MiB on mesh {dict(trainer.mesh.shape)}, saving to {output_dir}")
+    print(f"{args.config}: train state {size / 2**20:,.0f} MiB on mesh {dict(train_step.mesh.shape)}, saving to {output_dir}")
     for step in range(1, args.saves + 1):
         blocked = checkpointer.save(step, state, None)
         total = blocked + checkpointer.wait()
         print(f"save {step}: loop blocked {blocked:.2f} s of {total:.2f} s in all ({size / 2**20 / total:,.0f} MiB/s)")
     start = time.perf_counter()
-    restored = checkpointer.restore(args.saves, trainer.abstract_state_with_shardings(), None)
+    restored = checkpointer.restore(args.saves, train_step.abstract_state_with_shardings(), None)
     jax.block_until_ready(restored)
     print(f"restore: {time.perf_counter() - start:.2f} s")
     checkpointer.close()

@@ -24,21 +24,22 @@ def main() -> int:
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="export-bench-"))
 
-    from pretrain import checkpoint, cli, config as config_lib, export
+    from pretrain import cli, config as config_lib, formats
+    from pretrain.run import checkpoint
 
     overrides = ["runtime.fake_cpu_devices=8", "data.source=synthetic", f"run.output_dir={root / 'run'}", *args.overrides]
     cfg = config_lib.load(args.config, overrides)
-    trainer = cli.start(cfg)
-    checkpoint.save_params(cfg, trainer.init_state()["params"])
+    train_step = cli.start(cfg)
+    checkpoint.save_params(cfg, train_step.init_state()["params"])
     params = cfg.model.num_params()
     print(f"{args.config}: {params / 1e6:,.1f}M parameters")
 
-    r = export.export(str(root / "run"), str(root / "hf"), dtype=args.dtype)
+    r = formats.export(str(root / "run"), str(root / "hf"), dtype=args.dtype)
     files = sorted((root / "hf").iterdir())
     on_disk = sum(f.stat().st_size for f in files)
     print(f"export ({args.dtype}): {r['seconds']:.2f} s, {r['bytes'] / 2**20:,.1f} MiB of weights, "
           f"{on_disk / 2**20:,.1f} MiB on disk in {len(files)} files, {r['bytes'] / 2**20 / r['seconds']:,.0f} MiB/s")
-    r = export.import_hf(str(root / "hf"), str(root / "imported"))
+    r = formats.import_(str(root / "hf"), str(root / "imported"))
     print(f"import-hf: {r['seconds']:.2f} s")
     print(f"peak resident memory of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:,.2f} GiB")
     shutil.rmtree(root)

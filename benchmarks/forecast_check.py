@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pretrain import forecast  # noqa: E402
+from pretrain.plan import forecast  # noqa: E402
 
 CONFIGS = ROOT / "configs" / "llm"
 

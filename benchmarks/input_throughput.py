@@ -22,7 +22,8 @@ import idle  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from data import corpus, pipeline, prepare, records  # noqa: E402
+from data import corpus, pipeline, records  # noqa: E402
+from data.prepare import local as prepare  # noqa: E402
 from pretrain import config as config_lib  # noqa: E402
 
 

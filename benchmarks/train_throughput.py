@@ -8,7 +8,7 @@ Prints compile time, steady-state step time, tokens/s (or images/s), MFU and the
 step's peak memory per device; --variants repeats it for remat none/full (and, for the
 language model, scan on/off); --depths for each number of layers, then how compile time grows
 with depth (with scanned layers it should hardly grow). "host ms" is the host's work per step
-on the next batch (take it from the input, place it on the devices), which pretrain.loop.fit does
+on the next batch (take it from the input, place it on the devices), which pretrain.train.loop.fit does
 while the step runs: it costs nothing as long as it stays below the step time.
 """
 
@@ -26,31 +26,31 @@ import jax  # noqa: E402
 
 from pretrain import cli, config as config_lib  # noqa: E402
 from pretrain.config import ConfigError  # noqa: E402
-from pretrain.metrics import total_peak_flops  # noqa: E402
+from pretrain.metrics.mfu import total_peak_flops  # noqa: E402
 
 
-def measure(trainer, steps: int, peak: float) -> dict:
-    cfg = trainer.cfg
-    compiled, compile_s = trainer.compile()
+def measure(train_step, steps: int, peak: float) -> dict:
+    cfg = train_step.cfg
+    compiled, compile_s = train_step.compile()
     memory = compiled.memory_analysis()
-    state = trainer.init_state()
-    batches = trainer.task.batches("train", trainer.rows)
-    batch = trainer.place_batch(next(batches))
+    state = train_step.init_state()
+    batches = train_step.task.batches("train", train_step.rows)
+    batch = train_step.place_batch(next(batches))
 
     def run() -> tuple[float, float]:
         """Seconds per step, and of it the host's work on the next batch, over `steps` steps
-        dispatched back to back as in pretrain.loop.fit, synced only at the end."""
+        dispatched back to back as in pretrain.train.loop.fit, synced only at the end."""
         nonlocal state, batch
         start, host = time.perf_counter(), 0.0
         for _ in range(steps):
             state, metrics = compiled(state, batch)
             host_start = time.perf_counter()
-            batch = trainer.place_batch(next(batches))
+            batch = train_step.place_batch(next(batches))
             host += time.perf_counter() - host_start
         jax.block_until_ready(metrics)
         return (time.perf_counter() - start) / steps, host / steps
 
-    with trainer.context():
+    with train_step.context():
         run()  # warm-up
         step_s, host_s = run()
     peak_bytes = memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
@@ -60,8 +60,8 @@ def measure(trainer, steps: int, peak: float) -> dict:
         "compile_s": compile_s,
         "step_ms": 1000 * step_s,
         "host_ms": 1000 * host_s,
-        "units_per_sec": trainer.task.units_per_step() / step_s,
-        "mfu": trainer.task.flops_per_step() / step_s / peak,
+        "units_per_sec": train_step.task.units_per_step() / step_s,
+        "mfu": train_step.task.flops_per_step() / step_s / peak,
         "peak_mem_mib": peak_bytes / 2**20,
     }
 
@@ -91,18 +91,18 @@ def main() -> int:
                 dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_layers=int(d)))
                 for d in args.depths.split(",")
             ]
-        trainers = [cli.start(v) for v in variants]  # validates every variant before compiling any
+        train_steps = [cli.start(v) for v in variants]  # validates every variant before compiling any
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     peak = total_peak_flops(cfg.runtime.peak_flops_per_device)
-    params = sum(x.size for x in jax.tree.leaves(trainers[0].abstract_state["params"]))
-    batch = next(iter(trainers[0].task.batch_shapes().values()))[0]
+    params = sum(x.size for x in jax.tree.leaves(train_steps[0].abstract_state["params"]))
+    batch = next(iter(train_steps[0].task.batch_shapes().values()))[0]
     print(
         f"{Path(args.config).name}: {params / 1e6:.1f}M params, batch {' x '.join(map(str, batch))}, "
         f"{jax.device_count()} x {jax.devices()[0].device_kind}, peak {peak / 1e9:.0f} GFLOP/s"
     )
-    unit = f"{trainers[0].task.unit}/s"
+    unit = f"{train_steps[0].task.unit}/s"
     # The process's first compile also pays one-time set-up: keep it out of the table.
     jax.jit(lambda x: x + 1).lower(1.0).compile()
     print(
@@ -110,16 +110,16 @@ def main() -> int:
         f"{'MFU %':>6} {'peak MiB/dev':>12}"
     )
     results = []
-    for trainer in trainers:
-        r = measure(trainer, args.steps, peak)
+    for train_step in train_steps:
+        r = measure(train_step, args.steps, peak)
         results.append(r)
         print(
-            f"{getattr(trainer.cfg.model, 'num_layers', '-'):>6} {r['remat']:>13} {str(r['scan']):>5} "
+            f"{getattr(train_step.cfg.model, 'num_layers', '-'):>6} {r['remat']:>13} {str(r['scan']):>5} "
             f"{r['compile_s']:9.1f} {r['step_ms']:9.1f} {r['host_ms']:7.1f} {r['units_per_sec']:10,.0f} "
             f"{100 * r['mfu']:6.2f} {r['peak_mem_mib']:12.1f}"
         )
     if args.depths:
-        d = [t.cfg.model.num_layers for t in trainers]
+        d = [t.cfg.model.num_layers for t in train_steps]
         ratio = results[-1]["compile_s"] / results[0]["compile_s"]
         print(f"compile time, {d[-1]} layers / {d[0]} layers: {ratio:.2f}x")
     return 0

@@ -22,7 +22,7 @@ for the same model, slice, global batch, sequence, microbatches, remat, mesh and
 compile with one compiler: ours runs in MaxText's virtualenv too (this repository on its path), as
 XLA's choices differ between releases (libtpu 0.0.42 -> 0.0.52: 70b FSDP 64 temporaries 50.9 -> 36.6
 GiB). Per chip and side: XLA's arguments and temporaries, the matmul FLOPs executed and the collective bytes per
-step by kind, both counted from the optimized HLO by pretrain/hlo.py (loops by their trip counts,
+step by kind, both counted from the optimized HLO by pretrain/plan/hlo.py (loops by their trip counts,
 windowed einsums' permutes as the all-gathers and reduce-scatters they implement). A row set
 (comma-separated names of AOT_ROWS, or an accelerator type for its rows) picks rows; default all.
 Each side's compile takes minutes and several GB of memory; they run one at a time.
@@ -103,17 +103,17 @@ def ours_worker(s: dict):
         f"data.seq_len={s['seq']}", "data.source=synthetic", f"train.global_batch={s['batch']}",
         "optim.weight_decay=0.1", "optim.clip_norm=1.0", "optim.z_loss=0",
     ]
-    trainer = cli.start(config_lib.load(str(ROOT / "configs/llm/smoke.yaml"), overrides))
-    compiled, compile_s = trainer.compile()
-    state = trainer.init_state()
-    batch = trainer.place_batch(next(trainer.task.batches("train", trainer.rows)))
+    train_step = cli.start(config_lib.load(str(ROOT / "configs/llm/smoke.yaml"), overrides))
+    compiled, compile_s = train_step.compile()
+    state = train_step.init_state()
+    batch = train_step.place_batch(next(train_step.task.batches("train", train_step.rows)))
     box = {"state": state}
 
     def step():
         box["state"], metrics = compiled(box["state"], batch)
         return metrics
 
-    with trainer.context():
+    with train_step.context():
         step(), step()  # warm-up
         reply(compile_s=compile_s, jax=jax_version())
         serve(step)
@@ -125,7 +125,7 @@ def maxtext_worker(s: dict):
     import jax
     from flax import nnx
     from maxtext.configs import pyconfig
-    from maxtext.trainers.pre_train import train
+    from maxtext.train_steps.pre_train import train
     from maxtext.utils import maxtext_utils, sharding, train_utils
     from maxtext.utils.max_utils import parse_libtpu_flags_to_dict
 
@@ -338,12 +338,12 @@ def maxtext_argv(accelerator: str, cfg, plan: dict, out_dir: Path) -> list[str]:
 def maxtext_aot(python: Path, argv: list[str], work: Path, log: Path) -> dict:
     """Compile MaxText's train step with XLA dumping its optimized HLO; its memory analysis from the
     line `train_compile` prints, its FLOPs and collectives counted from the dump."""
-    from pretrain import hlo
+    from pretrain.plan import hlo
 
     dump = work / "maxtext-hlo"
     env = {**os.environ, "TPU_SKIP_MDS_QUERY": "1", "PYTHONPATH": "", **QUIET_LIBTPU, "XLA_FLAGS": dump_flags(dump)}
     env.pop("JAX_PLATFORMS", None)
-    cmd = [str(python), "-m", "maxtext.trainers.pre_train.train_compile", *argv]
+    cmd = [str(python), "-m", "maxtext.train_steps.pre_train.train_compile", *argv]
     done = subprocess.run(cmd, cwd=work, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     log.write_text(done.stdout)
     memory = re.search(r"Memory analysis: CompiledMemoryStats\((.*?)\)", done.stdout)

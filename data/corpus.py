@@ -1,7 +1,7 @@
 """The embedded default corpus: the Python standard library's own sources.
 
 Every machine with Python has it, so the smoke run needs no download. Each file is a
-document. It is prepared like any other text (data/prepare.py: tokenizer, dedupe,
+document. It is prepared like any other text (data/prepare/: tokenizer, dedupe,
 content-hash train/validation split, ArrayRecord shards) once per setting, into the
 cache directory.
 """
@@ -13,7 +13,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from data import prepare, tokenizer
+from data import tokenizer
+from data.prepare.local import prepare_text
 from data.records import MANIFEST
 
 
@@ -46,7 +47,7 @@ def stdlib_dataset(cache_dir: str, *, vocab_size: int, seq_len: int, max_bytes: 
     with open(out.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (out / MANIFEST).exists():
-            prepare.prepare_text(
+            prepare_text(
                 [str(f) for f in files], str(out), vocab_size=vocab_size, seq_len=seq_len,
                 val_fraction=val_fraction, overwrite=out.exists(),  # only an incomplete one is replaced
             )

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from data import images
-from data.prepare import digest, is_validation
+from data.prepare.documents import digest, is_validation
 
 CLASSES = [str(i) for i in range(10)]
 

@@ -9,7 +9,7 @@ only on the seed and s; each process builds just the rows its devices hold (`Row
 data position is one integer per lane, which a checkpoint keeps as a global array and restores
 onto any number of processes.
 
-Text records are pieces of at most seq_len + 1 token ids (data/prepare.py); a piece gives
+Text records are pieces of at most seq_len + 1 token ids (data/prepare/); a piece gives
 inputs = piece[:-1] and targets = piece[1:]. A lane packs a *window* of its next records, as many
 as fit in PACK_WINDOW rows' worth of tokens, into rows by best fit (longest first, each into the
 fullest row it fits), and emits those rows one per step before it reads the next window. Packing

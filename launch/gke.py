@@ -17,7 +17,7 @@ Every manifest printed has passed the JobSet CRD's schema from a pinned release
 (schemas/jobset-v0.10.1.json, with unknown fields refused as `kubectl apply` refuses them) and
 the checks the schema cannot make: the names JobSet derives must be DNS labels of at most 63
 characters, and the TPU labels, chips per VM and pods per slice must make a real slice of
-pretrain/tpu.py's table. The YAML comments at the top give the equivalent `xpk workload create`.
+pretrain/tpu/kinds.py's table. The YAML comments at the top give the equivalent `xpk workload create`.
 Bad input: one line on stderr, exit code 2.
 """
 
@@ -32,7 +32,7 @@ import jsonschema
 import yaml
 
 import tpu_args
-from pretrain import tpu
+from pretrain.tpu import kinds as tpu
 
 SCHEMA = Path(__file__).resolve().parent / "schemas" / "jobset-v0.10.1.json"
 REPLICATED_JOB = "slice"
@@ -204,7 +204,7 @@ def problems(manifest: dict) -> list[str]:
 
 
 def from_gke_labels(accelerator: str, topology: str) -> tpu.Slice:
-    """The slice that GKE's two TPU node labels describe, from pretrain/tpu.py's table."""
+    """The slice that GKE's two TPU node labels describe, from pretrain/tpu/kinds.py's table."""
     kinds = [k for k in tpu.KINDS.values() if k.gke_accelerator == accelerator]
     if not kinds:
         known = ", ".join(k.gke_accelerator for k in tpu.KINDS.values())

@@ -1,5 +1,5 @@
 """What both TPU launchers check before anything is created or started: the slice, from the one
-table in pretrain/tpu.py, and the pretrain command, loaded by pretrain's own config code so that a
+table in pretrain/tpu/kinds.py, and the pretrain command, loaded by pretrain's own config code so that a
 typo fails here on the laptop and not on 64 VMs. Bad input: one line on stderr, exit code 2.
 
 As a program it prints shell assignments for launch/tpu_vm.sh:
@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent  # the repository; workers run from its copy's root
 sys.path.insert(0, str(ROOT))
 
-from pretrain import tpu  # noqa: E402
+from pretrain.tpu import kinds as tpu  # noqa: E402
 
 
 class LaunchError(ValueError):

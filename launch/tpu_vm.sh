@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train on a Cloud TPU slice with gcloud: one JAX process per TPU VM, all started at once; each
 # finds its peers through the TPU metadata server (runtime.distributed=auto). The slice facts
-# (VMs, chips, runtime version) come from pretrain/tpu.py through launch/tpu_args.py, which also
+# (VMs, chips, runtime version) come from pretrain/tpu/kinds.py through launch/tpu_args.py, which also
 # checks the pretrain command before anything is created.
 set -euo pipefail
 
@@ -25,7 +25,7 @@ options:
   --name NAME               TPU VM (and queued resource) name; required
   --accelerator-type TYPE   create, run: e.g. v5p-64, v6e-16, v5litepod-256; required
   --zone ZONE, --project P  default: gcloud's configured ones
-  --runtime-version V       TPU software version (default: the kind's, from pretrain/tpu.py)
+  --runtime-version V       TPU software version (default: the kind's, from pretrain/tpu/kinds.py)
   --spot | --reserved       spot capacity, or the project's reservation (default: on demand)
   --queued                  go through a queued resource, which waits for capacity; use it
                             for every command on that TPU
@@ -195,7 +195,7 @@ rc=\$?; echo \"pretrain exit code \$rc on \$(hostname)\"; exit \$rc" 2>&1 | tee 
 outcome() { # what one start came to, from the workers' exit codes: finished, failed 2, or why to start again
   local codes
   codes=$(grep -o 'pretrain exit code [0-9]*' "$1" | awk '{print $4}' | sort -un || true)
-  # The trainer's exit codes (pretrain/runtime.py): 0 finished, 2 bad input (final: no retry
+  # The trainer's exit codes (pretrain/run/runtime.py): 0 finished, 2 bad input (final: no retry
   # helps), 75 preempted with its checkpoint committed, 3 a stuck step; anything else is a crash
   # (an error, an abort because a peer died) or a lost worker. All but 0 and 2 start again.
   if grep -qx 2 <<<"$codes"; then echo "failed 2"

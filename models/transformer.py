@@ -20,7 +20,7 @@ from models.layers import RMSNorm, constrain, einsum, fan_in_init, param, remat
 
 
 # The residual stream [B, L, E] between the layers' matmuls (its positions or its width split over
-# `model` as mesh.residual_split says: pretrain/sharding.py).
+# `model` as mesh.residual_split says: pretrain/train/sharding.py).
 RESIDUAL = ("batch", "residual_length", "residual_embed")
 WHOLE = ("batch", "length", None)  # a matmul's input: whole on every device of `model`
 

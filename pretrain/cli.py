@@ -1,4 +1,5 @@
-"""`pretrain` command line: train, smoke, plan, prepare, export, import-hf, sample."""
+"""`pretrain` command line: train, smoke, plan, goodput, prepare, export, import-hf, sample; each command a
+function of the package that does the work."""
 
 import argparse
 import json
@@ -8,15 +9,20 @@ import time
 import jax
 from etils import epath
 
-from data import prepare
+from data.prepare.local import prepare_images, prepare_text
 from data.records import DataError
 from data.tokenizer import MODEL_TYPES
 
 from pretrain import config as config_lib
-from pretrain import checkpoint, export, goodput, hf, loop, runtime, sample, tpu
+from pretrain import formats
 from pretrain.build import build
 from pretrain.config import ConfigError
-from pretrain.step import TrainStep
+from pretrain.formats import weights
+from pretrain.inference import load, sample
+from pretrain.run import checkpoint, goodput, runtime
+from pretrain.tpu import devices as tpu_devices
+from pretrain.train import loop
+from pretrain.train.step import TrainStep
 
 SMOKE_OVERRIDES = {family: ["runtime.fake_cpu_devices=8", f"run.output_dir=runs/smoke-{family}"] for family in ("llm", "diffusion")}
 
@@ -24,22 +30,22 @@ SMOKE_OVERRIDES = {family: ["runtime.fake_cpu_devices=8", f"run.output_dir=runs/
 def start(cfg: config_lib.Config) -> TrainStep:
     """This process's runtime started, the train step built over its devices, and the data opened."""
     runtime.setup(cfg)  # before anything asks JAX for its devices
-    step = build(cfg, jax.devices())
-    step.task.prepare(step.mesh.shape["model"])
-    return step
+    train_step = build(cfg, jax.devices())
+    train_step.task.open_data(train_step.mesh.shape["model"])
+    return train_step
 
 
 def train(cfg_path, overrides) -> int:
     """Load and validate first (data, output dir, what to resume from); only then write anything, and
-    train. Returns the exit code: 0 done, 75 preempted (runtime.py)."""
+    train. Returns the exit code: 0 done, 75 preempted (pretrain/run/runtime.py)."""
     started = time.time()
-    step = start(config_lib.load(cfg_path, overrides))
-    cfg = checkpoint.for_this_launch(step.cfg)  # resolved
-    if cfg.checkpoint.overwrite != step.cfg.checkpoint.overwrite and jax.process_index() == 0:
+    train_step = start(config_lib.load(cfg_path, overrides))
+    cfg = checkpoint.for_this_launch(train_step.cfg)  # resolved
+    if cfg.checkpoint.overwrite != train_step.cfg.checkpoint.overwrite and jax.process_index() == 0:
         print(f"run.launch_id={cfg.run.launch_id} wrote {cfg.run.output_dir}: a retry of this launch resumes "
               "(checkpoint.overwrite applies to its first start only)")
     checkpoint.check_output_dir(cfg)
-    plan = checkpoint.resume_plan(cfg)
+    starting_point = checkpoint.starting_point(cfg)
     runtime.wait_for_all("planned", cfg.runtime.init_timeout_s)  # every process read the run dir before it changes
     if jax.process_index() == 0:
         if cfg.checkpoint.overwrite:
@@ -47,10 +53,10 @@ def train(cfg_path, overrides) -> int:
         out = epath.Path(cfg.run.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_lib.to_yaml(cfg))
-        tokenizer = getattr(step.task, "tokenizer", None)
+        tokenizer = getattr(train_step.task, "tokenizer", None)
         if tokenizer is not None:  # export and sample find it here
             tokenizer.write(out)
-    return runtime.PREEMPTED_EXIT_CODE if loop.fit(step, plan, started)["preempted"] else 0
+    return runtime.PREEMPTED_EXIT_CODE if loop.fit(train_step, starting_point, started)["preempted"] else 0
 
 
 def run_plan(args) -> int:
@@ -93,12 +99,12 @@ def run_plan(args) -> int:
 def run_prepare(args):
     common = dict(val_fraction=args.val_fraction, workers=args.workers, shard_mb=args.shard_mb, overwrite=args.overwrite)
     if args.kind == "text":
-        manifest = prepare.prepare_text(
+        manifest = prepare_text(
             args.input, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
             model_type=args.model_type, seq_len=args.seq_len, **common,
         )
     else:
-        manifest = prepare.prepare_images(args.input, args.out, **common)
+        manifest = prepare_images(args.input, args.out, **common)
     for split, info in manifest["splits"].items():
         counts = ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in info.items() if isinstance(v, int))
         print(f"{split}: {counts} in {len(info['shards'])} shard(s)")
@@ -130,10 +136,12 @@ def _prepare_parser(sub):
 def _serving_parsers(sub):
     p = sub.add_parser("export", help="write a checkpoint's weights for serving: a Hugging Face Llama directory, or a "
                                       "UNet's EMA weights and config")
+    p.add_argument("--format", choices=[f.NAME for f in formats.FORMATS],
+                   help="the outside format (default: the model family's first: hf for a language model, unet for a UNet)")
     p.add_argument("checkpoint", help="run directory, its checkpoints/ or one step's directory; local or gs://")
     p.add_argument("--out", help="output directory, local or gs:// (default: <run dir>/export)")
     p.add_argument("--step", type=int, help="which step (default: the latest)")
-    p.add_argument("--dtype", choices=sorted(hf.DTYPES), default="bfloat16", help="dtype of the written weights")
+    p.add_argument("--dtype", choices=sorted(weights.DTYPES), default="bfloat16", help="dtype of the written weights")
     p.add_argument("--max-shard-mb", type=float, default=5 * 1024, help="split the weights into files of at most this size")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p = sub.add_parser("import-hf", help="turn a Hugging Face Llama directory into a checkpoint to train from")
@@ -160,14 +168,14 @@ def _serving_parsers(sub):
 
 def run_serving(args):
     if args.command == "export":
-        r = export.export(args.checkpoint, args.out, step=args.step, dtype=args.dtype, overwrite=args.overwrite,
-                          max_shard_bytes=int(args.max_shard_mb * 2**20))
+        r = formats.export(args.checkpoint, args.out, step=args.step, format=args.format, dtype=args.dtype,
+                           overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_mb * 2**20))
         print(f"exported step {r['step']} to {r['out']}: {r['bytes'] / 2**20:,.1f} MiB of weights in {r['seconds']:.1f} s")
     elif args.command == "import-hf":
-        r = export.import_hf(args.hf_dir, args.out, overwrite=args.overwrite)
+        r = formats.import_(args.hf_dir, args.out, overwrite=args.overwrite)
         print(f"imported {r['params']:,} parameters into {r['out']} in {r['seconds']:.1f} s; train from them with "
               f"`pretrain train {r['out']}/config.yaml checkpoint.resume_from={r['out']} run.output_dir=RUN data.source=DATA`")
-    elif export.task_of(args.checkpoint) == "diffusion":
+    elif load.task_of(args.checkpoint) == "diffusion":
         if args.prompt is not None:
             raise ConfigError(f"{args.checkpoint} holds a diffusion model, which takes no --prompt; use --num, --class, --steps")
         r = sample.sample_images(args.checkpoint, args.out, num=args.num, steps=args.steps, label=args.label,
@@ -183,7 +191,7 @@ def run_serving(args):
 
 
 def main(argv=None) -> int:
-    tpu.quiet_libtpu()
+    tpu_devices.quiet_libtpu()
     parser = argparse.ArgumentParser(prog="pretrain", description="Pretrain language and diffusion models with JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train from a YAML config; key=value pairs override it")

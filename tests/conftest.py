@@ -1,4 +1,62 @@
-"""Tests run on CPU with 8 faked devices, set before JAX starts."""
+"""Tests run on CPU with 8 faked devices, set before JAX starts. Tests are named by what a user
+meets (a scenario), so one module is tested in several files; test_structure checks that this
+index names every module and every test file.
+
+Where each module is tested:
+*                          test_structure
+pretrain.cli               test_bad_input test_trainer test_profile
+pretrain.__main__          test_launch
+pretrain.build             test_trainer test_plan
+pretrain.config            test_config test_bad_input
+pretrain.config.schema     test_config
+pretrain.config.checks     test_config test_bad_input test_topology
+pretrain.tpu.kinds         test_topology test_launch
+pretrain.tpu.devices       test_topology test_plan
+pretrain.metrics.mfu       test_trainer test_plan
+pretrain.metrics.logger    test_trainer test_checkpoint
+pretrain.metrics.sinks     test_trainer test_checkpoint
+pretrain.run.runtime       test_multihost test_layouts
+pretrain.run.checkpoint    test_checkpoint test_multihost test_layouts
+pretrain.run.outputs       test_checkpoint
+pretrain.run.goodput       test_checkpoint
+pretrain.run.profiling     test_profile
+pretrain.train.step        test_trainer test_model test_diffusion_training
+pretrain.train.loop        test_trainer test_checkpoint
+pretrain.train.loss        test_model
+pretrain.train.optim       test_optim
+pretrain.train.sharding    test_model test_topology test_diffusion
+pretrain.tasks             test_config
+pretrain.tasks.base        test_trainer test_mixture
+pretrain.tasks.lm          test_trainer test_mixture test_splash test_bad_input
+pretrain.tasks.diffusion   test_diffusion_training
+pretrain.formats           test_export
+pretrain.formats.weights   test_export
+pretrain.formats.params    test_export test_diffusion_training
+pretrain.formats.hf_llama  test_export
+pretrain.formats.unet      test_diffusion_training
+pretrain.inference.load    test_export test_diffusion_training
+pretrain.inference.sample  test_export test_diffusion_training
+pretrain.plan              test_plan
+pretrain.plan.hlo          test_hlo
+pretrain.plan.forecast     test_hlo
+models.attention           test_model test_splash
+models.configs             test_model
+models.diffusion           test_diffusion
+models.generate            test_model
+models.layers              test_model
+models.transformer         test_model test_export
+models.unet                test_diffusion
+data.corpus                test_data
+data.digits                test_diffusion_training
+data.images                test_data
+data.pipeline              test_data test_mixture
+data.prepare.documents     test_data
+data.prepare.local         test_data test_mixture
+data.prepare.output        test_data test_export
+data.ranges                test_data
+data.records               test_data
+data.tokenizer             test_data test_export
+"""
 
 import os
 from pathlib import Path
@@ -58,7 +116,7 @@ def tiny():
     return tiny_config
 
 
-def make_trainer(*overrides):
+def make_train_step(*overrides):
     """The train step of the tiny model (pretrain.build over this session's devices)."""
     from pretrain.build import build
 
@@ -66,9 +124,9 @@ def make_trainer(*overrides):
 
 
 @pytest.fixture(scope="session")
-def trainer():
+def train_step():
     """The tiny model on a 2 x 4 mesh, shared so its train step compiles once per session."""
-    return make_trainer()
+    return make_train_step()
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from data import corpus, prepare
+from data import corpus
+from data.prepare import local as prepare
 
 from pretrain import cli
 

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 from data import corpus
-from pretrain import checkpoint, cli, goodput, loop, outputs
+from pretrain import cli
+from pretrain.run import checkpoint, goodput, outputs
+from pretrain.train import loop
 from pretrain.build import build
 
 from conftest import REAL_DATA, ROOT, TINY, tiny_config
@@ -129,10 +131,10 @@ def test_a_retry_after_sigkill_resumes_from_the_last_committed_save(reference, t
 def test_restore_onto_another_mesh(reference, tmp_path, shape):
     out = resumable_copy(reference, tmp_path, keep_up_to=40)
     cfg = tiny_config(*RUN, f"mesh.data={shape[0]}", f"mesh.model={shape[1]}", f"run.output_dir={out}")
-    trainer = build(cfg, jax.devices()[: shape[0] * shape[1]])
-    trainer.task.prepare(shape[1])
-    result = loop.fit(trainer, checkpoint.resume_plan(cfg))
-    for array, want in zip(jax.tree.leaves(result["state"]), jax.tree.leaves(trainer.state_shardings)):
+    train_step = build(cfg, jax.devices()[: shape[0] * shape[1]])
+    train_step.task.open_data(shape[1])
+    result = loop.fit(train_step, checkpoint.starting_point(cfg))
+    for array, want in zip(jax.tree.leaves(result["state"]), jax.tree.leaves(train_step.state_shardings)):
         assert array.sharding.is_equivalent_to(want, array.ndim)  # restored straight into the new layout
     got, expected = losses(out), losses(reference)
     assert sorted(got) == sorted(expected)

@@ -2,6 +2,7 @@ import pytest
 
 from pretrain import config as config_lib
 from pretrain.config import ConfigError
+from pretrain.config import checks
 from pretrain.tasks import TASKS
 
 # The large LM presets on the slices their headers plan them for (v5e-16, v5p-64, v5p-64).
@@ -41,7 +42,7 @@ def test_bad_overrides_name_the_key(override, message):
 def test_presets_load_and_validate(preset, devices):
     cfg = config_lib.load(config_lib.preset_path(*preset))
     assert cfg.task == preset[0] and type(cfg) is config_lib.CONFIGS[preset[0]]
-    data, model = config_lib.validate(cfg, devices, "tpu")
+    data, model = checks.validate(cfg, devices, "tpu")
     assert data * model == devices
     assert TASKS[cfg.task].resolve(cfg, (data, model), "tpu").task == cfg.task
     assert config_lib.from_dict(config_lib.to_dict(cfg)) == cfg  # the JSON stored with a checkpoint reads back
@@ -72,7 +73,7 @@ def test_8b_preset_has_llama3_8b_shape():
 
 def test_mesh_minus_one_infers(tiny):
     cfg = tiny("mesh.data=-1", "mesh.model=2")
-    assert config_lib.mesh_shape(cfg, 8) == (4, 2)
+    assert checks.mesh_shape(cfg, 8) == (4, 2)
 
 
 def test_yaml_round_trip(tiny, tmp_path):

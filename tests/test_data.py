@@ -12,7 +12,8 @@ from PIL import Image
 
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from data import corpus, images, pipeline, prepare, ranges, records, tokenizer
+from data import corpus, images, pipeline, ranges, records, tokenizer
+from data.prepare import documents, local as prepare
 from data.tokenizer import BOS_ID, EOS_ID
 
 from conftest import ROOT
@@ -24,7 +25,7 @@ DOCS = [list(np.random.default_rng(0).integers(4, 100, n)) for n in (3, 40, 9, 1
 
 
 def as_records(docs):
-    return [p.tobytes() for ids in docs for p in prepare.split_pieces(np.asarray(ids), SEQ, BOS_ID, EOS_ID)]
+    return [p.tobytes() for ids in docs for p in documents.split_pieces(np.asarray(ids), SEQ, BOS_ID, EOS_ID)]
 
 
 def epoch(source, **kw):
@@ -100,16 +101,18 @@ def test_the_global_batch_does_not_depend_on_how_its_rows_are_split(workers, spl
         assert_batches_equal(assemble([next(p) for p in resumed], splits), want)
 
 
-def test_processes_sharing_a_cache_prepare_the_embedded_corpus_once(tmp_path):
+def test_processes_sharing_a_cache_prepare_the_embedded_corpus_once(tmp_path, monkeypatch):
     """The processes of a run on one machine all ask for the stdlib corpus at once: one builds it,
-    the others wait and read it."""
+    the others wait for it and read it whole (threads here, each with its own lock file handle)."""
+    built, prepare_text = [], corpus.prepare_text
+    monkeypatch.setattr(corpus, "prepare_text", lambda *a, **k: built.append(a) or prepare_text(*a, **k))
     ask = lambda: corpus.stdlib_dataset(str(tmp_path), vocab_size=512, seq_len=64, max_bytes=200_000,  # noqa: E731
                                         val_fraction=0.1)
     with ThreadPoolExecutor(3) as pool:
-        dirs = list(pool.map(lambda _: ask(), range(3)))
-    assert len(set(dirs)) == 1
-    manifest = records.read_manifest(dirs[0], "text")
-    assert len(records.open_split(dirs[0], manifest, "train")) == manifest["splits"]["train"]["records"] > 0
+        dirs = list(pool.map(lambda _: (d := ask(), records.read_manifest(d, "text")), range(3)))
+    assert len(built) == 1  # without the lock, each thread finds no manifest and builds its own
+    for directory, manifest in dirs:  # each read a complete dataset as soon as it returned
+        assert len(records.open_split(directory, manifest, "train")) == manifest["splits"]["train"]["records"] > 0
 
 
 def test_tokenizer_round_trips_code_and_has_fixed_special_ids():

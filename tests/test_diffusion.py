@@ -9,7 +9,7 @@ from flax import nnx
 
 from models import diffusion
 from models.unet import UNet, UNetConfig
-from pretrain import sharding
+from pretrain.train import sharding
 
 SMALL = dict(base_channels=16, groups=4, num_heads=2)
 PRESETS = {

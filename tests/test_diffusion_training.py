@@ -1,4 +1,4 @@
-"""The diffusion task in the shared trainer, on the embedded digits: learning, EMA, resume, sample
+"""The diffusion task in the shared train_step, on the embedded digits: learning, EMA, resume, sample
 grids, the sampling CLI and export, bad input."""
 
 import json
@@ -10,10 +10,14 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from data import prepare
-from pretrain import cli, config as config_lib, export, sharding
+from data.prepare import local as prepare
+from pretrain import cli, config as config_lib
+from models.unet import UNet
+from pretrain.formats import params
+from pretrain.inference import load
 from pretrain.tasks import DiffusionTask
-from pretrain.step import TrainStep
+from pretrain.train import sharding
+from pretrain.train.step import TrainStep
 
 from conftest import CACHE, ROOT
 from test_checkpoint import losses, resumable_copy
@@ -76,13 +80,13 @@ def test_exported_unet_samples_as_the_checkpoint(digits_run, tmp_path, capsys):
     # The export holds the EMA of the parameters, not the parameters.
     directory = digits_run / "checkpoints"
     cfg = config_lib.load(SMOKE)
-    ema, params = (export._restore(directory, STEPS, cfg.model, None, item) for item in ("ema", "params"))
-    model, _ = export.load_unet(str(exported))
-    loaded = export._flat(nnx.state(model))
+    ema, weights = (params.restore(directory, STEPS, UNet, cfg.model, item=item) for item in ("ema", "params"))
+    model, _, _ = load.load(str(exported), "diffusion")
+    loaded = params.flat(nnx.state(model))
     assert loaded.keys() == ema.keys()
     for key in ema:
         np.testing.assert_array_equal(np.asarray(loaded[key]), np.asarray(ema[key]))
-    assert any(not np.array_equal(ema[k], params[k]) for k in ema)
+    assert any(not np.array_equal(ema[k], weights[k]) for k in ema)
 
     outputs = {}
     for name, source in (("checkpoint", digits_run), ("export", exported)):
@@ -104,16 +108,16 @@ def test_ema_update_matches_the_formula():
     cfg = config_lib.load(SMOKE, ["data.source=synthetic", "model.base_channels=8", "model.groups=4", "model.num_heads=2",
                                   "model.channel_mults=[1]", "model.attention_resolutions=[]", "model.image_size=8",
                                   "train.global_batch=8", f"train.ema_decay={decay}"])
-    trainer = TrainStep(cfg, DiffusionTask(cfg), sharding.make_mesh((2, 4)), sharding.LOGICAL_RULES)
-    batches = trainer.task.batches("train", trainer.rows)
-    state = trainer.init_state()
+    train_step = TrainStep(cfg, DiffusionTask(cfg), sharding.make_mesh((2, 4)), sharding.LOGICAL_RULES)
+    batches = train_step.task.batches("train", train_step.rows)
+    state = train_step.init_state()
     ema = [np.asarray(x) for x in jax.tree.leaves(state["ema"])]
     for p, e in zip(jax.tree.leaves(state["params"]), ema):  # the average starts at the weights
         np.testing.assert_array_equal(np.asarray(p), e)
-    step = jax.jit(trainer.train_step, donate_argnums=0)
-    with trainer.context():
+    step = jax.jit(train_step.update, donate_argnums=0)
+    with train_step.context():
         for n in range(2):
-            state, _ = step(state, trainer.place_batch(next(batches)))
+            state, _ = step(state, train_step.place_batch(next(batches)))
             d = min(decay, (1 + n) / (10 + n))
             params = [np.asarray(x) for x in jax.tree.leaves(state["params"])]
             ema = [d * e + (1 - d) * p for e, p in zip(ema, params)]
@@ -170,7 +174,7 @@ def test_training_reads_image_directories_plain_and_prepared(tmp_path):
     prepare.prepare_images([str(images)], str(tmp_path / "prepared"), val_fraction=0.0, workers=1)
     for source in (images, tmp_path / "prepared"):
         task = DiffusionTask(config_lib.load(SMOKE, [f"data.source={source}", "data.val_fraction=0", "train.global_batch=4"]))
-        task.prepare(4)
+        task.open_data(4)
         batch = next(task.batches("train", range(4)))
         assert batch["images"].shape == (4, 16, 16, 1)
         pixels_and_labels = sorted(zip(np.round((batch["images"][:, 0, 0, 0] + 1) * 127.5).tolist(), batch["labels"].tolist()))

@@ -20,7 +20,10 @@ from data import corpus
 from data import tokenizer as tokenizer_lib
 from models.configs import RopeScaling
 from models.transformer import Transformer, rope_frequencies
-from pretrain import checkpoint, cli, export, hf
+from pretrain import cli
+from pretrain.formats import hf_llama
+from pretrain.inference import load
+from pretrain.run import checkpoint
 
 from conftest import CACHE, REAL_DATA, ROOT, TINY, tiny_config
 from test_trainer import SMOKE
@@ -58,7 +61,7 @@ def sample_texts(n: int) -> list[str]:
 
 def our_logits(source, ids: np.ndarray) -> np.ndarray:
     """[B, L, V] logits of a checkpoint or an export through the JAX model."""
-    model, _ = export.load_model(str(source))
+    model, _, _ = load.load(str(source), "llm")
     return np.asarray(model.logits(model(ids, np.ones_like(ids), np.broadcast_to(np.arange(ids.shape[1]), ids.shape))))
 
 
@@ -116,8 +119,8 @@ def test_import_gives_back_identical_parameters(runs, tmp_path, capsys):
     run, hf_dir = runs["untied"]
     assert cli.main(["import-hf", str(hf_dir), "--out", str(tmp_path / "imported")]) == 0
     assert "checkpoint.resume_from=" in capsys.readouterr().out
-    original_cfg, original, _ = export.from_checkpoint(str(run))
-    cfg, imported, tokenizer = export.from_checkpoint(str(tmp_path / "imported"))
+    original_cfg, original, _ = load.from_checkpoint(str(run))
+    cfg, imported, tokenizer = load.from_checkpoint(str(tmp_path / "imported"))
     assert sorted(imported) == sorted(original)
     for key in original:
         np.testing.assert_array_equal(np.asarray(imported[key]), np.asarray(original[key]), err_msg=key)
@@ -141,7 +144,7 @@ def test_bfloat16_export_is_the_rounded_weights(runs, tmp_path):
 
     run, _ = runs["tied"]
     assert cli.main(["export", str(run), "--out", str(tmp_path / "bf16")]) == 0  # bfloat16 is the default
-    _, params, _ = export.from_checkpoint(str(run))
+    _, params, _ = load.from_checkpoint(str(run))
     with safe_open(tmp_path / "bf16" / "model.safetensors", framework="numpy") as f:
         q = f.get_tensor("model.layers.1.self_attn.q_proj.weight")
         embed = f.get_tensor("model.embed_tokens.weight")
@@ -158,8 +161,8 @@ def test_export_to_and_import_from_gcs(runs, gcs, tmp_path):
                  ["import-hf", "gs://test-bucket/tied-hf", "--out", str(tmp_path / "imported")]):
         proc = subprocess.run([sys.executable, "-m", "pretrain", *args], cwd=ROOT, env=gcs, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-2000:]
-    _, original, _ = export.from_checkpoint(str(run))
-    _, imported, _ = export.from_checkpoint(str(tmp_path / "imported"))
+    _, original, _ = load.from_checkpoint(str(run))
+    _, imported, _ = load.from_checkpoint(str(tmp_path / "imported"))
     for key in original:
         np.testing.assert_array_equal(np.asarray(imported[key]), np.asarray(original[key]), err_msg=key)
 
@@ -241,14 +244,14 @@ def test_rope_scaling_gives_the_frequencies_of_transformers(rope_scaling):
     config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
               "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
               "max_position_embeddings": 131072, "rope_theta": 500000.0, "rope_scaling": rope_scaling}
-    m = hf.model_config(config, "test")
+    m = hf_llama.model_config(config, "test")
     theirs, attention_factor = ROPE_INIT_FUNCTIONS[m.rope_scaling.type](LlamaConfig(**config), "cpu")
     ours = rope_frequencies(m.head_dim, m.rope_theta, m.rope_scaling)
     np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-6)
     assert attention_factor == 1.0
     unscaled = rope_frequencies(m.head_dim, m.rope_theta, RopeScaling())
     assert (unscaled / ours).max() == pytest.approx(rope_scaling["factor"])  # the longest wavelengths are stretched
-    assert hf.model_config(hf.llama_config(m, "float32", {}), "export") == m
+    assert hf_llama.model_config(hf_llama.llama_config(m, "float32", {}), "export") == m
 
 
 def llama3_prompts(hf_dir) -> np.ndarray:
@@ -259,7 +262,7 @@ def llama3_prompts(hf_dir) -> np.ndarray:
 
 def test_llama3_imports_with_the_logits_of_transformers(llama3):
     hf_dir, imported = llama3["Llama-3-tiny"], llama3["imported"]
-    cfg, _, tokenizer = export.from_checkpoint(str(imported))
+    cfg, _, tokenizer = load.from_checkpoint(str(imported))
     assert cfg.model.rope_scaling == RopeScaling(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                                  original_max_position_embeddings=64)
     assert cfg.model.tie_embeddings and (cfg.model.num_heads, cfg.model.num_kv_heads) == (4, 2)

@@ -1,4 +1,4 @@
-"""pretrain/hlo.py: collective bytes and counts read from optimized HLO, checked against figures
+"""pretrain/plan/hlo.py: collective bytes and counts read from optimized HLO, checked against figures
 worked out by hand, on a program compiled for the 8 faked CPU devices and on hand-written HLO."""
 
 import dataclasses
@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from pretrain import forecast, hlo, tpu
+from pretrain.plan import forecast, hlo
+from pretrain.tpu import kinds
 
 TWO_SLICES = [0] * 4 + [1] * 4  # devices 0-3 in slice 0, 4-7 in slice 1
 ONE_SLICE = [0] * 8
@@ -454,7 +455,7 @@ def test_op_costs_count_what_each_op_reads_and_writes():
 def test_forecast_overlaps_async_collectives_and_offloading_with_compute():
     """Round figures: 1,000 FLOP/s, 100 B/s of HBM, 10 B/s per ICI link (2 torus dimensions: 20 B/s),
     50 B/s to host memory; everything sustained at half its peak (500 FLOP/s, 50 B/s of HBM)."""
-    kind = dataclasses.replace(tpu.KINDS["v5e"], peak_bf16_flops=1000.0, hbm_bytes_per_s=100.0,
+    kind = dataclasses.replace(kinds.KINDS["v5e"], peak_bf16_flops=1000.0, hbm_bytes_per_s=100.0,
                                ici_link_bytes_per_s=10.0, host_bytes_per_s=50.0)
     f = forecast.forecast(OPS, ONE_SLICE, kind, attention_flops=300.0, sustained=0.5)
     # Every op is HBM-bound at these rates, the fused dot too (1,024 FLOPs take 2 s, its 896 B 18 s).

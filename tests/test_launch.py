@@ -1,4 +1,4 @@
-"""The cloud launchers without a cloud: pretrain/tpu.py's table, launch/tpu_vm.sh (its dry run, and
+"""The cloud launchers without a cloud: pretrain/tpu/kinds.py's table, launch/tpu_vm.sh (its dry run, and
 its retry loop against a stand-in gcloud), and launch/gke.py's JobSets, checked against the
 vendored JobSet schema and fed to JAX's own GKE TPU detection."""
 
@@ -15,7 +15,7 @@ import pytest
 import yaml
 from jax._src.clusters import cloud_tpu_cluster
 
-from pretrain import tpu
+from pretrain.tpu import kinds
 
 from conftest import ROOT
 
@@ -46,15 +46,15 @@ def launch_ids(text: str) -> tuple[str, set]:
     ("v4-32", 16, 4, 4, "2x2x4", "v4-32"),
 ])
 def test_tpu_table(name, chips, vms, chips_per_vm, topology, cloud_name):
-    s = tpu.parse(name)
+    s = kinds.parse(name)
     assert (s.chips, s.vms, s.chips_per_vm, s.topology, s.cloud_accelerator_type) == (
         chips, vms, chips_per_vm, topology, cloud_name)
 
 
 @pytest.mark.parametrize("name, nearest", [("v5p-63", "v5p-64"), ("v5e-12", "v5e-128"), ("v6e-3", "v6e-32")])
 def test_unknown_accelerator_suggests_the_nearest(name, nearest):
-    with pytest.raises(tpu.TpuError, match=f"did you mean '{nearest}'"):
-        tpu.parse(name)
+    with pytest.raises(kinds.TpuError, match=f"did you mean '{nearest}'"):
+        kinds.parse(name)
 
 
 # --- launch/tpu_vm.sh ------------------------------------------------------------------------

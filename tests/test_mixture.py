@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from data import corpus, prepare, tokenizer
+from data import corpus, tokenizer
+from data.prepare import local as prepare
 from pretrain import cli, config as config_lib
 from pretrain.tasks import LanguageModelTask
 
@@ -47,7 +48,7 @@ MIXED = ["data.source=stdlib", "model.vocab_size=512"]  # (TINY's data.source=sy
 def task_of(*overrides):
     cfg = tiny_config(*MIXED, *overrides)
     task = LanguageModelTask(LanguageModelTask.resolve(cfg, (2, 4), "cpu"))
-    task.prepare(model_axis=4)
+    task.open_data(model_axis=4)
     return task
 
 

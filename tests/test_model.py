@@ -15,8 +15,10 @@ from models.attention import BACKENDS, fused_attention
 from models.configs import CustomRemat
 from models.layers import einsum, remat
 from models.transformer import DecoderLayer, Transformer
-from pretrain import sharding, tpu
-from pretrain.loss import output_cross_entropy
+from pretrain.tpu import kinds
+from pretrain.tpu.devices import topology_devices
+from pretrain.train import sharding
+from pretrain.train.loss import output_cross_entropy
 
 from conftest import tiny_config
 
@@ -36,10 +38,10 @@ def batch(cfg, seed=0):
     }
 
 
-def test_parameters_are_sharded_by_the_rules_table(trainer):
-    state = trainer.init_state()
+def test_parameters_are_sharded_by_the_rules_table(train_step):
+    state = train_step.init_state()
     model_state = state["params"]
-    table = dict(trainer.rules)
+    table = dict(train_step.rules)
     checked = 0
     for path, var in nnx.to_flat_state(model_state):
         names = var.get_metadata()["out_sharding"]
@@ -56,12 +58,12 @@ def test_parameters_are_sharded_by_the_rules_table(trainer):
     assert mu.sharding == wq.sharding
 
 
-def test_init_never_holds_a_whole_model_on_one_device(trainer):
+def test_init_never_holds_a_whole_model_on_one_device(train_step):
     """The compiled init's per-device footprint is a fraction of the whole state."""
-    with trainer.context():
-        init = jax.jit(lambda: nnx.split(trainer._create())[1], out_shardings=trainer.state_shardings)
+    with train_step.context():
+        init = jax.jit(lambda: nnx.split(train_step._create())[1], out_shardings=train_step.state_shardings)
         memory = init.lower().compile().memory_analysis()
-    whole = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(trainer.abstract_state))
+    whole = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(train_step.abstract_state))
     assert memory.output_size_in_bytes < whole / 3
     assert memory.temp_size_in_bytes < whole / 3
 
@@ -73,24 +75,24 @@ def unsharded_loss(model, b):
     return jnp.mean(ce), logits
 
 
-def test_sharded_forward_and_loss_equal_unsharded(trainer):
-    b = batch(trainer.cfg)
-    state = trainer.init_state()
-    with trainer.context():
-        sharded_loss = jax.jit(trainer.eval_step)(state, trainer.place_batch(b))
-        model = nnx.merge(trainer.graphdef, state)["params"]
+def test_sharded_forward_and_loss_equal_unsharded(train_step):
+    b = batch(train_step.cfg)
+    state = train_step.init_state()
+    with train_step.context():
+        sharded_loss = jax.jit(train_step.eval_step)(state, train_step.place_batch(b))
+        model = nnx.merge(train_step.graphdef, state)["params"]
         logits = jax.jit(lambda m, x: m.logits(m(x["inputs"], x["segment_ids"], x["positions"])))(
-            model, trainer.place_batch(b)
+            model, train_step.place_batch(b)
         )
     host_state = jax.device_get(state)
-    ref_model = nnx.merge(trainer.graphdef, host_state)["params"]
+    ref_model = nnx.merge(train_step.graphdef, host_state)["params"]
     ref_loss, ref_logits = jax.jit(unsharded_loss)(ref_model, b)  # numpy inputs: one device
     assert len(logits.sharding.device_set) == 8
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(float(sharded_loss[0] / sharded_loss[1]), float(ref_loss), rtol=1e-5)
 
 
-def test_chunked_output_cross_entropy_equals_optax(trainer):
+def test_chunked_output_cross_entropy_equals_optax(train_step):
     """The fused output layer and loss on the 2x4 mesh, in chunks of 16 of each device's 64 tokens,
     against full logits and optax on one device: the three sums, and the gradients that its
     forward pass computes for the hidden states and the weight."""
@@ -101,7 +103,7 @@ def test_chunked_output_cross_entropy_equals_optax(trainer):
     mask = (jax.random.uniform(jax.random.key(3), (8, 16)) > 0.25).astype(jnp.float32)
 
     def ours(h, w):
-        return output_cross_entropy(h, w, labels, mask, z_loss=z_loss, chunk_tokens=20, mesh=trainer.mesh, rules=trainer.rules)
+        return output_cross_entropy(h, w, labels, mask, z_loss=z_loss, chunk_tokens=20, mesh=train_step.mesh, rules=train_step.rules)
 
     def reference(h, w):
         logits = h @ w
@@ -109,7 +111,7 @@ def test_chunked_output_cross_entropy_equals_optax(trainer):
         z = jnp.square(jax.nn.logsumexp(logits, axis=-1))
         return jnp.sum(mask * (ce + z_loss * z)), jnp.sum(mask * ce), jnp.sum(mask * z)
 
-    with trainer.context():
+    with train_step.context():
         sums = jax.jit(ours)(hidden, weight)
         grad_fn = jax.jit(jax.grad(lambda h, w: ours(h, w)[0], argnums=(0, 1)))
         grads = grad_fn(hidden, weight)
@@ -121,7 +123,7 @@ def test_chunked_output_cross_entropy_equals_optax(trainer):
     assert "[16,80]" in hlo and f",{vocab}]" not in hlo and "[64,80]" not in hlo
 
 
-def test_bfloat16_loss_is_the_float32_loss_of_the_rounded_values(trainer):
+def test_bfloat16_loss_is_the_float32_loss_of_the_rounded_values(train_step):
     """With bfloat16 compute, the fused loss multiplies the rounded hidden states and weight (as
     float32 on CPU) and accumulates in float32: the float32 reference on the same rounded values."""
     vocab = 320
@@ -129,9 +131,9 @@ def test_bfloat16_loss_is_the_float32_loss_of_the_rounded_values(trainer):
     weight = jax.random.normal(jax.random.key(1), (32, vocab))
     labels = jax.random.randint(jax.random.key(2), (8, 16), 0, vocab)
     mask = jnp.ones((8, 16))
-    with trainer.context():
+    with train_step.context():
         total = jax.jit(lambda h, w: output_cross_entropy(
-            h, w, labels, mask, z_loss=0.0, chunk_tokens=16, mesh=trainer.mesh, rules=trainer.rules)[0])(hidden, weight)
+            h, w, labels, mask, z_loss=0.0, chunk_tokens=16, mesh=train_step.mesh, rules=train_step.rules)[0])(hidden, weight)
     logits = hidden.astype(jnp.float32) @ weight.astype(jnp.bfloat16).astype(jnp.float32)
     np.testing.assert_allclose(total, jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels)), rtol=1e-5)
 
@@ -151,7 +153,7 @@ def test_bfloat16_matmuls_run_as_float32_on_cpu_only():
         return {v.aval.dtype.name for v in dot.invars}, jaxpr.out_avals[0].dtype.name
 
     assert operand_dtypes() == ({"float32"}, "bfloat16")
-    with jax.set_mesh(sharding.make_mesh((2, 2), tpu.topology_devices(tpu.parse("v5e-4")))):
+    with jax.set_mesh(sharding.make_mesh((2, 2), topology_devices(kinds.parse("v5e-4")))):
         assert operand_dtypes() == ({"bfloat16"}, "bfloat16")
 
 

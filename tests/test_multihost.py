@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from pretrain import checkpoint
+from pretrain.run import checkpoint
 
 from conftest import CACHE, REAL_DATA, ROOT, TINY
 from test_checkpoint import losses, resumable_copy
@@ -136,7 +136,7 @@ def test_a_killed_process_takes_the_other_down_within_the_heartbeat_timeout(tmp_
 # The training loop stalls for good before step 4: a hung read, say. The watchdog must end it.
 STALL = """
 import sys, time
-from pretrain import cli, step
+from pretrain import cli; from pretrain.train import step
 place = step.TrainStep.place_batch
 calls = []
 def stalling(self, batch):

@@ -4,8 +4,8 @@ import numpy as np
 from flax import nnx
 
 from models.transformer import Transformer
-from pretrain import optim
-from pretrain.schema import ParamGroup
+from pretrain.config.schema import ParamGroup
+from pretrain.train import optim
 
 from conftest import tiny_config
 

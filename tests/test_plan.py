@@ -10,10 +10,14 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from models.configs import CustomRemat
-from pretrain import build, cli, plan, runtime, sharding, tpu
+from pretrain import build, cli, plan
+from pretrain.run import runtime
+from pretrain.tpu import kinds
+from pretrain.tpu.devices import topology_devices
+from pretrain.train import sharding
 from pretrain import config as config_lib
 
-from conftest import TINY, make_trainer, tiny_config
+from conftest import TINY, make_train_step, tiny_config
 from test_trainer import SMOKE
 
 # The tiny model with TPU-friendly rows; no faked CPU devices: the devices are the topology's.
@@ -59,7 +63,7 @@ def test_state_per_chip_is_the_hand_count_and_flops_the_mfu_count(topology, mesh
     assert r["temporaries_gib"] >= 0 and r["total_gib"] >= r["params_and_optimizer_gib"] + r["temporaries_gib"]
     # The compute roofline: full remat (the preset's) runs the forward pass twice.
     assert r["flops_per_step"] < r["executed_flops_per_step"] < 4 / 3 * r["flops_per_step"]
-    peak = chips * tpu.parse(topology).kind.peak_bf16_flops
+    peak = chips * kinds.parse(topology).kind.peak_bf16_flops
     assert r["roofline_step_s"] == pytest.approx(r["executed_flops_per_step"] / peak)
     # The forecast: no faster than the bound; MFU and tokens/s from it.
     f = r["forecast"]
@@ -88,15 +92,15 @@ def test_plan_builds_the_trainer_with_the_train_command_code(monkeypatch, capsys
     monkeypatch.setattr(build, "build", lambda *args: built.append(original(*args)) or built[-1])
     rc, r, _ = run_plan(capsys, "v5e-8", "mesh.data=2", "mesh.model=4", "model.attention=auto")
     assert rc == 0 and len(built) == 1 and r["attention"] == "splash"
-    trainer = built[0]
-    assert {d.platform for d in trainer.mesh.devices.flat} == {"tpu"} and trainer.mesh.devices.size == 8
-    with trainer.context():
-        lowered = trainer.train_jit.lower(trainer.abstract_state_with_shardings(), trainer.batch_spec)
+    train_step = built[0]
+    assert {d.platform for d in train_step.mesh.devices.flat} == {"tpu"} and train_step.mesh.devices.size == 8
+    with train_step.context():
+        lowered = train_step.train_jit.lower(train_step.abstract_state_with_shardings(), train_step.batch_spec)
     assert "tpu_custom_call" in lowered.as_text()
-    cpu = make_trainer("data.seq_len=128", "model.max_seq_len=128")
+    cpu = make_train_step("data.seq_len=128", "model.max_seq_len=128")
     specs = lambda t: [s.spec for s in nnx.to_flat_state(t.state_shardings).leaves]  # noqa: E731
-    assert specs(trainer) == specs(cpu)
-    assert trainer.batch_sharding.spec == cpu.batch_sharding.spec
+    assert specs(train_step) == specs(cpu)
+    assert train_step.batch_sharding.spec == cpu.batch_sharding.spec
 
 
 BAD = {
@@ -116,16 +120,16 @@ def test_bad_input_exits_2_with_one_line(args, message, capsys):
 def test_topology_devices_match_the_table():
     """Each kind's topology string gives its chip count of devices, whose kind the table knows."""
     for name, slices, chips in (("v5p-64", 1, 32), ("v5e-16", 1, 16), ("v5e-8", 1, 8), ("v6e-4", 2, 8), ("v4-8", 1, 4)):
-        slice_ = tpu.parse(name)
-        devices = tpu.topology_devices(slice_, slices)
+        slice_ = kinds.parse(name)
+        devices = topology_devices(slice_, slices)
         assert len(devices) == chips == slice_.chips * slices
-        assert tpu.peak_flops(devices[0].device_kind) == slice_.kind.peak_bf16_flops, devices[0].device_kind
+        assert kinds.peak_flops(devices[0].device_kind) == slice_.kind.peak_bf16_flops, devices[0].device_kind
 
 
 def test_slices_of_whole_cubes_and_pod_sides_have_wraparound():
     """As Cloud builds them (and MaxText's table has them): v4/v5p slices of whole 4x4x4 cubes close
     all three dimensions into rings, v5e/v6e a side of 16 chips."""
-    wraps = {name: tpu.parse(name).wrap for name in ("v5p-64", "v5p-128", "v4-512", "v6e-64", "v6e-128", "v5e-256")}
+    wraps = {name: kinds.parse(name).wrap for name in ("v5p-64", "v5p-128", "v4-512", "v6e-64", "v6e-128", "v5e-256")}
     assert wraps == {"v5p-64": (False,) * 3, "v5p-128": (True,) * 3, "v4-512": (True,) * 3,
                      "v6e-64": (False,) * 3, "v6e-128": (False, True, False), "v5e-256": (True, True, False)}
 
@@ -161,7 +165,7 @@ def test_the_embedding_table_is_never_gathered_or_reduced_whole(monkeypatch, cap
 
 def test_several_slices_split_the_data_axis():
     """Over 2 slices, `replica` has one position per slice: `data` and `model` stay within a slice."""
-    devices = tpu.topology_devices(tpu.parse("v5e-4"), 2)
+    devices = topology_devices(kinds.parse("v5e-4"), 2)
     mesh = sharding.make_mesh((4, 2), devices)
     assert dict(mesh.shape) == {"replica": 2, "data": 2, "model": 2}
     slice_of = np.vectorize(lambda d: d.slice_index)(mesh.devices)
@@ -222,7 +226,7 @@ def test_the_8b_presets_microbatched_layout_compiles(capsys):
 
 
 def built_batch_sharding(topology: str):
-    mesh = sharding.make_mesh((16, 1), tpu.topology_devices(tpu.parse(topology)))
+    mesh = sharding.make_mesh((16, 1), topology_devices(kinds.parse(topology)))
     return NamedSharding(mesh, sharding.logical_spec(("batch",), sharding.LOGICAL_RULES)), 64
 
 

@@ -7,11 +7,11 @@ import pytest
 from flax import nnx
 
 from models.attention import BACKENDS
-from pretrain import config as config_lib
-from pretrain import sharding
+from pretrain.config import checks
+from pretrain.train import sharding
 from pretrain.tasks import LanguageModelTask
 
-from conftest import make_trainer, tiny_config
+from conftest import make_train_step, tiny_config
 from test_trainer import run_steps
 
 LENGTH = 128  # the kernel's smallest block
@@ -66,8 +66,8 @@ def test_twenty_training_steps_with_splash_match_xla():
     b = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segments,
          "positions": (np.arange(LENGTH) - starts).astype(np.int32)}
     overrides = [f"data.seq_len={LENGTH}", f"model.max_seq_len={LENGTH}"]
-    _, ref = run_steps(make_trainer(*overrides, "model.attention=xla"), [b] * 20)
-    _, losses = run_steps(make_trainer(*overrides, "model.attention=splash"), [b] * 20)
+    _, ref = run_steps(make_train_step(*overrides, "model.attention=xla"), [b] * 20)
+    _, losses = run_steps(make_train_step(*overrides, "model.attention=splash"), [b] * 20)
     np.testing.assert_allclose(losses, ref, atol=1e-4)
     assert losses[-1] < 0.8 * losses[0], losses
 
@@ -75,5 +75,5 @@ def test_twenty_training_steps_with_splash_match_xla():
 @pytest.mark.parametrize("platform, backend", [("tpu", "splash"), ("gpu", "cudnn"), ("cpu", "xla")])
 def test_auto_picks_the_platform_backend(platform, backend):
     cfg = tiny_config("model.attention=auto", f"data.seq_len={LENGTH}", f"model.max_seq_len={LENGTH}")
-    resolved = LanguageModelTask.resolve(cfg, config_lib.validate(cfg, 8, platform), platform)
+    resolved = LanguageModelTask.resolve(cfg, checks.validate(cfg, 8, platform), platform)
     assert resolved.model.attention == backend and cfg.model.attention == "auto"  # a new config

@@ -10,9 +10,12 @@ import pytest
 
 from jax.sharding import NamedSharding
 
-from pretrain import cli, sharding, tpu
+from pretrain import cli
 from pretrain import config as config_lib
-from pretrain.config import mesh_shape
+from pretrain.config.checks import mesh_shape
+from pretrain.tpu import kinds
+from pretrain.tpu.devices import topology_devices
+from pretrain.train import sharding
 
 from conftest import ROOT
 from test_plan import PLAN
@@ -38,13 +41,13 @@ def host_rows(mesh, batch: int = GLOBAL_BATCH) -> dict[int, list[int]]:
     return sharding.rows_by_process(batch_sharding, batch)
 
 
-SLICES = [f"{kind}-{chips * tpu.KINDS[kind].cores_per_chip}" for kind in tpu.KINDS for chips in (16, 64, 256)]
+SLICES = [f"{kind}-{chips * kinds.KINDS[kind].cores_per_chip}" for kind in kinds.KINDS for chips in (16, 64, 256)]
 
 
 @pytest.mark.parametrize("accelerator", SLICES)
 def test_every_host_reads_the_rows_its_devices_hold(accelerator):
-    slice_ = tpu.parse(accelerator)
-    devices = tpu.topology_devices(slice_)
+    slice_ = kinds.parse(accelerator)
+    devices = topology_devices(slice_)
     for shape in ((slice_.chips, 1), (slice_.chips // 4, 4)):
         rows = host_rows(sharding.make_mesh(shape, devices))
         assert rows == expected_rows(sharding.make_mesh(shape, devices), GLOBAL_BATCH), (accelerator, shape)
@@ -62,13 +65,13 @@ def test_the_slices_the_presets_were_planned_for():
     split = {}
     for preset, accelerator in (("1b", "v5e-16"), ("8b", "v5p-64"), ("70b", "v5p-64")):
         cfg = config_lib.load(config_lib.preset_path("llm", preset))
-        slice_ = tpu.parse(accelerator)
-        mesh = sharding.make_mesh(mesh_shape(cfg, slice_.chips), tpu.topology_devices(slice_))
+        slice_ = kinds.parse(accelerator)
+        mesh = sharding.make_mesh(mesh_shape(cfg, slice_.chips), topology_devices(slice_))
         rows = host_rows(mesh, cfg.train.global_batch)
         assert rows == expected_rows(mesh, cfg.train.global_batch) and len(rows) == slice_.vms
         split[preset] = sum(len(sharding.blocks(r).split(", ")) > 1 for r in rows.values())
     assert split["8b"] == 8 and split["1b"] == 2
-    v5p = sharding.make_mesh((8, 4), tpu.topology_devices(tpu.parse("v5p-64")))
+    v5p = sharding.make_mesh((8, 4), topology_devices(kinds.parse("v5p-64")))
     assert sharding.blocks(host_rows(v5p)[0]) == "0-63, 256-319"
 
 
@@ -76,7 +79,7 @@ def test_the_slices_the_presets_were_planned_for():
 def test_meshes_that_split_a_physical_axis_are_built(shape):
     """On a 16 x 16 slice a `model` axis of 4 or 8 is not a product of whole torus axes; such meshes
     are laid out all the same, each chip once, neighbours along `model` on the same host row."""
-    devices = tpu.topology_devices(tpu.parse("v6e-256"))
+    devices = topology_devices(kinds.parse("v6e-256"))
     mesh = sharding.make_mesh(shape, devices)
     assert dict(mesh.shape) == {"replica": 1, "data": shape[0], "model": shape[1]}
     assert len(set(mesh.devices.flat)) == 256

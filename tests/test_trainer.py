@@ -12,32 +12,33 @@ import pytest
 from flax import nnx
 
 from data import corpus, pipeline, records
-from pretrain import cli, loop
+from pretrain import cli
+from pretrain.train import loop
 from pretrain.build import build
 from pretrain.tasks import LanguageModelTask
 
-from conftest import REAL_DATA, TINY, make_trainer, tiny_config
+from conftest import REAL_DATA, TINY, make_train_step, tiny_config
 from test_model import batch
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = str(ROOT / "configs" / "llm" / "smoke.yaml")
 
 
-def run_steps(trainer, batches):
-    compiled, _ = trainer.compile()
-    state, losses = trainer.init_state(), []
-    with trainer.context():
+def run_steps(train_step, batches):
+    compiled, _ = train_step.compile()
+    state, losses = train_step.init_state(), []
+    with train_step.context():
         for b in batches:
-            state, metrics = compiled(state, trainer.place_batch(b))
+            state, metrics = compiled(state, train_step.place_batch(b))
             losses.append(float(metrics["loss"]))
     return state, losses
 
 
-def test_microbatches_equal_one_step_on_the_whole_batch(trainer):
-    b = batch(trainer.cfg, seed=3)
+def test_microbatches_equal_one_step_on_the_whole_batch(train_step):
+    b = batch(train_step.cfg, seed=3)
     b["segment_ids"][:3, -4:] = 0  # padding: rows weigh differently, the sum over tokens must not care
-    whole, whole_loss = run_steps(trainer, [b])
-    split, split_loss = run_steps(make_trainer("train.microbatches=4"), [b])
+    whole, whole_loss = run_steps(train_step, [b])
+    split, split_loss = run_steps(make_train_step("train.microbatches=4"), [b])
     np.testing.assert_allclose(split_loss, whole_loss, rtol=1e-6)
     # Adam's first moment is (1 - b1) x the (clipped) gradient: compare gradients through it,
     # since Adam's first step, ~sign(g), would amplify rounding in near-zero gradients.
@@ -53,7 +54,7 @@ def test_split_residual_step_equals_one_device(split, dim):
     data 2 x model 4): the same loss and gradients as the step on one device, within the tolerance
     every mesh gets; and the layers' output really leaves the layer split so."""
     b = batch(tiny_config(), seed=3)
-    parallel = make_trainer(f"mesh.residual_split={split}")
+    parallel = make_train_step(f"mesh.residual_split={split}")
     assert dict(parallel.rules)[f"residual_{split}"] == "model"
     state, loss = run_steps(parallel, [b])
     one = build(tiny_config("mesh.data=1", "mesh.model=1"), jax.devices()[:1])
@@ -69,9 +70,9 @@ def test_split_residual_step_equals_one_device(split, dim):
     assert hidden.sharding.spec[dim] == "model", hidden.sharding.spec
 
 
-def test_thirty_steps_on_a_fixed_batch_drive_the_loss_down(trainer):
-    b = batch(trainer.cfg, seed=1)
-    _, losses = run_steps(trainer, [b] * 30)
+def test_thirty_steps_on_a_fixed_batch_drive_the_loss_down(train_step):
+    b = batch(train_step.cfg, seed=1)
+    _, losses = run_steps(train_step, [b] * 30)
     assert losses[-1] < 0.5 * losses[0], losses
 
 
@@ -103,7 +104,7 @@ def test_pad_fraction_and_tokens_per_sec_count_the_padding_of_the_batches_themse
     rows = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert [r["step"] for r in rows] == [2, 4]
     task = LanguageModelTask(tiny_config(*overrides))
-    task.prepare(model_axis=4)
+    task.open_data(model_axis=4)
     batches = task.batches("train", range(task.cfg.train.global_batch))
     for row in rows:
         segments = np.stack([next(batches)["segment_ids"] for _ in range(2)])
@@ -116,14 +117,14 @@ def test_batches_read_ahead_are_the_batches_read_in_turn(tmp_path, monkeypatch):
     the data position after it (what a checkpoint of its step keeps), from the start or from a
     checkpoint's position. Each row reports how long the loop waited for input: here reading is
     made slow (0.2 s a batch) and nothing reads ahead."""
-    step_fn = make_trainer(*REAL_DATA)
-    step_fn.task.prepare(step_fn.mesh.shape["model"])
+    train_step = make_train_step(*REAL_DATA)
+    train_step.task.open_data(train_step.mesh.shape["model"])
 
     def feed(prefetch, positions=None):
-        rows = step_fn.task.batches("train", step_fn.rows)
+        rows = train_step.task.batches("train", train_step.rows)
         if positions is not None:
             rows.set_positions(positions)
-        with loop.Feed(step_fn, rows, prefetch) as f:
+        with loop.Feed(train_step, rows, prefetch) as f:
             return [jax.tree.map(np.asarray, f.next()) for _ in range(6)]
 
     in_turn, ahead = feed(0), feed(3)

@@ -1,0 +1,41 @@
+"""A model's parameters as a flat {"a/b/0/c": array} dict: read from a checkpoint (parameters only,
+onto one device: no optimizer state, no data, no training mesh) and put into a model."""
+
+import jax
+from etils import epath
+from flax import nnx, traverse_util
+
+from pretrain.run import checkpoint
+
+
+def abstract_state(model_class: type, m):
+    """(graphdef, abstract state) of model_class(m) without allocating it."""
+    return nnx.split(nnx.eval_shape(lambda: model_class(m, rngs=nnx.Rngs(0))))
+
+
+def flat(state) -> dict:
+    """{"a/b/0/c": array}: list indices (the UNet's blocks) become path parts like any name."""
+    return {"/".join(map(str, k)): v for k, v in traverse_util.flatten_dict(nnx.to_pure_dict(state)).items()}
+
+
+def build(model_class: type, m, params: dict):
+    """model_class(m) holding the flat `params`."""
+    graphdef, state = abstract_state(model_class, m)
+    keys = traverse_util.flatten_dict(nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict({k: params["/".join(map(str, k))] for k in keys}))
+    return nnx.merge(graphdef, state)
+
+
+def restore(directory: epath.Path, step: int, model_class: type, m, device=None, item: str = "params") -> dict:
+    """Flat {path: array} of a checkpoint's parameters (or their EMA), on `device` (default: the first
+    CPU device)."""
+    sharding = jax.sharding.SingleDeviceSharding(device or jax.devices("cpu")[0])
+    _, state = abstract_state(model_class, m)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), state)
+    restored = checkpoint.restore_params(str(directory), abstract, step, item)
+    return flat(jax.tree.unflatten(jax.tree.structure(abstract), jax.tree.leaves(restored)))  # may come back as dicts
+
+
+def ema_or_params(directory: epath.Path, step: int) -> str:
+    """The checkpoint item that samples best: the EMA of the parameters if the run kept one."""
+    return "ema" if (directory / str(step) / "ema").exists() else "params"

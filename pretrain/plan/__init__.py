@@ -1,0 +1,276 @@
+"""`pretrain plan`: compile a config's train step for a TPU slice on this machine, and say whether
+it fits and how fast it could go, before renting the slice.
+
+libtpu (the `tpu` extra) lets JAX compile for a TPU topology without the hardware. The train step is
+built by the same code as `pretrain train` (build.build) over the topology's devices; only the
+compile's figures are read, nothing runs. The step time is forecast from the compiled program
+(pretrain/plan/forecast.py); the compute roofline beside it is a bound that real steps do not beat.
+"""
+
+import dataclasses
+import importlib.metadata
+import math
+import time
+
+import jax
+
+from models.layers import REMAT_POLICIES
+from pretrain import build
+from pretrain.config import ConfigError
+from pretrain.config.schema import Config
+from pretrain.plan import forecast, hlo
+from pretrain.tpu import kinds
+from pretrain.tpu.devices import topology_devices
+from pretrain.train import sharding
+
+GIB = 2**30
+
+
+def _state_bytes_per_chip(train_step) -> int:
+    """Parameters and optimizer state (and EMA) held by one chip, from their shardings."""
+    total = 0
+    for leaf in jax.tree.leaves(train_step.abstract_state_with_shardings()):
+        total += leaf.dtype.itemsize * math.prod(leaf.sharding.shard_shape(leaf.shape))
+    return total
+
+
+def checkpoint_bytes_per_host(train_step) -> list[int]:
+    """Bytes of the train state each host writes per checkpoint: every distinct shard once, by the
+    host of its first replica in the mesh's device order (Orbax's replica 0)."""
+    written = {}
+    for leaf in jax.tree.leaves(train_step.abstract_state_with_shardings()):
+        indices = leaf.sharding.devices_indices_map(leaf.shape)
+        shard_bytes = leaf.dtype.itemsize * math.prod(leaf.sharding.shard_shape(leaf.shape))
+        owners = {}
+        for device in train_step.mesh.devices.flat:
+            owners.setdefault(tuple((i.start, i.stop) for i in indices[device]), device.process_index)
+        for host in owners.values():
+            written[host] = written.get(host, 0) + shard_bytes
+    return [written.get(host, 0) for host in sorted({d.process_index for d in train_step.mesh.devices.flat})]
+
+
+class StartupError(Exception):
+    """Something that would stop a host of the slice before its first step."""
+
+
+def host_rows(train_step) -> dict[int, list[int]]:
+    """Each host's rows of the global batch on the slice (what its data pipeline reads and where its
+    data position lives in a checkpoint), checked as every host's start-up checks them."""
+    batch = train_step.cfg.train.global_batch
+    rows = sharding.rows_by_process(train_step.batch_sharding, batch)
+    missing = sorted(set(range(batch)).difference(*rows.values()))
+    if missing:
+        raise StartupError(f"rows {sharding.blocks(missing)} of the global batch are held by no host")
+    return rows
+
+
+def _out_of_memory(error: Exception) -> str | None:
+    """XLA's one-line out-of-memory figure from a compile error, or None for any other error."""
+    lines = str(error).splitlines()
+    if not any("RESOURCE_EXHAUSTED" in line for line in lines):
+        return None
+    return next((line for line in lines if "exceeds" in line), lines[0]).strip()
+
+
+def plan(cfg: Config, accelerator_type: str, num_slices: int = 1) -> dict:
+    """Compile cfg's train step for `num_slices` slices of `accelerator_type`; the figures per chip."""
+    try:
+        slice_ = kinds.parse(accelerator_type)
+    except kinds.TpuError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.task != "llm":  # the roofline counts a transformer's recomputation and tokens
+        raise ConfigError(f"pretrain plan takes language-model configs (task llm), not task {cfg.task}")
+    if num_slices < 1:
+        raise ConfigError(f"--slices={num_slices} must be at least 1")
+    # Built alone (build has no side effects): plan reads no data, and joins no cluster even on a
+    # TPU VM worker; it compiles for the topology's devices, not for a slice rehearsed on CPUs.
+    cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, fake_topology=""))
+    devices = topology_devices(slice_, num_slices)
+    train_step = build.build(cfg, devices)
+    chips, kind = len(devices), slice_.kind
+    rows = host_rows(train_step)
+    out = {
+        "topology": accelerator_type + (f" x {num_slices}" if num_slices > 1 else ""),
+        "chips": chips,
+        "mesh": dict(train_step.mesh.shape),
+        "hosts": len(rows),
+        "rows_per_host": [len(r) for r in rows.values()],
+        "host0_rows": sharding.blocks(rows[0]),
+        "remat": train_step.cfg.model.remat,
+        "attention": train_step.cfg.model.attention,
+        "hbm_per_chip_gib": kind.hbm_gib,
+        "params_and_optimizer_gib": _state_bytes_per_chip(train_step) / GIB,
+        "checkpoint_gib_per_host": max(checkpoint_bytes_per_host(train_step)) / GIB,
+        "checkpoint_every": {"steps": cfg.checkpoint.every, "minutes": cfg.checkpoint.every_minutes},
+        "flops_per_step": train_step.task.flops_per_step(),
+        # XLA's memory and collectives move between releases: a figure is only worth its compiler's name.
+        "compiler": f"jax {jax.__version__}, libtpu {importlib.metadata.version('libtpu')}",
+    }
+    start = time.perf_counter()
+    cache = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)  # a compile-only client cannot load what it caches
+    try:
+        compiled, _ = train_step.compile()
+    except Exception as e:  # XLA's out-of-memory is a compile error like any other
+        oom = _out_of_memory(e)
+        if oom is None:
+            raise
+        return out | {"arguments_gib": None, "temporaries_gib": None, "total_gib": None, "fits": False, "oom": oom,
+                      "matmul_flops_per_chip": None, "est_step_s": None, "forecast": None,
+                      "compile_s": time.perf_counter() - start}
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache)
+    out["compile_s"] = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    total = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+             + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
+    text = compiled.as_text()
+    out |= {"arguments_gib": memory.argument_size_in_bytes / GIB, "temporaries_gib": memory.temp_size_in_bytes / GIB,
+            "total_gib": total / GIB, "fits": total <= kind.hbm_gib * GIB,
+            # What the chip's matrix units execute, recomputation included (splash's kernel not seen).
+            "matmul_flops_per_chip": hlo.matmul_flops(text)}
+    out |= traffic(text, train_step.mesh)
+    out |= estimate(train_step, text, chips, kind)
+    return out
+
+
+def traffic(hlo_text: str, mesh) -> dict:
+    """Bytes per chip per step that the step's collectives carry within a slice (ICI) and between
+    slices (DCN), by kind, from the compiled program's text (loops counted as often as they run)."""
+    slices = [getattr(d, "slice_index", 0) or 0 for d in mesh.devices.flat]  # by the program's device ids
+    counted = hlo.collective_bytes(hlo_text, slices)
+    return {"ici_bytes_per_step": sum(counted["ici"].values()), "dcn_bytes_per_step": sum(counted["dcn"].values()),
+            "collective_bytes": {"ici": counted["ici"], "dcn": counted["dcn"]}}
+
+
+# Which forward work a remat policy makes the backward pass do again: (weight matmuls, attention).
+# Attention is recomputed unless its einsums are saved, which splash's kernel never is.
+RECOMPUTED = {"none": (0, 0), "full": (1, 1), "dots": (0, 0), "dots_no_batch": (0, 1), "offload": (0, 1)}
+
+
+def recomputed(m) -> tuple[float, int]:
+    """(share of the layers' weight matmuls, of attention) that the backward pass computes again. Under
+    remat=custom a projection is recomputed unless its output is kept; attention always is (the
+    output projection's weight gradient needs its output, which no name keeps)."""
+    if m.remat != "custom":
+        return RECOMPUTED[m.remat]
+    e, h, k, d, f = m.embed_dim, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim
+    flops = {"qkv": e * (h + 2 * k) * d, "out_proj": h * d * e, "mlp_in": 2 * e * f, "mlp_out": f * e}
+    kept = dataclasses.asdict(m.remat_custom)
+    return sum(v for name, v in flops.items() if kept[name] == "remat") / sum(flops.values()), 1
+
+
+def estimate(train_step, hlo_text: str, chips: int, kind: kinds.TpuKind) -> dict:
+    """The forecast step time (pretrain/plan/forecast.py), the compute roofline (the step's executed FLOPs
+    at the chips' peak: a bound no step beats), and the tokens/s and MFU the forecast implies. MFU is
+    counted as MaxText counts it, 6 FLOPs per matmul parameter and token plus attention over the whole
+    sequence (the train logs' count), and with causal attention (half of that attention).
+
+    Executed FLOPs are the MFU count plus what remat recomputes (the forward pass is a third of the
+    count), attention halved under splash, whose kernels skip the blocks above the diagonal. XLA's
+    cost analysis cannot stand in: it counts the bodies of the loops over layers and microbatches
+    once, and cannot see into Pallas kernels."""
+    m, task = train_step.cfg.model, train_step.task
+    tokens, model_flops = task.units_per_step(), task.flops_per_step()
+    head = 6 * m.embed_dim * m.vocab_size * tokens
+    attention = 12 * m.num_layers * m.num_heads * m.head_dim * train_step.cfg.data.seq_len * tokens
+    matmuls, recomputed_attention = recomputed(m)
+    splash = m.attention == "splash"
+    if splash and m.remat != "none":
+        recomputed_attention = 1
+    attention_executed = attention * (1 + recomputed_attention / 3) / (2 if splash else 1)
+    executed = model_flops - attention + matmuls * (model_flops - head - attention) / 3 + attention_executed
+    slices = [getattr(d, "slice_index", 0) or 0 for d in train_step.mesh.devices.flat]
+    f = forecast.forecast(hlo_text, slices, kind, attention_executed / chips if splash else 0.0)
+    return {"executed_flops_per_step": executed, "roofline_step_s": executed / (chips * kind.peak_bf16_flops),
+            "est_step_s": f.step_s, "forecast": dataclasses.asdict(f) | {"bound_by": f.bound_by},
+            "tokens_per_s": tokens / f.step_s, "mfu": model_flops / f.step_s / (chips * kind.peak_bf16_flops),
+            "mfu_causal": (model_flops - attention / 2) / f.step_s / (chips * kind.peak_bf16_flops)}
+
+
+# --- what the command prints ---------------------------------------------------------------
+
+
+def _title(r: dict, with_mesh: bool = True) -> str:
+    mesh = f", mesh {sharding.describe(r['mesh'])}" if with_mesh else ""
+    return f"{r['topology']} ({r['chips']} chips{mesh}), attention {r['attention']}"
+
+
+def describe(r: dict) -> str:
+    """A few lines for one plan."""
+    state = f"params+optimizer {r['params_and_optimizer_gib']:.2f} GiB"
+    if r["total_gib"] is None:
+        memory = f"{state}; does not fit: {r['oom']}"
+    else:
+        memory = (f"{state} + temporaries {r['temporaries_gib']:.2f} GiB -> {r['total_gib']:.2f} of "
+                  f"{r['hbm_per_chip_gib']:.2f} GiB HBM: {'fits' if r['fits'] else 'does NOT fit'}")
+    counts = sorted(set(r["rows_per_host"]))
+    lines = [f"{_title(r)}, remat {r['remat']}", f"  per chip: {memory}",
+             f"  hosts: {r['hosts']}, each reading {' to '.join(map(str, counts))} rows of the global batch "
+             f"(host 0: rows {r['host0_rows']})",
+             f"  checkpoints: each host writes at most {r['checkpoint_gib_per_host']:.2f} GiB per save, "
+             f"{_cadence(r['checkpoint_every'])}",
+             f"  FLOPs per step: {r['flops_per_step']:.3e} (the MFU count)"]
+    if r["est_step_s"] is not None:
+        f = r["forecast"]
+        lines += [f"  forecast: step {r['est_step_s']:.3f} s, {r['tokens_per_s']:,.0f} tokens/s, MFU {100 * r['mfu']:.1f}% "
+                  f"(6N + attention over the whole sequence, as MaxText counts), {100 * r['mfu_causal']:.1f}% with "
+                  f"causal attention",
+                  f"    bound by {f['bound_by']}: compute {f['compute_s']:.3f} s (matmul-bound ops {f['matmul_s']:.3f}, "
+                  f"HBM-bound {f['memory_s']:.3f}); beside it ICI {f['ici_s']:.3f} s, DCN {f['dcn_s']:.3f} s, "
+                  f"host transfers {f['host_s']:.3f} s; synchronous collectives {f['sync_s']:.3f} s",
+                  f"  roofline: step {r['roofline_step_s']:.3f} s (the executed FLOPs at peak: a bound)"]
+    if r["total_gib"] is not None:
+        for link in ("ici", "dcn"):
+            kinds = ", ".join(f"{k} {b / 1e9:.2f}" for k, b in r["collective_bytes"][link].items() if b)
+            lines.append(f"  {link.upper()} per chip per step: {r[f'{link}_bytes_per_step'] / 1e9:.2f} GB"
+                         + (f" ({kinds})" if kinds else ""))
+    lines.append(f"  compiled in {r['compile_s']:.1f} s by {r['compiler']}")
+    return "\n".join(lines)
+
+
+def _cadence(every: dict) -> str:
+    when = [f"every {every['steps']} steps"] * bool(every["steps"]) + [f"every {every['minutes']:g} minutes"] * bool(every["minutes"])
+    return " and ".join(when) or "at the end and on preemption only"
+
+
+def variants(cfg: Config, accelerator_type: str, num_slices: int, sweep: str | None) -> list[tuple[str, Config]]:
+    """(label, config) of each plan to make: cfg alone (sweep None); cfg with each remat policy
+    ("remat"); or with each mesh.data x mesh.model of the slices' chips whose `model` divides a
+    slice's chips and the query heads ("mesh")."""
+    if sweep is None:
+        return [(cfg.model.remat, cfg)]
+    if sweep == "remat":
+        return [(p, dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat=p))) for p in REMAT_POLICIES]
+    try:
+        chips = kinds.parse(accelerator_type).chips
+    except kinds.TpuError as e:
+        raise ConfigError(str(e)) from None
+    models = [m for m in range(1, chips + 1) if chips % m == 0 and cfg.model.num_heads % m == 0]
+    return [(f"{chips * num_slices // m} x {m}", dataclasses.replace(
+        cfg, mesh=dataclasses.replace(cfg.mesh, data=chips * num_slices // m, model=m))) for m in models]
+
+
+def report(rows: list[dict], swept: str) -> str:
+    """One table row per plan (a sweep over `swept`: "remat" or "mesh"), the fastest forecast first."""
+    rows = sorted(rows, key=lambda r: (not r["fits"], r["est_step_s"] or 0))
+    table = [(swept, "params+opt GiB", "temp GiB", "total GiB", "fits", "step s", "bound by", "tokens/s", "MFU",
+              "compile s")]
+    for r in rows:
+        done = r["total_gib"] is not None
+        figures = (f"{r['temporaries_gib']:.2f}", f"{r['total_gib']:.2f}", "yes" if r["fits"] else "no",
+                   f"{r['est_step_s']:.3f}", r["forecast"]["bound_by"], f"{r['tokens_per_s']:,.0f}",
+                   f"{100 * r['mfu']:.1f}%") if done else ("-", "-", "no", "-", "-", "-", "-")
+        table.append((r["label"], f"{r['params_and_optimizer_gib']:.2f}", *figures, f"{r['compile_s']:.1f}"))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    title = (f"{_title(rows[0], swept != 'mesh')}, {rows[0]['hbm_per_chip_gib']:.2f} GiB HBM per chip; "
+             f"step: the forecast; compiled by {rows[0]['compiler']}")
+    return "\n".join([title] + ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table])
+
+
+def why_not(r: dict) -> str:
+    """The one line that says a plan does not fit."""
+    if r["total_gib"] is None:
+        return f"does not fit on {r['topology']}: {r['oom']}"
+    return (f"does not fit on {r['topology']}: {r['total_gib']:.2f} GiB per chip exceeds its "
+            f"{r['hbm_per_chip_gib']:.2f} GiB of HBM")

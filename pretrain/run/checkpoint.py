@@ -1,0 +1,242 @@
+"""Asynchronous Orbax checkpoints under run.output_dir/checkpoints/<step>/, local or gs://.
+
+Each step holds the items `params` (the model), `optimizer` (its state and step count),
+`ema` (the moving average of the parameters, if the run keeps one), `data_position` (how
+many records each row of the global batch has read: one global array, so it restores onto
+any number of processes) and `config` (the resolved config as JSON).
+Params are a separate item so that a run can start from another run's (or an imported
+model's) weights with a fresh optimizer. Orbax writes each step into a temporary directory
+and commits it only when complete, so a kill mid-save leaves the previous steps intact and
+the partial one invisible to a resume (`committed_steps`).
+"""
+
+import dataclasses
+import os
+import time
+
+import orbax.checkpoint as ocp
+import yaml
+from etils import epath
+
+from pretrain import config as config_lib
+from pretrain.config import ConfigError
+from pretrain.config.schema import Config
+
+
+DATA_ITEM = "data_position"  # records read by each row of the global batch (data/pipeline.py)
+
+
+def absolute(path: str) -> epath.Path:
+    """Orbax's TensorStore writer wants absolute paths; gs:// ones already are."""
+    return epath.Path(path if "://" in str(path) else os.path.abspath(path))
+
+
+def _manager(directory: epath.Path, cfg: Config) -> ocp.CheckpointManager:
+    c = cfg.checkpoint
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=c.keep or None,
+        keep_period=c.keep_every or None,
+        enable_async_checkpointing=c.async_,
+        cleanup_tmp_directories=True,  # partial saves of a killed run are removed, never read
+    )
+    return ocp.CheckpointManager(directory, options=options)
+
+
+def committed_steps(directory: epath.Path) -> list[int]:
+    """The committed steps in a checkpoints directory (partial saves are not among them)."""
+    return sorted(ocp.path.step.checkpoint_steps(directory)) if directory.exists() else []
+
+
+def _checkpoints_dir(path: str) -> tuple[epath.Path, int | None]:
+    """(checkpoints directory, step or None) for a run dir, its checkpoints/ dir, or one step's dir."""
+    path = absolute(path)
+    if path.name.isdigit():
+        return path.parent, int(path.name)
+    return (path / "checkpoints" if (path / "checkpoints").exists() else path), None
+
+
+class Checkpointer:
+    """Saves the run's state (async) and restores it, under run.output_dir/checkpoints."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.manager = _manager(absolute(cfg.run.output_dir) / "checkpoints", cfg)
+
+    def save(self, step: int, state, data_position) -> float:
+        """Start saving `step` (the train state, one item per part, and the data position, a global
+        array); returns the seconds the loop was blocked (the device-to-host copy)."""
+        start = time.perf_counter()
+        items = {name: ocp.args.StandardSave(part) for name, part in state.items()}
+        items[DATA_ITEM] = ocp.args.StandardSave({"positions": data_position})
+        items["config"] = ocp.args.JsonSave(config_lib.to_dict(self.cfg))
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        return time.perf_counter() - start
+
+    def restore(self, step: int, abstract_state, abstract_position) -> tuple[dict, object]:
+        """(the parts of the state of `step` by name, the data position or None if the checkpoint has
+        none), placed straight into the shardings of the abstract arguments."""
+        items = {name: ocp.args.StandardRestore(part) for name, part in abstract_state.items()}
+        if DATA_ITEM in self._items(step):
+            items[DATA_ITEM] = ocp.args.StandardRestore({"positions": abstract_position})
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        position = restored[DATA_ITEM]["positions"] if DATA_ITEM in items else None
+        return {name: restored[name] for name in abstract_state}, position
+
+    def _items(self, step: int) -> set[str]:
+        return {p.name for p in (self.manager.directory / str(step)).iterdir()}
+
+    def reached_preemption(self, step: int) -> bool:
+        """True on every host at the same step once any host got a preemption notice (multi-host)."""
+        return self.manager.reached_preemption(step)
+
+    def wait(self) -> float:
+        start = time.perf_counter()
+        self.manager.wait_until_finished()
+        return time.perf_counter() - start
+
+    def close(self):
+        self.manager.close()
+
+
+def locate(path: str, step: int | None = None) -> tuple[epath.Path, int]:
+    """(checkpoints directory, step) for a run dir, its checkpoints/ dir or one step's dir: the given
+    step, else the one the path names, else the latest."""
+    directory, named = _checkpoints_dir(path)
+    steps = committed_steps(directory)
+    if not steps:
+        raise ConfigError(f"{path} holds no checkpoint; point at a run directory (run.output_dir), its checkpoints/ "
+                          "or one step's directory")
+    step = step if step is not None else named if named is not None else max(steps)
+    if step not in steps:
+        raise ConfigError(f"{path} has no checkpoint of step {step}; it has steps {steps}")
+    return directory, step
+
+
+def run_dir(directory: epath.Path) -> epath.Path:
+    """The run directory of a checkpoints directory."""
+    return directory.parent if directory.name == "checkpoints" else directory
+
+
+def saved_config(directory: epath.Path, step: int) -> Config:
+    """The resolved config stored with a checkpoint."""
+    tree = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(directory / str(step) / "config")
+    return config_lib.from_dict(tree)
+
+
+def restore_params(path: str, abstract_params, step: int | None = None, item: str = "params"):
+    """Only the model parameters (or, item="ema", their moving average) of a checkpoint (see `locate`
+    for which step), into the shardings of `abstract_params`."""
+    directory, step = locate(path, step)
+    return ocp.StandardCheckpointer().restore(directory / str(step) / item, abstract_params)
+
+
+def save_params(cfg: Config, params):
+    """A checkpoint of parameters alone (step 0, no optimizer or data position) under
+    run.output_dir, such as an imported model that training can start from."""
+    manager = _manager(absolute(cfg.run.output_dir) / "checkpoints", cfg)
+    items = {"params": ocp.args.StandardSave(params), "config": ocp.args.JsonSave(config_lib.to_dict(cfg))}
+    manager.save(0, args=ocp.args.Composite(**items), force=True)
+    manager.wait_until_finished()
+    manager.close()
+
+
+# --- before a run writes anything ---------------------------------------------------------
+
+# How the model runs, not what it holds.
+EXECUTION_KEYS = {"dtype", "remat", "scan_layers", "attention", "splash_block_q", "splash_block_kv"}
+
+
+def for_this_launch(cfg: Config) -> Config:
+    """cfg, with checkpoint.overwrite off if run.output_dir was written by this very launch
+    (run.launch_id, which the launchers keep across retries): a retry resumes, never clears."""
+    saved_path = epath.Path(cfg.run.output_dir) / "config.yaml"
+    if not (cfg.checkpoint.overwrite and cfg.run.launch_id and saved_path.exists()):
+        return cfg
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    if saved.get("run", {}).get("launch_id") != cfg.run.launch_id:
+        return cfg
+    return dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, overwrite=False))
+
+
+def check_output_dir(cfg: Config):
+    """Refuse a run.output_dir that holds another run or another model, unless checkpoint.overwrite."""
+    out = epath.Path(cfg.run.output_dir)
+    saved_path = out / "config.yaml"
+    if cfg.checkpoint.overwrite or not saved_path.exists():
+        return
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    fix = "choose another run.output_dir, or pass checkpoint.overwrite=true to replace it"
+    saved_name = saved.get("run", {}).get("name")
+    if saved_name != cfg.run.name or saved.get("task") != cfg.task:
+        raise ConfigError(f"run.output_dir={out} holds run '{saved_name}' ({saved.get('task')}), not '{cfg.run.name}'; {fix}")
+    was = _model_differences(cfg, saved.get("model", {}))
+    if was:
+        raise ConfigError(f"run.output_dir={out} holds a model with {was}; {fix}")
+
+
+def _model_differences(cfg: Config, saved_model: dict) -> str:
+    """The saved model's settings that differ from cfg.model in what the parameters hold, or ''."""
+    current = config_lib.to_dict(cfg)["model"]
+    # A key that an older config lacks held its default then (model.rope_scaling, for one).
+    saved_model = config_lib.to_dict(type(cfg.model)()) | saved_model
+    changed = [k for k in current if k not in EXECUTION_KEYS and saved_model.get(k) != current[k]]
+    return ", ".join(f"model.{k}={saved_model.get(k)}" for k in changed)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fresh:
+    """Start from new parameters."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Resume:
+    """Continue this run from its checkpoint of `step`."""
+
+    step: int
+
+
+@dataclasses.dataclass(frozen=True)
+class InitFrom:
+    """Start from the parameters of another checkpoint (`path`), with a fresh optimizer and data."""
+
+    path: str
+
+
+StartingPoint = Fresh | Resume | InitFrom
+
+
+def starting_point(cfg: Config) -> StartingPoint:
+    """What the run starts from, checked before anything is written."""
+    wanted = cfg.checkpoint.resume_from
+    own = [] if cfg.checkpoint.overwrite else committed_steps(epath.Path(cfg.run.output_dir) / "checkpoints")
+    if wanted.isdigit():
+        if int(wanted) not in own:
+            raise ConfigError(f"checkpoint.resume_from={wanted}: no such step in {cfg.run.output_dir}/checkpoints "
+                              f"(it has {own or 'none'})")
+        later = [s for s in own if s > int(wanted)]
+        if later:  # they would be overwritten as the run goes on
+            raise ConfigError(f"checkpoint.resume_from={wanted}: later steps {later} exist in {cfg.run.output_dir}; "
+                              f"start a new run.output_dir with checkpoint.resume_from={cfg.run.output_dir}/checkpoints/{wanted}")
+        return Resume(int(wanted))
+    if own:  # a preempted run continues from its own latest step, also when it began from another's params
+        return Resume(max(own))
+    if wanted:
+        try:
+            directory, step = locate(wanted)
+        except ConfigError as e:
+            raise ConfigError(f"checkpoint.resume_from: {e}") from None
+        was = _model_differences(cfg, config_lib.to_dict(saved_config(directory, step))["model"])
+        if was:
+            raise ConfigError(f"checkpoint.resume_from={wanted} holds a model with {was}; set the model keys to match it")
+        return InitFrom(wanted)
+    return Fresh()
+
+
+def clear_output_dir(cfg: Config):
+    """checkpoint.overwrite=true: remove what an earlier run left, so its steps are never mistaken for ours."""
+    out = epath.Path(cfg.run.output_dir)
+    for name in ("checkpoints", "tensorboard", "goodput"):
+        if (out / name).exists():
+            (out / name).rmtree()
+    if (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").unlink()

@@ -1,0 +1,203 @@
+"""The diffusion task: a UNet denoising images (the embedded digits, a prepared dataset or a
+directory), with min-SNR weighting and classifier-free guidance; sample grids after each eval."""
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from data import digits, images, pipeline, records
+from data.prepare.local import image_directory
+from models import diffusion
+from models.diffusion import SCHEDULES, TARGETS
+from models.unet import UNet
+from pretrain.config import ConfigError, require
+from pretrain.config.schema import DiffusionConfig, DiffusionRun
+from pretrain.tasks.base import Task, check_execution
+
+
+def _check_unet(cfg: DiffusionRun, data: int, model: int):
+    m, d = cfg.model, cfg.diffusion
+    for key in ("image_size", "base_channels", "blocks_per_resolution", "num_heads", "groups"):
+        require(getattr(m, key) > 0, f"model.{key}={getattr(m, key)} must be positive")
+    require(m.channels in (1, 3), f"model.channels={m.channels} must be 1 (grayscale) or 3 (RGB)")
+    require(m.num_classes >= 0, f"model.num_classes={m.num_classes} must be >= 0 (0: unconditional)")
+    require(bool(m.channel_mults) and min(m.channel_mults) > 0, "model.channel_mults must be a non-empty list of positive ints")
+    downsamples = len(m.channel_mults) - 1
+    require(
+        m.image_size % 2**downsamples == 0,
+        f"model.image_size={m.image_size} is not divisible by 2^{downsamples}={2**downsamples}, which the "
+        f"{downsamples} downsamples of model.channel_mults={m.channel_mults} need; change one of them",
+    )
+    for r in m.attention_resolutions:
+        require(
+            r in m.resolutions,
+            f"model.attention_resolutions has {r}, which is not among the model's resolutions {m.resolutions}; "
+            "list only those",
+        )
+    for mult in sorted(set(m.channel_mults)):
+        c = m.base_channels * mult
+        where = f"channels={c} (model.base_channels x {mult})"
+        require(c % m.groups == 0, f"{where} are not divisible by model.groups={m.groups}; change model.groups")
+        require(c % model == 0, f"{where} are not divisible by the model axis ({model}); change model.base_channels or mesh.model")
+        require(c % data == 0, f"{where} are not divisible by the data axis ({data}), which shards parameters (FSDP); "
+                                "change model.base_channels or mesh.data")
+        require(c % m.num_heads == 0, f"{where} are not divisible by model.num_heads={m.num_heads}; change model.num_heads")
+    require(d.schedule in SCHEDULES, f"diffusion.schedule='{d.schedule}' is unknown; use one of {list(SCHEDULES)}")
+    require(d.target in TARGETS, f"diffusion.target='{d.target}' is unknown; use one of {list(TARGETS)}")
+    require(d.timesteps > 1, f"diffusion.timesteps={d.timesteps} must be at least 2")
+    require(d.min_snr_gamma >= 0, f"diffusion.min_snr_gamma={d.min_snr_gamma} must be >= 0 (0: off)")
+    require(0 <= d.label_dropout < 1, f"diffusion.label_dropout={d.label_dropout} must be in [0, 1)")
+    require(0 < d.sample_steps <= d.timesteps, f"diffusion.sample_steps={d.sample_steps} must be in [1, diffusion.timesteps]")
+    require(0 <= d.eta <= 1, f"diffusion.eta={d.eta} must be in [0, 1] (0: DDIM, 1: DDPM)")
+    require(d.guidance >= 0, f"diffusion.guidance={d.guidance} must be >= 0")
+    require(
+        d.sample_num > 0 and d.sample_num % data == 0,
+        f"diffusion.sample_num={d.sample_num} must be a positive multiple of the data axis ({data})",
+    )
+    require(0 <= cfg.data.val_fraction < 1, f"data.val_fraction={cfg.data.val_fraction} must be in [0, 1)")
+    require(cfg.mesh.residual_split == "none", "mesh.residual_split splits a language model's residual stream; "
+                                               "task diffusion has none: set it to none")
+
+
+
+def draw_images(model, d: DiffusionConfig, key, *, num: int, steps: int, guidance: float, label: int | None = None):
+    """(images [num, H, W, C] in [-1, 1] on the host, labels [num]) from a UNet: all of class `label`,
+    else cycling through the classes, else -1 (unconditional)."""
+    classes = model.cfg.num_classes
+    labels = np.full(num, -1 if label is None else label, np.int32)
+    if classes and label is None:
+        labels = np.arange(num, dtype=np.int32) % classes
+    out = diffusion.generate(model, jnp.asarray(labels) if classes else None, key, schedule=d.schedule,
+                             timesteps=d.timesteps, kind=d.target, num=num, steps=steps, eta=d.eta, guidance=guidance)
+    return np.asarray(multihost_utils.process_allgather(out, tiled=True)), labels
+
+
+def grid_columns(labels: np.ndarray) -> int:
+    """One column per class when the labels cycle through several classes, else a square-ish grid."""
+    if labels.min() >= 0 and len(set(labels.tolist())) > 1:
+        return int(labels.max()) + 1
+    return int(np.ceil(np.sqrt(len(labels))))
+
+
+
+class DiffusionTask(Task):
+    """Denoising a UNet over images: noise at a random timestep, predict the config's target,
+    min-SNR-weighted squared error; labels dropped to "no label" at random for guidance."""
+
+    unit = "images"
+    model_class = UNet
+    samples_from_ema = True
+
+    @staticmethod
+    def resolve(cfg: DiffusionRun, mesh_shape: tuple[int, int], platform: str) -> DiffusionRun:
+        """The config checked for this model on this mesh and platform."""
+        check_execution(cfg.model, platform)
+        _check_unet(cfg, *mesh_shape)
+        return cfg
+
+    def __init__(self, cfg: DiffusionRun):
+        super().__init__(cfg)
+        self.abar = diffusion.alpha_bar(cfg.diffusion.schedule, cfg.diffusion.timesteps)
+
+    def loss(self, model, batch, mesh, rules, key=None):
+        """(summed weighted squared error, number of images, summed metrics). Without a key (eval) the
+        timesteps are spread evenly over the schedule and the noise is fixed: the same every eval."""
+        d, m = self.cfg.diffusion, self.cfg.model
+        x0 = batch["images"]
+        b = x0.shape[0]
+        if key is None:
+            t = (jnp.arange(b) * d.timesteps + d.timesteps // 2) // b
+            eps = jax.random.normal(jax.random.key(0), x0.shape)
+        else:
+            t_key, eps_key, drop_key = jax.random.split(key, 3)
+            t = jax.random.randint(t_key, (b,), 0, d.timesteps)
+            eps = jax.random.normal(eps_key, x0.shape)
+        labels = None
+        if m.num_classes:
+            labels = batch["labels"]
+            if key is not None and d.label_dropout > 0:
+                labels = jnp.where(jax.random.bernoulli(drop_key, d.label_dropout, (b,)), m.num_classes, labels)
+        out = model(diffusion.noise(x0, t, eps, self.abar), t, labels)
+        err = jnp.mean(jnp.square(out - diffusion.target(d.target, x0, eps, t, self.abar)), axis=(1, 2, 3))
+        total = jnp.sum(err * diffusion.loss_weight(d.target, t, self.abar, d.min_snr_gamma))
+        return total, jnp.float32(b), {"loss": total}
+
+    def units_per_step(self) -> int:
+        return self.cfg.train.global_batch
+
+    def flops_per_step(self) -> float:
+        """3x the forward pass (the backward costs two), counted by XLA on one image."""
+        m = self.cfg.model
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: UNet(m, rngs=nnx.Rngs(0))))
+        image = jax.ShapeDtypeStruct((1, m.image_size, m.image_size, m.channels), jnp.float32)
+        ints = jax.ShapeDtypeStruct((1,), jnp.int32)
+        forward = jax.jit(lambda s, x, t, y: nnx.merge(graphdef, s)(x, t, y if m.num_classes else None))
+        return 3 * forward.lower(state, image, ints, ints).cost_analysis()["flops"] * self.units_per_step()
+
+    def batch_shapes(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        m, b = self.cfg.model, self.cfg.train.global_batch
+        return {"images": ((b, m.image_size, m.image_size, m.channels), np.dtype(np.float32)),
+                "labels": ((b,), np.dtype(np.int32))}
+
+    def open_data(self, model_axis: int):
+        """Open the images (the embedded digits, a prepared dataset or a plain directory) and check
+        their labels against the model."""
+        d, m = self.cfg.data, self.cfg.model
+        if d.source == "synthetic" or self.sources is not None:
+            return
+        if d.source == "digits":
+            classes, sources = digits.CLASSES, {k: v or None for k, v in digits.records(d.val_fraction).items()}
+        elif not epath.Path(d.source).is_dir():
+            raise ConfigError(f"data.source={d.source} is not a directory; use digits, synthetic, a directory of "
+                              "images or one from `pretrain prepare images`")
+        elif (epath.Path(d.source) / records.MANIFEST).exists():
+            manifest = records.read_manifest(d.source, "images")
+            classes = manifest["classes"]
+            sources = {s: records.open_split(d.source, manifest, s) for s in ("train", "validation")}
+        else:
+            classes, sources = image_directory(d.source, d.val_fraction)
+        if sources["train"] is None:
+            raise ConfigError(f"data.source={d.source} has no training images; lower data.val_fraction or add images")
+        if m.num_classes and not classes:
+            raise ConfigError(f"model.num_classes={m.num_classes} asks for class conditioning, but data.source={d.source} "
+                              "has no labels; put the images in one subdirectory per class, or set model.num_classes=0")
+        if len(classes) > m.num_classes > 0:
+            raise ConfigError(f"data.source={d.source} has {len(classes)} classes, more than model.num_classes="
+                              f"{m.num_classes}; set model.num_classes={len(classes)}")
+        self._one_dataset(sources)
+
+    def _synthetic(self, rows: Sequence[int]):
+        c = self.cfg
+        return pipeline.synthetic_image_rows(size=c.model.image_size, channels=c.model.channels,
+                                             num_classes=c.model.num_classes, global_batch=c.train.global_batch,
+                                             rows=rows, seed=c.run.seed)
+
+    @staticmethod
+    def _record(position: int) -> int:
+        return position  # one image per row
+
+    def _pipeline(self, source, train: bool, **kwargs):
+        m = self.cfg.model
+        return pipeline.image_rows(source, size=m.image_size, channels=m.channels,
+                                   augment=self.cfg.data.augment and train, **kwargs)
+
+    def eval_metrics(self, loss: float) -> dict:
+        return {"eval_loss": loss}
+
+    def write_samples(self, model, step: int, local_dir: Path):
+        """A grid of diffusion.sample_num images (one column per class) under samples/ of the run's
+        local files (pretrain/run/outputs.py)."""
+        d = self.cfg.diffusion
+        batch, labels = draw_images(model, d, jax.random.key(self.cfg.run.seed), num=d.sample_num,
+                                    steps=d.sample_steps, guidance=d.guidance)
+        if jax.process_index() == 0:
+            out = local_dir / "samples"
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"step_{step:07d}.png").write_bytes(images.grid_png(batch, grid_columns(labels)))
+
