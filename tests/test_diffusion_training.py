@@ -114,7 +114,7 @@ def test_ema_update_matches_the_formula():
     ema = [np.asarray(x) for x in jax.tree.leaves(state["ema"])]
     for p, e in zip(jax.tree.leaves(state["params"]), ema):  # the average starts at the weights
         np.testing.assert_array_equal(np.asarray(p), e)
-    step = jax.jit(train_step.update, donate_argnums=0)
+    step = jax.jit(train_step.train_step, donate_argnums=0)
     with train_step.context():
         for n in range(2):
             state, _ = step(state, train_step.place_batch(next(batches)))

@@ -49,7 +49,7 @@ class TrainStep:
             for k, (shape, dtype) in task.batch_shapes().items()
         }
         self.train_jit = jax.jit(
-            self.update,
+            self.train_step,
             in_shardings=(self.state_shardings, self.batch_sharding),
             out_shardings=(self.state_shardings, None),
             donate_argnums=0,
@@ -87,7 +87,7 @@ class TrainStep:
         (_, (weight, sums)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return grads, weight, sums
 
-    def update(self, state, batch):
+    def train_step(self, state, batch):
         parts = nnx.merge(self.graphdef, state)
         model, optimizer = parts["params"], parts["optimizer"]
         params_graphdef, params = nnx.split(model)
