@@ -40,12 +40,13 @@ CONTAINER = "pretrain"
 TPU_RESOURCE = "google.com/tpu"
 ACCELERATOR_LABEL = "cloud.google.com/gke-tpu-accelerator"
 TOPOLOGY_LABEL = "cloud.google.com/gke-tpu-topology"
-# The exit code no restart can fix: 2, bad input, fails the JobSet at once. Any other failure
+# The exit codes no restart can fix (pretrain/run/runtime.py's FINAL_EXIT_CODES): 2, bad input, and
+# 4, steps that stopped being finite, fail the JobSet at once. Any other failure
 # restarts it (up to --max-restarts): 75 when preempted (the trainer's checkpoint is committed),
 # 3 from the stuck-step watchdog, a crash (a peer died, a storage hiccup), a lost node. The
 # trainer resumes from its latest checkpoint; the restarts keep the manifest's run.launch_id, so
 # checkpoint.overwrite=true never clears what they resume.
-FINAL_EXIT_CODES = [2]
+FINAL_EXIT_CODES = [2, 4]
 DNS_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 
 
@@ -138,8 +139,8 @@ def xpk_command(s: tpu.Slice, slices: int, name: str, image: str, command: list[
         "xpk", "workload", "create", "--cluster", cluster, "--workload", name,
         "--tpu-type", s.cloud_accelerator_type, "--num-slices", str(slices), "--docker-image", image,
         "--max-restarts", str(max_restarts), "--termination-grace-period-seconds", str(grace_s),
-        # xpk restarts on 42 and 127-255 and fails on the rest; this makes it fail on 2 only
-        "--restart-on-exit-codes", "1,3-126",
+        # xpk restarts on 42 and 127-255 and fails on the rest; this makes it fail on 2 and 4 only
+        "--restart-on-exit-codes", "1,3,5-126",
         "--command", shlex.join(container_command(command)),
     ])
 

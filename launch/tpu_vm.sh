@@ -13,8 +13,9 @@ commands:
   create   create the TPU VM (or queued resource) and wait until it is ready
   run      create it if absent or preempted, ship the code to every worker, install, start
            `python -m pretrain train ...` on all workers at once and wait for them; with
-           --retries K it starts again after any exit code but 0 (finished) and 2 (bad
-           input): 75 (preempted), 3 (a stuck step), a crash, a lost slice; the trainer
+           --retries K it starts again after any exit code but 0 (finished), 2 (bad
+           input) and 4 (steps no longer finite): 75 (preempted), 3 (a stuck step), a
+           crash, a lost slice; the trainer
            resumes from the latest checkpoint in run.output_dir (every start of one `run`
            passes the same run.launch_id, so checkpoint.overwrite=true never clears a retry's)
   logs     print and follow a worker's training log (--worker N, default 0)
@@ -195,10 +196,12 @@ rc=\$?; echo \"pretrain exit code \$rc on \$(hostname)\"; exit \$rc" 2>&1 | tee 
 outcome() { # what one start came to, from the workers' exit codes: finished, failed 2, or why to start again
   local codes
   codes=$(grep -o 'pretrain exit code [0-9]*' "$1" | awk '{print $4}' | sort -un || true)
-  # The trainer's exit codes (pretrain/run/runtime.py): 0 finished, 2 bad input (final: no retry
-  # helps), 75 preempted with its checkpoint committed, 3 a stuck step; anything else is a crash
-  # (an error, an abort because a peer died) or a lost worker. All but 0 and 2 start again.
+  # The trainer's exit codes (pretrain/run/runtime.py): 0 finished, 2 bad input and 4 steps that
+  # stopped being finite (final: no retry helps), 75 preempted with its checkpoint committed, 3 a
+  # stuck step; anything else is a crash (an error, an abort because a peer died) or a lost worker.
+  # All but 0, 2 and 4 start again.
   if grep -qx 2 <<<"$codes"; then echo "failed 2"
+  elif grep -qx 4 <<<"$codes"; then echo "failed 4"
   elif (($(grep -c 'pretrain exit code' "$1") < vms)); then echo "lost: not every worker reported"
   elif [[ $codes == 0 ]]; then echo finished
   elif grep -qx 75 <<<"$codes"; then echo "preempted: exit code 75"

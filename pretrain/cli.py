@@ -37,7 +37,7 @@ def start(cfg: config_lib.Config) -> TrainStep:
 
 def train(cfg_path, overrides) -> int:
     """Load and validate first (data, output dir, what to resume from); only then write anything, and
-    train. Returns the exit code: 0 done, 75 preempted (pretrain/run/runtime.py)."""
+    train. Returns the exit code: 0 done, 4 diverged, 75 preempted (pretrain/run/runtime.py)."""
     started = time.time()
     train_step = start(config_lib.load(cfg_path, overrides))
     cfg = checkpoint.for_this_launch(train_step.cfg)  # resolved
@@ -56,7 +56,12 @@ def train(cfg_path, overrides) -> int:
         tokenizer = getattr(train_step.task, "tokenizer", None)
         if tokenizer is not None:  # export and sample find it here
             tokenizer.write(out)
-    return runtime.PREEMPTED_EXIT_CODE if loop.fit(train_step, starting_point, started)["preempted"] else 0
+    try:
+        result = loop.fit(train_step, starting_point, started)
+    except loop.Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return runtime.DIVERGED_EXIT_CODE
+    return runtime.PREEMPTED_EXIT_CODE if result["preempted"] else 0
 
 
 def run_plan(args) -> int:

@@ -18,10 +18,10 @@ pretrain.metrics.sinks     test_trainer test_checkpoint
 pretrain.run.runtime       test_multihost test_layouts
 pretrain.run.checkpoint    test_checkpoint test_multihost test_layouts
 pretrain.run.outputs       test_checkpoint
-pretrain.run.goodput       test_checkpoint
+pretrain.run.goodput       test_checkpoint test_divergence
 pretrain.run.profiling     test_profile
-pretrain.train.step        test_trainer test_model test_diffusion_training
-pretrain.train.loop        test_trainer test_checkpoint
+pretrain.train.step        test_trainer test_model test_diffusion_training test_divergence
+pretrain.train.loop        test_trainer test_checkpoint test_divergence
 pretrain.train.loss        test_model
 pretrain.train.optim       test_optim
 pretrain.train.sharding    test_model test_topology test_diffusion

@@ -183,6 +183,7 @@ def test_tpu_vm_dry_run_other_commands(fake_gcloud, command, expected):
     (["READY", "PREEMPTED"], ["lost", "0"], 1, 0, 2, True),  # the slice went away: created again
     ([], ["3"], 0, 3, 1, False),  # no retries left
     ([], ["2"], 5, 2, 1, False),  # bad input: starting again would not help
+    ([], ["4"], 5, 4, 1, False),  # steps no longer finite: a retry would diverge again
 ])
 def test_tpu_vm_run_retries(fake_gcloud, tmp_path, states, outcomes, retries, rc, starts, recreated):
     env, calls = fake_gcloud
@@ -272,8 +273,8 @@ def test_gke_jobset(capsys, monkeypatch, accelerator, slices, vms, chips_per_vm,
     assert (pod["restartPolicy"], pod["hostNetwork"], pod["dnsPolicy"]) == ("Never", True, "ClusterFirstWithHostNet")
     command, ids = launch_ids(shlex.join(container["command"]))
     assert shlex.split(command) == ["python", "-m", "pretrain", *REMOTE_TRAIN] and len(ids) == 1
-    rules = job["podFailurePolicy"]["rules"]  # only bad input ends the JobSet; 75, 3 and crashes restart it
-    assert [(r["action"], r["onExitCodes"]["values"]) for r in rules] == [("FailJob", [2])]
+    rules = job["podFailurePolicy"]["rules"]  # bad input and divergence end the JobSet; 75, 3 and crashes restart it
+    assert [(r["action"], r["onExitCodes"]["values"]) for r in rules] == [("FailJob", [2, 4])]
 
     # JAX's own GKE TPU detection, on each pod's environment, numbers the processes 0..N-1 and
     # puts the coordinator on process 0's host. (What the environment lacks, JAX asks the

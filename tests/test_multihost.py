@@ -275,6 +275,7 @@ exit $(sed -n "$((n + 1))p" {dir}/codes)
 @pytest.mark.parametrize("codes, retries, rc", [
     (["75", "3", "134", "0"], 3, 0),  # preempted, stuck, crashed: requeued each time, then finished
     (["2"], 3, 2),  # bad input: no retry helps
+    (["4"], 3, 4),  # steps no longer finite: a retry would diverge again
     (["75", "75"], 1, 75),  # no retries left
 ])
 def test_slurm_sbatch_requeues_on_the_trainers_exit_code(slurm, tmp_path, codes, retries, rc):

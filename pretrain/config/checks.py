@@ -41,6 +41,8 @@ def validate(cfg: Config, num_devices: int, platform: str) -> tuple[int, int]:
     require(cfg.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
     require(cfg.train.log_every > 0, "train.log_every must be positive")
     require(cfg.train.microbatches > 0, "train.microbatches must be positive")
+    require(cfg.train.max_skipped_steps > 0, f"train.max_skipped_steps={cfg.train.max_skipped_steps} must be positive "
+                                             "(non-finite steps in a row before the run stops)")
     require(0 <= cfg.train.ema_decay < 1, f"train.ema_decay={cfg.train.ema_decay} must be in [0, 1); 0 turns the EMA off")
     p = cfg.train.profile_steps
     require(

@@ -137,6 +137,10 @@ class TrainConfig:
     ema_decay: float = 0.0
     # [start, end]: a JAX profiler trace of these steps under run.output_dir/profile/; []: none.
     profile_steps: list[int] = dataclasses.field(default_factory=list)
+    # A step whose loss or gradient norm is not finite is skipped (nothing it computed is applied);
+    # this many skipped in a row stop the run with exit code 4 (pretrain/run/runtime.py), and no
+    # checkpoint is taken while the latest step was skipped.
+    max_skipped_steps: int = 10
 
 
 @dataclasses.dataclass

@@ -18,7 +18,8 @@ from etils import epath
 from pretrain.config import ConfigError
 
 DIR = "goodput"
-PARTS = ("productive", "compile", "restore", "data_wait", "checkpoint", "eval", "startup", "lost", "between_attempts")
+PARTS = ("productive", "compile", "restore", "data_wait", "checkpoint", "eval", "startup", "skipped", "lost",
+         "between_attempts")
 
 
 class Timeline:
@@ -27,7 +28,7 @@ class Timeline:
 
     def __init__(self, local_dir: Path, started: float, launch_id: str):
         self.enabled = jax.process_index() == 0
-        self.last_step, self.data_wait_seen = 0, 0.0
+        self.last_step, self.data_wait_seen, self.skipped_seen = 0, 0.0, 0
         if not self.enabled:
             return
         (local_dir / DIR).mkdir(parents=True, exist_ok=True)
@@ -39,12 +40,13 @@ class Timeline:
         if self.enabled:
             self._write({"kind": kind, "t": time.time(), **fields})
 
-    def steps_until(self, step: int, data_wait_s: float):
-        """Closes the stretch of steps last_step+1 .. step (nothing if there were none); `data_wait_s`:
-        the loop's total time waiting for input so far."""
+    def steps_until(self, step: int, data_wait_s: float, skipped: int):
+        """Closes the stretch of steps last_step+1 .. step (nothing if there were none); `data_wait_s`
+        and `skipped`: the loop's total time waiting for input and its non-finite steps so far."""
         if step > self.last_step:
-            self.add("steps", first=self.last_step + 1, last=step, data_wait_s=data_wait_s - self.data_wait_seen)
-            self.last_step, self.data_wait_seen = step, data_wait_s
+            self.add("steps", first=self.last_step + 1, last=step, data_wait_s=data_wait_s - self.data_wait_seen,
+                     skipped=skipped - self.skipped_seen)
+            self.last_step, self.data_wait_seen, self.skipped_seen = step, data_wait_s, skipped
 
     def resumed_at(self, step: int):
         self.last_step = step
@@ -88,9 +90,12 @@ def report(run_dir: str) -> dict:
             count = line["last"] - line["first"] + 1
             lost = max(0, min(count, line["last"] - redone_after))
             steps_lost += lost
+            # Skipped steps (not finite) trained nothing; a stretch's time is shared out by its steps.
+            kept = count - lost - min(line.get("skipped", 0), count - lost)
             parts["lost"] += seconds * lost / count
             parts["data_wait"] += line["data_wait_s"] * (count - lost) / count
-            parts["productive"] += (seconds - line["data_wait_s"]) * (count - lost) / count
+            parts["skipped"] += (seconds - line["data_wait_s"]) * (count - lost - kept) / count
+            parts["productive"] += (seconds - line["data_wait_s"]) * kept / count
     wall = attempts[-1][-1]["t"] - attempts[0][0]["t"]
     return {"wall_s": wall, "goodput": parts["productive"] / wall if wall > 0 else 0.0, "parts": parts,
             "steps_lost": steps_lost, "attempts": len(attempts)}

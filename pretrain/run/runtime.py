@@ -17,11 +17,14 @@ from pretrain.config import ConfigError
 from pretrain.config.checks import validate_runtime
 from pretrain.config.schema import Config
 
-# Exit codes, the contract with the launchers: 0 the run finished, 2 bad input (no retry helps),
-# 3 a stuck step, 75 preempted with its checkpoint committed (sysexits' EX_TEMPFAIL); a retry of
-# 3, 75 or any other failure resumes from the last checkpoint.
+# Exit codes, the contract with the launchers: 0 the run finished, 2 bad input and 4 a run whose
+# steps stopped being finite (no retry helps either: a retry would diverge again), 3 a stuck step,
+# 75 preempted with its checkpoint committed (sysexits' EX_TEMPFAIL); a retry of 3, 75 or any other
+# failure resumes from the last checkpoint.
 BAD_INPUT_EXIT_CODE = 2
 STUCK_EXIT_CODE = 3
+DIVERGED_EXIT_CODE = 4
+FINAL_EXIT_CODES = (BAD_INPUT_EXIT_CODE, DIVERGED_EXIT_CODE)
 PREEMPTED_EXIT_CODE = 75
 
 

@@ -22,7 +22,7 @@ from pretrain.run.checkpoint import Checkpointer, Fresh, InitFrom, Resume, Start
 from pretrain.run.goodput import Timeline
 from pretrain.run.outputs import RunFiles
 from pretrain.run.profiling import StepProfiler
-from pretrain.run.runtime import PREEMPTED_EXIT_CODE, Watchdog, agreed, wait_for_all
+from pretrain.run.runtime import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, Watchdog, agreed, wait_for_all
 from pretrain.train import sharding
 from pretrain.train.sharding import local_rows
 
@@ -85,6 +85,17 @@ class Preemption(contextlib.AbstractContextManager):
             signal.signal(signal.SIGTERM, self.previous)
 
 
+class Diverged(Exception):
+    """train.max_skipped_steps steps in a row were not finite: the run stops, with no checkpoint of
+    any step since the first of them."""
+
+    def __init__(self, first: int, last: int, limit: int):
+        super().__init__(f"steps {first} to {last} were not finite (a NaN or an infinity in the loss, the gradients "
+                         f"or the parameters they would give), train.max_skipped_steps={limit} in a row; the run stops "
+                         f"with exit code {DIVERGED_EXIT_CODE} and its last checkpoint is from before step {first}: "
+                         "resume from it with a lower optim.lr, other data or a different seed")
+
+
 # --- the events ---------------------------------------------------------------------------
 
 
@@ -108,12 +119,42 @@ class Every(Event):
         return done.end or (self.period > 0 and done.step % self.period == 0)
 
 
+class Guard(Event):
+    """Watches each step's `finite` flag (the train step applied nothing of a step that was not):
+    counts the skipped steps, says whether a checkpoint may be taken (not while the latest step was
+    skipped), and raises Diverged after train.max_skipped_steps in a row. Step n's flag is read
+    once step n+1 is dispatched, so the loop stays a step ahead of the devices; every process reads
+    the same flags at the same steps and so decides alike."""
+
+    def __init__(self, limit: int):
+        self.limit, self.pending = limit, []
+        self.skipped, self.streak = 0, 0  # in this start of the run; the current run of skipped steps
+
+    def after(self, done: Done):
+        self.pending.append((done.step, done.metrics["finite"]))
+        self.settle(upto=done.step if done.last else done.step - 1)
+
+    def settle(self, upto: int):
+        """Reads the flags of the steps up to `upto` (waiting for them)."""
+        while self.pending and self.pending[0][0] <= upto:
+            step, finite = self.pending.pop(0)
+            self.streak = 0 if bool(finite) else self.streak + 1
+            self.skipped += self.streak > 0
+            if self.streak >= self.limit:
+                raise Diverged(step - self.streak + 1, step, self.limit)
+
+    def may_save(self, step: int) -> bool:
+        self.settle(upto=step)
+        return self.streak == 0
+
+
 class Log(Every):
     """A metrics row every train.log_every steps, a progress line in between."""
 
-    def __init__(self, train_step, logger: MetricsLogger, throughput: Throughput, history: dict, feed: "Feed"):
+    def __init__(self, train_step, logger: MetricsLogger, throughput: Throughput, history: dict, feed: "Feed",
+                 guard: Guard):
         super().__init__(train_step.cfg.train.log_every)
-        self.feed, self.waited, self.train_step = feed, 0.0, train_step
+        self.feed, self.waited, self.train_step, self.guard = feed, 0.0, train_step, guard
         self.total, self.unit = train_step.cfg.run.steps, train_step.task.unit
         self.datasets = [s.name for s in getattr(train_step.cfg.data, "sources", [])]  # a mixture counts units per dataset
         self.capacity = train_step.task.units_per_step()  # a step's units if nothing were padding
@@ -129,7 +170,8 @@ class Log(Every):
             self.logger.progress(done.step, self.throughput.step_time() * (self.total - done.step))
             return
         metrics, per_dataset = jax.device_get((done.metrics, self.throughput.units))  # waits for the step
-        metrics = {k: float(v) for k, v in metrics.items() if k != "units"}
+        self.guard.settle(upto=done.step)
+        metrics = {k: float(v) for k, v in metrics.items() if k not in ("units", "finite")}
         per_dataset = np.sum(per_dataset, axis=0)
         step_time, units = self.throughput.step_time(), float(np.sum(per_dataset))
         seconds = step_time * self.throughput.steps
@@ -140,6 +182,7 @@ class Log(Every):
                            "mfu": self.flops_per_unit * units / seconds / self.peak,
                            "pad_fraction": 1 - units / (self.capacity * self.throughput.steps),
                            "data_wait_s": self.feed.waited - self.waited, "eta_s": step_time * (self.total - done.step),
+                           "skipped_steps": self.guard.skipped,
                            **drawn, **{k: round(v, 4) for k, v in epochs.items()}})
         self.waited = self.feed.waited
         self.history["train_loss"].append(metrics["loss"])
@@ -169,10 +212,12 @@ class Save(Every):
     """A checkpoint every checkpoint.every steps, once checkpoint.every_minutes passed since the last
     one, at the end and when preempted."""
 
-    def __init__(self, train_step, checkpointer: Checkpointer, logger: MetricsLogger, pauses, files: RunFiles):
+    def __init__(self, train_step, checkpointer: Checkpointer, logger: MetricsLogger, pauses, files: RunFiles,
+                 guard: Guard):
         cfg = train_step.cfg
         super().__init__(cfg.checkpoint.every)
         self.train_step, self.checkpointer, self.logger, self.pauses, self.files = train_step, checkpointer, logger, pauses, files
+        self.guard = guard
         self.minutes, self.check_every, self.timeout_s = cfg.checkpoint.every_minutes, cfg.train.log_every, cfg.runtime.init_timeout_s
         self.saved_at = time.monotonic()
 
@@ -185,6 +230,10 @@ class Save(Every):
     def after(self, done: Done):
         if not (done.last or self.due(done) or self.by_clock(done.step)):
             return
+        if not self.guard.may_save(done.step):
+            self.logger.note(f"checkpoint {done.step} not taken: the step was not finite and applied nothing; the last "
+                             "checkpoint stands")
+            return
         with self.pauses("checkpoint", done.step):
             self.files.sync()  # what was logged up to this step is stored before the checkpoint that covers it
             blocked = self.checkpointer.save(done.step, done.state, self.train_step.data_position(done.position))
@@ -195,13 +244,14 @@ class Save(Every):
 class Account(Every):
     """Closes the goodput timeline's stretch of steps at each log row (pretrain/run/goodput.py)."""
 
-    def __init__(self, train_step, timeline: Timeline, feed):
+    def __init__(self, train_step, timeline: Timeline, feed, guard: Guard):
         super().__init__(train_step.cfg.train.log_every)
-        self.timeline, self.feed = timeline, feed
+        self.timeline, self.feed, self.guard = timeline, feed, guard
 
     def after(self, done: Done):
         if done.last or self.due(done):
-            self.timeline.steps_until(done.step, self.feed.waited)
+            self.guard.settle(upto=done.step)
+            self.timeline.steps_until(done.step, self.feed.waited, self.guard.skipped)
 
 
 class Profile(Event):
@@ -243,35 +293,23 @@ def fit(train_step, starting_point: StartingPoint = Fresh(), started: float | No
                                                                       resume_step=start)))
         watchdog = stack.enter_context(Watchdog(cfg.runtime.step_timeout_s, start))
         preemption = stack.enter_context(Preemption(checkpointer))
-        throughput = Throughput()
+        throughput, guard = Throughput(), Guard(cfg.train.max_skipped_steps)
         feed = stack.enter_context(Feed(train_step, rows, cfg.data.prefetch))
 
         @contextlib.contextmanager
         def pauses(kind: str, step: int):  # evals and saves are neither step time nor a stuck step
-            timeline.steps_until(step, feed.waited)
+            guard.settle(upto=step)
+            timeline.steps_until(step, feed.waited, guard.skipped)
             with watchdog.paused(), throughput.paused():
                 yield
             timeline.add(kind)
 
         profiler = StepProfiler(cfg.train.profile_steps, files.local)
-        events = [Profile(profiler), Log(train_step, logger, throughput, history, feed), Account(train_step, timeline, feed),
-                  Evaluate(train_step, logger, pauses, history, files), Save(train_step, checkpointer, logger, pauses, files)]
+        events = [Profile(profiler), guard, Log(train_step, logger, throughput, history, feed, guard),
+                  Account(train_step, timeline, feed, guard), Evaluate(train_step, logger, pauses, history, files),
+                  Save(train_step, checkpointer, logger, pauses, files, guard)]
         stack.enter_context(train_step.context())  # after Log, whose CPU peak is measured off the mesh
-        upcoming = feed.next() if start < cfg.run.steps else None  # (batch, position); None: no more data
-        last = start
-        while upcoming is not None:
-            step, (batch, position) = last + 1, upcoming
-            for event in events:
-                event.before(step)
-            state, metrics = compiled(state, batch)
-            watchdog.dispatched(step, metrics)
-            stop = preemption.requested(step)
-            # Batch n+1 goes to the devices while step n runs; without one, step n is the last.
-            upcoming = None if stop or step == cfg.run.steps else feed.next()
-            done = Done(step, state, metrics, position, last=upcoming is None, end=upcoming is None and not stop)
-            for event in events:
-                event.after(done)
-            history["preempted"], last = stop, step
+        state, last = _steps(compiled, state, start, cfg.run.steps, events, feed, watchdog, preemption, history)
         profiler.close(state)  # a run preempted inside the traced steps
         checkpointer.wait()
         timeline.add("checkpoint", final=True, preempted=history["preempted"])
@@ -279,6 +317,27 @@ def fit(train_step, starting_point: StartingPoint = Fresh(), started: float | No
         ran_out = start < cfg.run.steps and last < cfg.run.steps and not preempted
         _closing_note(logger, cfg, start, last, ran_out, preempted, compile_s, time.perf_counter() - run_start)
     return {"state": state, "compile_s": compile_s, "wall_s": time.perf_counter() - run_start, **history}
+
+
+def _steps(compiled, state, start: int, total: int, events: list[Event], feed, watchdog, preemption, history: dict):
+    """Steps start+1 .. total (fewer if preempted or the data runs out), each handed to the events.
+    Returns (state, last step)."""
+    upcoming = feed.next() if start < total else None  # (batch, position); None: no more data
+    last = start
+    while upcoming is not None:
+        step, (batch, position) = last + 1, upcoming
+        for event in events:
+            event.before(step)
+        state, metrics = compiled(state, batch)
+        watchdog.dispatched(step, metrics)
+        stop = preemption.requested(step)
+        # Batch n+1 goes to the devices while step n runs; without one, step n is the last.
+        upcoming = None if stop or step == total else feed.next()
+        done = Done(step, state, metrics, position, last=upcoming is None, end=upcoming is None and not stop)
+        for event in events:
+            event.after(done)
+        history["preempted"], last = stop, step
+    return state, last
 
 
 class Feed(contextlib.AbstractContextManager):

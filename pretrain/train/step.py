@@ -88,6 +88,7 @@ class TrainStep:
         return grads, weight, sums
 
     def train_step(self, state, batch):
+        before = jax.tree.leaves(state)  # the arrays: merging shares the state's variables, which the step changes
         parts = nnx.merge(self.graphdef, state)
         model, optimizer = parts["params"], parts["optimizer"]
         params_graphdef, params = nnx.split(model)
@@ -123,7 +124,14 @@ class TrainStep:
             decay = ema_decay(self.cfg.train.ema_decay, step)
             average = optax.incremental_update(nnx.state(model, nnx.Param), nnx.state(parts["ema"], nnx.Param), 1 - decay)
             nnx.update(parts["ema"], average)
-        return nnx.state(parts), metrics
+        # A step that overflowed, in its loss, its gradients or the parameters it would leave, changes
+        # nothing (parameters, optimizer state with its step count, EMA): the loop counts it skipped
+        # (pretrain/train/loop.py's Guard), so no checkpoint ever holds a NaN or an infinity.
+        checks = (metrics["loss"], metrics["grad_norm"], optax.tree.norm(nnx.state(model, nnx.Param)))
+        metrics["finite"] = jnp.all(jnp.isfinite(jnp.stack(checks)))
+        after = nnx.state(parts)
+        kept = [jnp.where(metrics["finite"], new, old) for new, old in zip(jax.tree.leaves(after), before)]
+        return jax.tree.unflatten(jax.tree.structure(after), kept), metrics
 
     def eval_step(self, state, batch):
         model = nnx.merge(self.graphdef, state)["params"]
