@@ -334,6 +334,13 @@ def gpt2_dir(tmp):
     return tmp / "gpt2"
 
 
+def diffusers_unet_dir(tmp):
+    """A diffusers UNet2DModel directory: its config.json names a class, no architecture of ours."""
+    (tmp / "unet").mkdir()
+    (tmp / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", "sample_size": 32}))
+    return tmp / "unet"
+
+
 def nonempty(tmp):
     (tmp / "full").mkdir()
     (tmp / "full" / "keep.txt").write_text("mine")
@@ -359,6 +366,10 @@ BAD = {
     "import of another rope scaling": (lambda r, t: ["import-hf", str(yarn_dir(t)), "--out", str(t / "x")],
                                        "rope_type 'yarn' is not supported"),
     "import into a non-empty --out": (lambda r, t: ["import-hf", str(r["tied"][1]), "--out", str(nonempty(t))], "is not empty"),
+    "sample of a directory no format reads": (lambda r, t: ["sample", str(diffusers_unet_dir(t)), "--prompt", "x"],
+                                              "holds a UNet2DModel model; sample reads LlamaForCausalLM, UNet directories"),
+    "export to another family's format": (lambda r, t: ["export", str(r["tied"][0]), "--format", "unet", "--out", str(t / "x")],
+                                          r"--format=unet does not hold a 'llm' model; use one of \['hf'\]"),
     "prompt too long": (lambda r, t: ["sample", str(r["tied"][0]), "--prompt", "x " * 60, "--max-new-tokens", "20"],
                         "exceed the model's max_seq_len=64"),
     "resume_from another model": (lambda r, t: ["train", SMOKE, *TINY, *REAL_DATA, "model.embed_dim=64",

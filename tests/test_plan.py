@@ -194,13 +194,16 @@ def test_plan_never_joins_a_cluster(monkeypatch, capsys):
     assert rc == 0 and r["fits"]
 
 
-def test_two_slices_send_only_the_gradient_reduction_over_dcn(capsys):
+@pytest.mark.parametrize("microbatches", [1, 4])
+def test_two_slices_send_only_the_gradient_reduction_over_dcn(microbatches, capsys):
     """The 8b preset (2 of its layers) on 2 slices of v5p-64: within a slice FSDP and tensor parallelism
-    over ICI; between slices only the all-reduce of each chip's gradient shard. Its bytes are the
-    parameters a chip holds (params / 32) in the compute dtype, bfloat16: the layers' weights and the
-    embedding come out of the backward pass in it, and the loss reduces the output layer's gradient in it."""
+    over ICI; between slices only the all-reduce of each chip's gradient shard, once per step however
+    many microbatches. Its bytes are the parameters a chip holds (params / 32) in the compute dtype,
+    bfloat16: the layers' weights and the embedding come out of the backward pass in it, the loss
+    reduces the output layer's gradient in it, and the slices' sums of microbatches cross in it."""
     eight_b = config_lib.preset_path("llm", "8b")
-    small = ["model.num_layers=2", "data.seq_len=256", "train.global_batch=32", "train.microbatches=1"]
+    small = ["model.num_layers=2", "data.seq_len=256", f"train.global_batch={32 * microbatches}",
+             f"train.microbatches={microbatches}"]
     rc = cli.main(["plan", str(eight_b), "--topology", "v5p-64", "--slices", "2", "--json", *small])
     r = json.loads(capsys.readouterr().out)
     assert rc == 0 and r["mesh"] == {"replica": 2, "data": 16, "model": 2} and r["hosts"] == 16

@@ -10,12 +10,14 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import AxisType, Mesh
 
 from data import corpus, pipeline, records
 from pretrain import cli
-from pretrain.train import loop
 from pretrain.build import build
 from pretrain.tasks import LanguageModelTask
+from pretrain.train import loop, sharding
+from pretrain.train.step import TrainStep
 
 from conftest import REAL_DATA, TINY, make_train_step, tiny_config
 from test_model import batch
@@ -46,6 +48,25 @@ def test_microbatches_equal_one_step_on_the_whole_batch(train_step):
     jax.tree.map(
         lambda a, c: np.testing.assert_allclose(a, c, atol=1e-8, rtol=1e-5), first_moment(split), first_moment(whole)
     )
+
+
+def test_two_slices_reduce_their_microbatches_once_and_equal_one_slice():
+    """Microbatches on two slices (mesh replica 2 x data 2 x model 2): each slice sums its own
+    gradients, and the slices add theirs once per step. The loss and the gradients (through Adam's
+    first moment) are those of one slice (data 4 x model 2) reducing every microbatch, within
+    float rounding: the sums are taken in another order."""
+    cfg = tiny_config("train.microbatches=2", "mesh.data=4", "mesh.model=2")
+    task = LanguageModelTask
+    resolved = task.resolve(cfg, (4, 2), "cpu")
+    b = batch(cfg, seed=3)
+    results = []
+    for shape in [(1, 4, 2), (2, 2, 2)]:
+        mesh = Mesh(np.array(jax.devices()).reshape(shape), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+        results.append(run_steps(TrainStep(resolved, task(resolved), mesh, task.axis_rules(resolved, 2)), [b, b]))
+    (one, one_losses), (two, two_losses) = results
+    np.testing.assert_allclose(two_losses, one_losses, rtol=1e-6)
+    first_moment = lambda state: jax.device_get(state["optimizer"]["opt_state"][1]["mu"])  # noqa: E731
+    jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, atol=1e-8, rtol=1e-5), first_moment(two), first_moment(one))
 
 
 @pytest.mark.parametrize("split, dim", [("length", 1), ("embed", 2)])

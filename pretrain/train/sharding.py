@@ -61,6 +61,16 @@ def axis_rules(num_kv_heads: int, model_axis: int, residual_split: str = "none")
     return tuple((name, changed.get(name, axis)) for name, axis in LOGICAL_RULES)
 
 
+def within_slice(rules) -> tuple:
+    """The rules for one slice's share of a batch, computed apart from the other slices' (vmapped
+    over `replica`): the same table with `replica` taken out."""
+    def drop(axis):
+        rest = tuple(a for a in (axis if isinstance(axis, tuple) else (axis,)) if a not in (None, "replica"))
+        return rest if len(rest) > 1 else rest[0] if rest else None
+
+    return tuple((name, drop(axis)) for name, axis in rules)
+
+
 def make_mesh(shape: tuple[int, int], devices=None) -> jax.sharding.Mesh:
     """The (replica, data, model) mesh for mesh.data x mesh.model = `shape` over `devices` (default:
     all of this run's), laid out for the interconnect: on TPUs, neighbouring mesh positions are

@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding
 
 from pretrain.config.schema import Config
 from pretrain.train import optim
-from pretrain.train.sharding import global_batch, logical_spec, process_rows
+from pretrain.train.sharding import global_batch, logical_spec, process_rows, within_slice
 
 
 def ema_decay(decay: float, updates: int):
@@ -79,13 +79,26 @@ class TrainStep:
 
     # --- the steps ------------------------------------------------------------------------
 
-    def _grads(self, params_graphdef, params, batch, key):
+    def _grads(self, params_graphdef, params, batch, key, rules=None):
         def loss_fn(p):
-            total, weight, sums = self.task.loss(nnx.merge(params_graphdef, p), batch, self.mesh, self.rules, key)
+            total, weight, sums = self.task.loss(nnx.merge(params_graphdef, p), batch, self.mesh, rules or self.rules, key)
             return total, (weight, sums)
 
         (_, (weight, sums)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return grads, weight, sums
+
+    def _grads_by_slice(self, params_graphdef, params, batch, key):
+        """_grads of each slice's rows of `batch` apart, stacked [slices, ...] along `replica`: summed
+        over the microbatches, they cross the slices' network (DCN) once per step, not once per
+        microbatch. Each slice draws its randomness from its own key."""
+        slices, inner = self.mesh.shape["replica"], within_slice(self.rules)
+        rows = jax.tree.map(lambda x: x.reshape(slices, x.shape[0] // slices, *x.shape[1:]), batch)
+
+        def one_slice(rows, i):
+            with nnx.logical_axis_rules(inner):
+                return self._grads(params_graphdef, params, rows, jax.random.fold_in(key, i), inner)
+
+        return jax.vmap(one_slice, spmd_axis_name="replica")(rows, jnp.arange(slices))
 
     def train_step(self, state, batch):
         before = jax.tree.leaves(state)  # the arrays: merging shares the state's variables, which the step changes
@@ -101,16 +114,22 @@ class TrainStep:
             # Microbatch i takes rows i, i+k, i+2k, ...: every device keeps its share of every microbatch.
             micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
 
+            grads_of = self._grads if self.mesh.shape["replica"] == 1 else self._grads_by_slice
+
             def accumulate(carry, inputs):
                 mb, i = inputs
                 mb = jax.lax.with_sharding_constraint(mb, self.batch_sharding)
-                grads = self._grads(params_graphdef, params, mb, jax.random.fold_in(key, i))
+                grads = grads_of(params_graphdef, params, mb, jax.random.fold_in(key, i))
                 return jax.tree.map(jnp.add, carry, grads), None
 
             first = jax.tree.map(lambda x: x[0], micro)
-            zero = jax.eval_shape(lambda: self._grads(params_graphdef, params, first, key))
+            zero = jax.eval_shape(lambda: grads_of(params_graphdef, params, first, key))
             zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
             (grads, weight, sums), _ = jax.lax.scan(accumulate, zero, (micro, jnp.arange(k)))
+            if self.mesh.shape["replica"] > 1:  # the one reduction over the slices, in the compute dtype as in a microbatch
+                dtype = jnp.dtype(self.cfg.model.dtype)
+                grads = jax.tree.map(lambda g: jnp.sum(g.astype(dtype), axis=0).astype(g.dtype), grads)
+                weight, sums = jax.tree.map(lambda x: jnp.sum(x, axis=0), (weight, sums))
         # Losses are sums over tokens; one division makes the step independent of how the batch was split.
         # What the step trained on: real target tokens (padding left out) or images, per dataset if the task counts so.
         units = sums.pop("units", weight)
