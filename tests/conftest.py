@@ -16,7 +16,7 @@ pretrain.metrics.mfu       test_trainer test_plan
 pretrain.metrics.logger    test_trainer test_checkpoint
 pretrain.metrics.sinks     test_trainer test_checkpoint
 pretrain.run.runtime       test_multihost test_layouts
-pretrain.run.checkpoint    test_checkpoint test_multihost test_layouts
+pretrain.run.checkpoint    test_checkpoint test_multihost test_layouts test_export
 pretrain.run.outputs       test_checkpoint
 pretrain.run.goodput       test_checkpoint test_divergence
 pretrain.run.profiling     test_profile

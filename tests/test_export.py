@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 import sentencepiece as spm
@@ -388,3 +389,40 @@ def test_bad_input_exits_2_with_one_line(runs, args, message, tmp_path, capsys):
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     if (tmp_path / "full").exists():
         assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+
+
+# A command's peak resident memory, in KiB: Linux's high-water mark of the process (VmHWM), reset
+# when it starts (clear_refs 5), since a process inherits the mark of the one that started it.
+PEAK_RSS = ("import re, sys; open('/proc/self/clear_refs', 'w').write('5'); from pretrain import cli; "
+            "rc = cli.main(sys.argv[1:]); print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[0]); "
+            "sys.exit(rc)")
+
+
+def peak_rss_of(argv) -> int:
+    """In bytes."""
+    proc = subprocess.run([sys.executable, "-c", PEAK_RSS, *map(str, argv)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return int(proc.stdout.split()[-1]) * 1024
+
+
+def test_export_holds_one_parameter_at_a_time(tmp_path):
+    """A Llama-shaped checkpoint of 0.8 GB (float32, made without training) exports with a peak host
+    memory above a tiny model's export of less than twice its largest parameter (0.13 GB) and a fixed
+    64 MiB: each parameter is read on its own and written layer by layer."""
+    shape = ["model.vocab_size=32000", "model.embed_dim=1024", "model.num_layers=8", "model.num_heads=8",
+             "model.num_kv_heads=8", "model.head_dim=128", "model.mlp_dim=4096", "model.max_seq_len=128"]
+    sizes = {}
+    for name, overrides in (("tiny", []), ("big", shape)):
+        cfg = tiny_config(*overrides, f"run.output_dir={tmp_path / name}")
+        abstract = nnx.state(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))
+        params = jax.tree.map(lambda a: np.full(a.shape, 0.01, np.float32), abstract)
+        checkpoint.save_params(cfg, params)
+        sizes[name] = [a.nbytes for a in jax.tree.leaves(params)]
+        del params
+    overhead = peak_rss_of(["export", tmp_path / "tiny", "--out", tmp_path / "tiny-hf"])
+    peak = peak_rss_of(["export", tmp_path / "big", "--out", tmp_path / "big-hf"])
+    # Reading a parameter holds it twice for a moment (TensorStore's buffer and the array); converting
+    # one layer's tensor takes the rest: a fixed 64 MiB covers it. Holding the model would take 0.8 GB.
+    assert peak - overhead < 2 * max(sizes["big"]) + 2**26 < sum(sizes["big"]), (peak, overhead, sizes["big"])
+    config = LlamaConfig.from_pretrained(tmp_path / "big-hf")
+    assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (8, 1024, 32000)

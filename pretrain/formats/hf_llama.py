@@ -179,18 +179,20 @@ def _top_table(m: TransformerConfig):
     return table
 
 
-def hf_tensors(m: TransformerConfig, params: dict):
-    """[(name, shape, thunk)] of every Hugging Face tensor; each thunk pulls one tensor to host memory
-    (one layer's slice of a stacked parameter), so writing never holds the whole model twice."""
+def hf_tensors(m: TransformerConfig, read: params.Reader):
+    """[(name, shape, thunk)] of every Hugging Face tensor; each thunk converts one tensor (one layer's
+    slice of a stacked parameter) from `read`, which holds one of our parameters at a time. The tensors
+    go parameter by parameter (every layer's q_proj, then every layer's k_proj...), so each of ours is
+    read once: writing holds the largest parameter and one converted tensor, never the model."""
 
-    def entry(name, fn, source, layer=None):
-        shape = source.shape if layer is None else source.shape[1:]
+    def entry(name, fn, key, layer=None):
+        shape = read.shapes[key] if layer is None else read.shapes[key][1:]
         out_shape = jax.eval_shape(fn, jax.ShapeDtypeStruct(shape, np.float32)).shape
-        return name, out_shape, lambda: fn(np.asarray(source if layer is None else source[layer]))
+        return name, out_shape, lambda: fn(read(key) if layer is None else read(key)[layer])
 
-    out = [entry(name, fn, params[key]) for key, (name, fn, _) in _top_table(m).items()]
-    for i in range(m.num_layers):
-        out += [entry(f"model.layers.{i}.{name}", fn, params[f"layers/{key}"], i) for key, (name, fn, _) in _layer_table(m).items()]
+    out = [entry(name, fn, key) for key, (name, fn, _) in _top_table(m).items()]
+    for key, (name, fn, _) in _layer_table(m).items():
+        out += [entry(f"model.layers.{i}.{name}", fn, f"layers/{key}", i) for i in range(m.num_layers)]
     return out
 
 
@@ -237,9 +239,9 @@ def export(cfg: LanguageModelRun, directory: epath.Path, step: int, out: epath.P
     if tokenizer is None:
         print(f"note: no tokenizer in {run}; the export has none (and no special token ids)")
     special = special_ids(tokenizer) if tokenizer else {}
-    flat = params.restore(directory, step, Transformer, m)
+    read = params.Reader(directory, step, Transformer, m)
     with output.staged(out, overwrite, last="config.json") as stage:
-        size = weights.write_weights(stage, hf_tensors(m, flat), dtype, max_shard_bytes)
+        size = weights.write_weights(stage, hf_tensors(m, read), dtype, max_shard_bytes)
         (stage / "generation_config.json").write_text(json.dumps(special, indent=2))
         for name, content in (tokenizer_files(tokenizer, m.max_seq_len) if tokenizer else {}).items():
             (stage / name).write_bytes(content)

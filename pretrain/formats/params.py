@@ -1,7 +1,9 @@
 """A model's parameters as a flat {"a/b/0/c": array} dict: read from a checkpoint (parameters only,
-onto one device: no optimizer state, no data, no training mesh) and put into a model."""
+onto one device: no optimizer state, no data, no training mesh) and put into a model; or read one
+at a time (Reader), as exports do, so that host memory holds the largest parameter, not the model."""
 
 import jax
+import numpy as np
 from etils import epath
 from flax import nnx, traverse_util
 
@@ -34,6 +36,22 @@ def restore(directory: epath.Path, step: int, model_class: type, m, device=None,
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), state)
     restored = checkpoint.restore_params(str(directory), abstract, step, item)
     return flat(jax.tree.unflatten(jax.tree.structure(abstract), jax.tree.leaves(restored)))  # may come back as dicts
+
+
+class Reader:
+    """reader(path) -> one parameter of a checkpoint as a float32 NumPy array; only the one last read
+    is kept. `shapes`: every parameter's shape, by path, known without reading any."""
+
+    def __init__(self, directory: epath.Path, step: int, model_class: type, m, item: str = "params"):
+        _, state = abstract_state(model_class, m)
+        self.shapes = {key: a.shape for key, a in flat(state).items()}
+        self.directory, self.kept = directory / str(step) / item, (None, None)
+
+    def __call__(self, key: str) -> np.ndarray:
+        if self.kept[0] != key:
+            self.kept = (None, None)  # let the last one go before the next is read
+            self.kept = (key, checkpoint.restore_array(self.directory, tuple(key.split("/")), self.shapes[key], np.float32))
+        return self.kept[1]
 
 
 def ema_or_params(directory: epath.Path, step: int) -> str:

@@ -36,8 +36,8 @@ def export(cfg: DiffusionRun, directory: epath.Path, step: int, out: epath.Path,
     the config.json; returns the bytes of weights. `max_shard_bytes` does not apply: one file."""
     output.check_output(out, overwrite)
     item = params.ema_or_params(directory, step)
-    flat = params.restore(directory, step, UNet, cfg.model, item=item)
-    tensors = [(key.replace("/", "."), v.shape, lambda v=v: np.asarray(v)) for key, v in sorted(flat.items())]
+    read = params.Reader(directory, step, UNet, cfg.model, item)
+    tensors = [(key.replace("/", "."), shape, lambda key=key: read(key)) for key, shape in sorted(read.shapes.items())]
     description = {"architecture": ARCHITECTURE, "step": step, "weights": item, "dtype": dtype,
                    "model": config_lib.to_dict(cfg.model), "diffusion": config_lib.to_dict(cfg.diffusion)}
     with output.staged(out, overwrite, last="config.json") as stage:

@@ -14,6 +14,8 @@ import dataclasses
 import os
 import time
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 import yaml
 from etils import epath
@@ -128,6 +130,22 @@ def restore_params(path: str, abstract_params, step: int | None = None, item: st
     for which step), into the shardings of `abstract_params`."""
     directory, step = locate(path, step)
     return ocp.StandardCheckpointer().restore(directory / str(step) / item, abstract_params)
+
+
+def restore_array(directory: epath.Path, keys: tuple[str, ...], shape: tuple[int, ...], dtype) -> np.ndarray:
+    """One parameter of a saved item (its path of keys, e.g. ("layers", "wq")) as a NumPy array in
+    host memory, without reading the others."""
+    def nested(leaf):
+        for key in reversed((*keys, "value")):  # each parameter is saved as its variable's value
+            leaf = {key: leaf}
+        return leaf
+
+    args = ocp.args.PyTreeRestore(item=nested(jax.ShapeDtypeStruct(shape, dtype)), partial_restore=True,
+                                  restore_args=nested(ocp.RestoreArgs(restore_type=np.ndarray)))
+    tree = ocp.PyTreeCheckpointer().restore(directory, args=args)
+    for key in (*keys, "value"):
+        tree = tree[key]
+    return tree
 
 
 def save_params(cfg: Config, params):
