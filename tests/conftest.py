@@ -15,6 +15,7 @@ pretrain.tpu.devices       test_topology test_plan
 pretrain.metrics.mfu       test_trainer test_plan
 pretrain.metrics.logger    test_trainer test_checkpoint
 pretrain.metrics.sinks     test_trainer test_checkpoint
+pretrain.metrics.wandb_sink test_wandb
 pretrain.run.runtime       test_multihost test_layouts
 pretrain.run.checkpoint    test_checkpoint test_multihost test_layouts test_export
 pretrain.run.outputs       test_checkpoint

@@ -30,6 +30,7 @@ def mesh_shape(cfg: Config, num_devices: int) -> tuple[int, int]:
 
 
 RESIDUAL_SPLITS = ("none", "length", "embed")  # mesh.residual_split (pretrain/train/sharding.py)
+WANDB_MODES = ("disabled", "offline", "online")  # run.wandb.mode
 
 
 def validate(cfg: Config, num_devices: int, platform: str) -> tuple[int, int]:
@@ -37,6 +38,10 @@ def validate(cfg: Config, num_devices: int, platform: str) -> tuple[int, int]:
     deep inside a compile. Returns the mesh shape."""
     require(cfg.task in CONFIGS, f"task='{cfg.task}' is not known; use one of {sorted(CONFIGS)}")
     require(cfg.run.steps > 0, f"run.steps={cfg.run.steps} must be positive")
+    w = cfg.run.wandb
+    require(w.mode in WANDB_MODES, f"run.wandb.mode='{w.mode}' is unknown; use one of {list(WANDB_MODES)}")
+    require(w.mode == "disabled" or w.project, f"run.wandb.mode={w.mode} needs run.wandb.project (the W&B project "
+                                               "to log to); set it, or run.wandb.mode=disabled")
     require(cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr} must be positive")
     require(cfg.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
     require(cfg.train.log_every > 0, "train.log_every must be positive")

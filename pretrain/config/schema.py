@@ -9,6 +9,15 @@ from models.configs import TransformerConfig, UNetConfig
 
 
 @dataclasses.dataclass
+class WandbConfig:
+    """Weights & Biases (pretrain/metrics/wandb.py): the log rows and the resolved config."""
+
+    mode: str = "disabled"  # online, offline (files under run.output_dir/wandb, `wandb sync` later) or disabled
+    project: str = ""
+    entity: str = ""  # "": the API key's default
+
+
+@dataclasses.dataclass
 class RunConfig:
     name: str = "run"
     seed: int = 0
@@ -18,6 +27,7 @@ class RunConfig:
     # requeue) pass the same id, so that checkpoint.overwrite=true clears only what a different
     # launch left and a retry resumes. The launchers set it; "": every start is a new launch.
     launch_id: str = ""
+    wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
 
 
 @dataclasses.dataclass

@@ -1,7 +1,8 @@
-"""Where the log rows go, each a sink: a line on stdout, metrics.jsonl, TensorBoard. A sink is made
-with (cfg, local_dir, unit, resume_step) on process 0 only, gets every row (`write`) and is closed
-at the end; the local directory is the run's (pretrain/run/outputs.py copies it to a gs://
-run.output_dir). A new sink is a class here or in its own module plus one entry in SINKS."""
+"""Where the log rows go, each a Sink: a line on stdout, metrics.jsonl, TensorBoard (and W&B,
+pretrain/metrics/wandb_sink.py). A sink the config wants is made with (cfg, local_dir, unit,
+resume_step) on process 0 only, gets every row (`write`) and is closed at the end; the local
+directory is the run's (pretrain/run/outputs.py copies it to a gs:// run.output_dir). A new sink
+is a Sink here or in its own module plus one entry in pretrain/metrics/logger.py's SINKS."""
 
 import json
 import os
@@ -14,7 +15,20 @@ def duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-class Console:
+class Sink:
+    @staticmethod
+    def wanted(cfg) -> bool:
+        """Whether the run's config asks for this sink."""
+        return True
+
+    def write(self, row: dict):
+        raise NotImplementedError
+
+    def close(self):
+        pass
+
+
+class Console(Sink):
     """One line per row on stdout and, on a terminal only, a live progress bar between rows."""
 
     def __init__(self, cfg, local_dir: Path, unit: str, resume_step: int):
@@ -46,11 +60,8 @@ class Console:
     def note(self, text: str):
         print(("\r\033[K" if self.tty else "") + text, flush=True)
 
-    def close(self):
-        pass
 
-
-class Jsonl:
+class Jsonl(Sink):
     """metrics.jsonl, one object per row. A resumed run keeps the rows up to its checkpoint and drops
     those of the steps it will redo."""
 
@@ -73,7 +84,7 @@ class Jsonl:
         self.file.close()
 
 
-class TensorBoard:
+class TensorBoard(Sink):
     """Every number of a row as a scalar under tensorboard/."""
 
     def __init__(self, cfg, local_dir: Path, unit: str, resume_step: int):
@@ -90,5 +101,3 @@ class TensorBoard:
     def close(self):
         self.writer.close()
 
-
-SINKS = (Jsonl, TensorBoard, Console)  # in the order a row reaches them: stored before it is shown

@@ -19,7 +19,8 @@ import jax
 
 MIRROR_EVERY_S = 30.0
 MAX_COMPONENTS = 1000  # compose appends before an object is sent whole again (GCS counts components)
-FETCHED_ON_START = ("metrics.jsonl",)  # a resumed run keeps its rows up to the checkpoint
+# A resumed run keeps its rows up to the checkpoint, and its W&B run (pretrain/metrics/wandb_sink.py).
+FETCHED_ON_START = ("metrics.jsonl", "wandb_run_id")
 
 
 class RunFiles:
