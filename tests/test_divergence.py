@@ -41,7 +41,9 @@ def test_an_overflowing_run_skips_its_steps_then_stops_with_only_finite_checkpoi
     assert cli.main([*run, "run.steps=2", "optim.lr=1e-3"]) == 0
     capsys.readouterr()
     assert cli.main([*run, "optim.lr=1e39"]) == 4
-    err = capsys.readouterr().err.strip().splitlines()
+    printed = capsys.readouterr()
+    assert "| skipped 2" in printed.out  # the row of step 4 says so
+    err = printed.err.strip().splitlines()
     assert err[-1].startswith("error: steps 3 to 5 were not finite") and "exit code 4" in err[-1], err
     assert [r["skipped_steps"] for r in rows()] == [0, 0, 1, 2]  # a row per step, but the one that stopped the run
     assert checkpoint.committed_steps(out / "checkpoints") == [1, 2]

@@ -47,7 +47,7 @@ class Console(Sink):
             f"{step} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | grad_norm {row['grad_norm']:.3f} | "
             f"{self.unit}/s {rate:,.0f} | mfu {100 * row['mfu']:.2f}% | pad {100 * row['pad_fraction']:.1f}% | "
             f"step {1000 * row['step_time_s']:.1f} ms | "
-            f"eta {duration(row['eta_s'])}"
+            f"eta {duration(row['eta_s'])}" + (f" | skipped {row['skipped_steps']}" if row.get("skipped_steps") else "")
         )
 
     def progress(self, step: int, eta_s: float):
