@@ -40,7 +40,7 @@ CONTAINER = "pretrain"
 TPU_RESOURCE = "google.com/tpu"
 ACCELERATOR_LABEL = "cloud.google.com/gke-tpu-accelerator"
 TOPOLOGY_LABEL = "cloud.google.com/gke-tpu-topology"
-# The exit codes no restart can fix (pretrain/run/runtime.py's FINAL_EXIT_CODES): 2, bad input, and
+# The exit codes no restart can fix (pretrain/run/runtime.py): 2, bad input, and
 # 4, steps that stopped being finite, fail the JobSet at once. Any other failure
 # restarts it (up to --max-restarts): 75 when preempted (the trainer's checkpoint is committed),
 # 3 from the stuck-step watchdog, a crash (a peer died, a storage hiccup), a lost node. The

@@ -91,11 +91,11 @@ def report(run_dir: str) -> dict:
             lost = max(0, min(count, line["last"] - redone_after))
             steps_lost += lost
             # Skipped steps (not finite) trained nothing; a stretch's time is shared out by its steps.
-            kept = count - lost - min(line.get("skipped", 0), count - lost)
+            skipped = min(line.get("skipped", 0), count - lost)
             parts["lost"] += seconds * lost / count
             parts["data_wait"] += line["data_wait_s"] * (count - lost) / count
-            parts["skipped"] += (seconds - line["data_wait_s"]) * (count - lost - kept) / count
-            parts["productive"] += (seconds - line["data_wait_s"]) * kept / count
+            parts["skipped"] += (seconds - line["data_wait_s"]) * skipped / count
+            parts["productive"] += (seconds - line["data_wait_s"]) * (count - lost - skipped) / count
     wall = attempts[-1][-1]["t"] - attempts[0][0]["t"]
     return {"wall_s": wall, "goodput": parts["productive"] / wall if wall > 0 else 0.0, "parts": parts,
             "steps_lost": steps_lost, "attempts": len(attempts)}
