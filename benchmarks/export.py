@@ -25,14 +25,14 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="export-bench-"))
 
     from pretrain import cli, config as config_lib, formats
+    from pretrain.formats import params
     from pretrain.run import checkpoint
 
     overrides = ["runtime.fake_cpu_devices=8", "data.source=synthetic", f"run.output_dir={root / 'run'}", *args.overrides]
     cfg = config_lib.load(args.config, overrides)
     train_step = cli.start(cfg)
-    checkpoint.save_params(cfg, train_step.init_state()["params"])
-    params = cfg.model.num_params()
-    print(f"{args.config}: {params / 1e6:,.1f}M parameters")
+    checkpoint.save_params(cfg, [(k, lambda v=v: v) for k, v in params.flat(train_step.init_state()["params"]).items()])
+    print(f"{args.config}: {cfg.model.num_params() / 1e6:,.1f}M parameters")
 
     r = formats.export(str(root / "run"), str(root / "hf"), dtype=args.dtype)
     files = sorted((root / "hf").iterdir())

@@ -2,10 +2,11 @@
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 
-import jax
+import ml_dtypes
 import numpy as np
 import pytest
 import sentencepiece as spm
@@ -22,7 +23,7 @@ from data import tokenizer as tokenizer_lib
 from models.configs import RopeScaling
 from models.transformer import Transformer, rope_frequencies
 from pretrain import cli
-from pretrain.formats import hf_llama
+from pretrain.formats import hf_llama, params
 from pretrain.inference import load
 from pretrain.run import checkpoint
 
@@ -141,18 +142,16 @@ def test_greedy_generation_matches_transformers(runs, capsys):
 
 
 def test_bfloat16_export_is_the_rounded_weights(runs, tmp_path):
-    import ml_dtypes
-
     run, _ = runs["tied"]
     assert cli.main(["export", str(run), "--out", str(tmp_path / "bf16")]) == 0  # bfloat16 is the default
-    _, params, _ = load.from_checkpoint(str(run))
+    _, flat, _ = load.from_checkpoint(str(run))
     with safe_open(tmp_path / "bf16" / "model.safetensors", framework="numpy") as f:
         q = f.get_tensor("model.layers.1.self_attn.q_proj.weight")
         embed = f.get_tensor("model.embed_tokens.weight")
     assert q.dtype == ml_dtypes.bfloat16
-    wq = np.asarray(params["layers/wq"][1])
+    wq = np.asarray(flat["layers/wq"][1])
     np.testing.assert_array_equal(q, wq.reshape(wq.shape[0], -1).T.astype(ml_dtypes.bfloat16))
-    np.testing.assert_array_equal(embed, np.asarray(params["embed"]).astype(ml_dtypes.bfloat16))
+    np.testing.assert_array_equal(embed, np.asarray(flat["embed"]).astype(ml_dtypes.bfloat16))
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
@@ -329,6 +328,14 @@ def yarn_dir(tmp):
     return tmp / "yarn"
 
 
+def misdescribed_dir(runs, tmp):
+    """A Llama directory whose config.json claims a wider MLP than its weights have."""
+    shutil.copytree(runs["tied"][1], tmp / "wrong")
+    config = json.loads((tmp / "wrong" / "config.json").read_text())
+    (tmp / "wrong" / "config.json").write_text(json.dumps(config | {"intermediate_size": config["intermediate_size"] * 2}))
+    return tmp / "wrong"
+
+
 def gpt2_dir(tmp):
     (tmp / "gpt2").mkdir()
     (tmp / "gpt2" / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
@@ -351,7 +358,7 @@ def nonempty(tmp):
 def indivisible_heads(tmp):
     """A checkpoint whose embed_dim (36) transformers' LlamaConfig cannot split into 8 heads."""
     cfg = tiny_config("model.embed_dim=36", "model.num_heads=8", f"run.output_dir={tmp / 'odd'}")
-    checkpoint.save_params(cfg, nnx.state(Transformer(cfg.model, rngs=nnx.Rngs(0))))
+    checkpoint.save_params(cfg, [(k, lambda v=v: v) for k, v in params.flat(nnx.state(Transformer(cfg.model, rngs=nnx.Rngs(0)))).items()])
     return tmp / "odd"
 
 
@@ -366,6 +373,9 @@ BAD = {
                                        "holds a GPT2LMHeadModel model; import-hf reads LlamaForCausalLM"),
     "import of another rope scaling": (lambda r, t: ["import-hf", str(yarn_dir(t)), "--out", str(t / "x")],
                                        "rope_type 'yarn' is not supported"),
+    "import of weights config.json does not describe": (
+        lambda r, t: ["import-hf", str(misdescribed_dir(r, t)), "--out", str(t / "x")],
+        r"mlp.gate_proj.weight has shape \[64, 32\] where its config.json implies \[128, 32\]"),
     "import into a non-empty --out": (lambda r, t: ["import-hf", str(r["tied"][1]), "--out", str(nonempty(t))], "is not empty"),
     "sample of a directory no format reads": (lambda r, t: ["sample", str(diffusers_unet_dir(t)), "--prompt", "x"],
                                               "holds a UNet2DModel model; sample reads LlamaForCausalLM, UNet directories"),
@@ -405,24 +415,33 @@ def peak_rss_of(argv) -> int:
     return int(proc.stdout.split()[-1]) * 1024
 
 
-def test_export_holds_one_parameter_at_a_time(tmp_path):
-    """A Llama-shaped checkpoint of 0.8 GB (float32, made without training) exports with a peak host
-    memory above a tiny model's export of less than twice its largest parameter (0.13 GB) and a fixed
-    64 MiB: each parameter is read on its own and written layer by layer."""
+def test_export_and_import_hold_one_parameter_at_a_time(tmp_path):
+    """A Llama-shaped checkpoint of 0.8 GB (float32, made without training) exports, and its export
+    imports back, each with a peak host memory above a tiny model's of less than twice its largest
+    parameter (0.13 GB) and a fixed 192 MiB: each parameter is read, converted and written on its own."""
     shape = ["model.vocab_size=32000", "model.embed_dim=1024", "model.num_layers=8", "model.num_heads=8",
              "model.num_kv_heads=8", "model.head_dim=128", "model.mlp_dim=4096", "model.max_seq_len=128"]
     sizes = {}
     for name, overrides in (("tiny", []), ("big", shape)):
         cfg = tiny_config(*overrides, f"run.output_dir={tmp_path / name}")
-        abstract = nnx.state(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))
-        params = jax.tree.map(lambda a: np.full(a.shape, 0.01, np.float32), abstract)
-        checkpoint.save_params(cfg, params)
-        sizes[name] = [a.nbytes for a in jax.tree.leaves(params)]
-        del params
-    overhead = peak_rss_of(["export", tmp_path / "tiny", "--out", tmp_path / "tiny-hf"])
-    peak = peak_rss_of(["export", tmp_path / "big", "--out", tmp_path / "big-hf"])
-    # Reading a parameter holds it twice for a moment (TensorStore's buffer and the array); converting
-    # one layer's tensor takes the rest: a fixed 64 MiB covers it. Holding the model would take 0.8 GB.
-    assert peak - overhead < 2 * max(sizes["big"]) + 2**26 < sum(sizes["big"]), (peak, overhead, sizes["big"])
+        shapes = params.shapes(Transformer, cfg.model)
+        made = {key: (lambda i=i, s=s: np.random.default_rng(i).normal(0, 0.02, s).astype(np.float32))
+                for i, (key, s) in enumerate(shapes.items())}
+        checkpoint.save_params(cfg, made.items())
+        sizes[name] = [int(np.prod(s)) * 4 for s in shapes.values()]
+    peaks = {}
+    for name in ("tiny", "big"):
+        peaks["export", name] = peak_rss_of(["export", tmp_path / name, "--out", tmp_path / f"{name}-hf"])
+        peaks["import", name] = peak_rss_of(["import-hf", tmp_path / f"{name}-hf", "--out", tmp_path / f"{name}-imported"])
+    # Reading or writing a parameter holds it twice for a moment (TensorStore's buffer and the array).
+    # The fixed part: one layer's tensor being converted, and what Orbax and TensorStore keep after
+    # their first large write (up to 0.12 GiB measured). Holding the model would take 0.8 GB.
+    for command in ("export", "import"):
+        grew = peaks[command, "big"] - peaks[command, "tiny"]
+        assert grew < 2 * max(sizes["big"]) + 192 * 2**20 < sum(sizes["big"]), (command, grew, sizes["big"])
     config = LlamaConfig.from_pretrained(tmp_path / "big-hf")
     assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (8, 1024, 32000)
+    directory, step = checkpoint.locate(str(tmp_path / "big-imported"))
+    for i, (key, s) in enumerate(params.shapes(Transformer, tiny_config(*shape).model).items()):
+        back = checkpoint.restore_array(directory / str(step) / "params", tuple(key.split("/")), s, np.float32)
+        np.testing.assert_array_equal(back, made[key]().astype(ml_dtypes.bfloat16).astype(np.float32), err_msg=key)

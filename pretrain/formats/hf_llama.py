@@ -15,7 +15,6 @@ import json
 import jax
 import numpy as np
 from etils import epath
-from flax import nnx
 
 from data import tokenizer as tokenizer_lib
 from data.prepare import output
@@ -179,14 +178,15 @@ def _top_table(m: TransformerConfig):
     return table
 
 
-def hf_tensors(m: TransformerConfig, read: params.Reader):
-    """[(name, shape, thunk)] of every Hugging Face tensor; each thunk converts one tensor (one layer's
-    slice of a stacked parameter) from `read`, which holds one of our parameters at a time. The tensors
-    go parameter by parameter (every layer's q_proj, then every layer's k_proj...), so each of ours is
-    read once: writing holds the largest parameter and one converted tensor, never the model."""
+def hf_tensors(m: TransformerConfig, shapes: dict, read: params.Reader | None):
+    """[(name, shape, thunk)] of every Hugging Face tensor, given our parameters' `shapes`; each thunk
+    converts one tensor (one layer's slice of a stacked parameter) from `read`, which holds one of our
+    parameters at a time. The tensors go parameter by parameter (every layer's q_proj, then every
+    layer's k_proj...), so each of ours is read once: writing holds the largest parameter and one
+    converted tensor, never the model."""
 
     def entry(name, fn, key, layer=None):
-        shape = read.shapes[key] if layer is None else read.shapes[key][1:]
+        shape = shapes[key] if layer is None else shapes[key][1:]
         out_shape = jax.eval_shape(fn, jax.ShapeDtypeStruct(shape, np.float32)).shape
         return name, out_shape, lambda: fn(read(key) if layer is None else read(key)[layer])
 
@@ -196,12 +196,21 @@ def hf_tensors(m: TransformerConfig, read: params.Reader):
     return out
 
 
-def params_from_hf(m: TransformerConfig, read) -> dict:
-    """Our flat {path: float32 array} from `read(name)`, which returns one Hugging Face tensor."""
-    params = {key: fn(read(name)).astype(np.float32) for key, (name, _, fn) in _top_table(m).items()}
-    for key, (name, _, fn) in _layer_table(m).items():
-        params[f"layers/{key}"] = np.stack([fn(read(f"model.layers.{i}.{name}")) for i in range(m.num_layers)]).astype(np.float32)
-    return params
+def our_tensors(m: TransformerConfig, shapes: dict, read) -> list:
+    """[(path, thunk)] of each of our parameters as float32, converted from `read(name)`, which returns
+    one Hugging Face tensor. A stacked layer parameter is filled layer by layer: a thunk holds the
+    parameter it makes and one tensor of theirs."""
+
+    def stacked(key, name, fn):
+        out = np.empty(shapes[key], np.float32)
+        for i in range(m.num_layers):
+            out[i] = fn(read(f"model.layers.{i}.{name}"))
+        return out
+
+    tensors = [(key, lambda name=name, fn=fn: fn(read(name)).astype(np.float32))
+               for key, (name, _, fn) in _top_table(m).items()]
+    return tensors + [(f"layers/{key}", lambda key=key, name=name, fn=fn: stacked(f"layers/{key}", name, fn))
+                      for key, (name, _, fn) in _layer_table(m).items()]
 
 
 # --- the directory, both ways ----------------------------------------------------------------
@@ -216,8 +225,8 @@ def read(directory: epath.Path) -> tuple[LanguageModelRun, dict, Tokenizer | Non
     or None) of a Llama directory."""
     m = _model_config_of(directory)
     with weights.open_weights(directory) as read_tensor:
-        params = params_from_hf(m, read_tensor)
-    return LanguageModelRun(model=m), params, tokenizer_lib.read(directory)
+        flat = {key: thunk() for key, thunk in our_tensors(m, params.shapes(Transformer, m), read_tensor)}
+    return LanguageModelRun(model=m), flat, tokenizer_lib.read(directory)
 
 
 def _model_config_of(directory: epath.Path) -> TransformerConfig:
@@ -241,7 +250,7 @@ def export(cfg: LanguageModelRun, directory: epath.Path, step: int, out: epath.P
     special = special_ids(tokenizer) if tokenizer else {}
     read = params.Reader(directory, step, Transformer, m)
     with output.staged(out, overwrite, last="config.json") as stage:
-        size = weights.write_weights(stage, hf_tensors(m, read), dtype, max_shard_bytes)
+        size = weights.write_weights(stage, hf_tensors(m, read.shapes, read), dtype, max_shard_bytes)
         (stage / "generation_config.json").write_text(json.dumps(special, indent=2))
         for name, content in (tokenizer_files(tokenizer, m.max_seq_len) if tokenizer else {}).items():
             (stage / name).write_bytes(content)
@@ -251,16 +260,22 @@ def export(cfg: LanguageModelRun, directory: epath.Path, step: int, out: epath.P
 
 def import_(directory: epath.Path, out: str, *, overwrite: bool) -> int:
     """A Llama directory as a checkpoint (step 0, parameters only) in `out`, with the config.yaml and
-    tokenizer to train on from there (checkpoint.resume_from=OUT). Returns the parameter count."""
-    _model_config_of(directory)  # other architectures are refused before any weight is read
+    tokenizer to train on from there (checkpoint.resume_from=OUT). Returns the parameter count. Each
+    parameter is converted and written on its own: host memory holds the largest, not the model."""
+    m = _model_config_of(directory)  # other architectures are refused before any weight is read
     output.check_output(epath.Path(out), overwrite)
-    loaded, flat, tokenizer = read(directory)
-    m = loaded.model
+    tokenizer = tokenizer_lib.read(directory)
+    shapes = params.shapes(Transformer, m)
     cfg = LanguageModelRun(run=RunConfig(name=directory.name or "imported", steps=1, output_dir=str(out)), model=m)
-    if overwrite:
-        checkpoint.clear_output_dir(cfg)
-    checkpoint.save_params(cfg, nnx.state(params.build(Transformer, m, flat)))
+    with weights.open_weights(directory) as read_tensor:
+        for name, shape, _ in hf_tensors(m, shapes, None):
+            if read_tensor.shape(name) != tuple(shape):
+                raise ConfigError(f"{directory}: {name} has shape {list(read_tensor.shape(name))} where its config.json "
+                                  f"implies {list(shape)}; is config.json the one these weights came with?")
+        if overwrite:
+            checkpoint.clear_output_dir(cfg)
+        checkpoint.save_params(cfg, our_tensors(m, shapes, read_tensor))
     if tokenizer is not None:
         tokenizer.write(out)
     (epath.Path(out) / "config.yaml").write_text(config_lib.to_yaml(cfg))
-    return sum(int(np.prod(v.shape)) for v in flat.values())
+    return sum(int(np.prod(shape)) for shape in shapes.values())

@@ -15,6 +15,11 @@ def abstract_state(model_class: type, m):
     return nnx.split(nnx.eval_shape(lambda: model_class(m, rngs=nnx.Rngs(0))))
 
 
+def shapes(model_class: type, m) -> dict:
+    """{path: shape} of every parameter of model_class(m), known without allocating any."""
+    return {key: a.shape for key, a in flat(abstract_state(model_class, m)[1]).items()}
+
+
 def flat(state) -> dict:
     """{"a/b/0/c": array}: list indices (the UNet's blocks) become path parts like any name."""
     return {"/".join(map(str, k)): v for k, v in traverse_util.flatten_dict(nnx.to_pure_dict(state)).items()}
@@ -43,8 +48,7 @@ class Reader:
     is kept. `shapes`: every parameter's shape, by path, known without reading any."""
 
     def __init__(self, directory: epath.Path, step: int, model_class: type, m, item: str = "params"):
-        _, state = abstract_state(model_class, m)
-        self.shapes = {key: a.shape for key, a in flat(state).items()}
+        self.shapes = shapes(model_class, m)
         self.directory, self.kept = directory / str(step) / item, (None, None)
 
     def __call__(self, key: str) -> np.ndarray:

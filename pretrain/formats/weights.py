@@ -1,18 +1,17 @@
-"""Safetensors files, written tensor by tensor and read lazily: the weights of every outside format.
+"""Safetensors files, written and read tensor by tensor: the weights of every outside format.
 
-The safetensors library wants every tensor in memory at once to write a file; here a tensor is
-pulled to host memory only when its bytes are written, so an export never holds the model twice.
-Above a size the weights go into numbered files with an index, as Hugging Face lays them out.
+The safetensors library wants every tensor in memory at once to write a file, and reads by
+memory-mapping whole files (local ones only); here a tensor is in host memory only while its bytes
+are written or read, so an export or import never holds the model, and gs:// files are read in
+place. Above a size the weights go into numbered files with an index, as Hugging Face lays them out.
 """
 
 import contextlib
 import json
-import tempfile
 
 import ml_dtypes
 import numpy as np
 from etils import epath
-from safetensors import safe_open
 
 from pretrain.config import ConfigError
 
@@ -65,32 +64,47 @@ def write_weights(out: epath.Path, tensors, dtype: str, max_shard_bytes: int) ->
     return total
 
 
+class Weights:
+    """weights(name) -> one tensor as a NumPy array, weights.shape(name) -> its shape without reading
+    it. Each tensor is read on its own, at its offset, from local or gs:// files alike: no file is
+    memory-mapped or downloaded whole, so only the tensor asked for is in host memory."""
+
+    def __init__(self, directory: epath.Path, files: dict | None, stack: contextlib.ExitStack):
+        self.directory, self.files, self.stack, self.opened = directory, files, stack, {}
+
+    def __call__(self, name: str) -> np.ndarray:
+        f, start, header = self._entry(name)
+        begin, end = header["data_offsets"]
+        f.seek(start + begin)
+        dtype = next((np_dtype for np_dtype, code in DTYPES.values() if code == header["dtype"]), None)
+        if dtype is None:
+            raise ConfigError(f"{self.directory}: {name} is {header['dtype']}; weights are read as {', '.join(DTYPES)}")
+        return np.frombuffer(f.read(end - begin), dtype=np.dtype(dtype).newbyteorder("<")).reshape(header["shape"])
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entry(name)[2]["shape"])
+
+    def _entry(self, name: str):
+        """(the open file holding `name`, where its data starts, the tensor's header entry)."""
+        filename = WEIGHTS if self.files is None else self.files.get(name)
+        if filename is not None and filename not in self.opened:
+            f = self.stack.enter_context((self.directory / filename).open("rb"))
+            length = int.from_bytes(f.read(8), "little")
+            self.opened[filename] = (f, 8 + length, json.loads(f.read(length)))
+        if filename is None or name not in self.opened[filename][2]:
+            raise ConfigError(f"{self.directory} lacks the tensor {name}; is it a complete export?")
+        f, start, headers = self.opened[filename]
+        return f, start, headers[name]
+
+
 @contextlib.contextmanager
 def open_weights(directory: epath.Path):
-    """Yields read(name) -> one tensor as a NumPy array, from a directory's safetensors files
-    (memory-mapped, each opened when first needed). safetensors reads local files only, so a
-    gs:// file is first downloaded into a temporary directory."""
+    """Yields the Weights of a directory's safetensors files (one, or numbered ones with an index)."""
     if (directory / INDEX).exists():
         files = json.loads((directory / INDEX).read_text())["weight_map"]
     elif (directory / WEIGHTS).exists():
         files = None  # one file holds every tensor
     else:
         raise ConfigError(f"{directory} has neither {WEIGHTS} nor {INDEX}; export it again")
-    with tempfile.TemporaryDirectory(prefix="pretrain-hf-") as tmp, contextlib.ExitStack() as stack:
-        opened = {}
-
-        def read(name: str) -> np.ndarray:
-            filename = WEIGHTS if files is None else files.get(name)
-            if filename is None:
-                raise ConfigError(f"{directory} lacks the tensor {name}; is it a complete export?")
-            if filename not in opened:
-                local = directory / filename
-                if str(local).startswith("gs://"):
-                    local = epath.Path(tmp) / filename
-                    (directory / filename).copy(local)
-                opened[filename] = stack.enter_context(safe_open(str(local), framework="numpy"))
-            if name not in opened[filename].keys():
-                raise ConfigError(f"{directory} lacks the tensor {name}; is it a complete export?")
-            return opened[filename].get_tensor(name)
-
-        yield read
+    with contextlib.ExitStack() as stack:
+        yield Weights(directory, files, stack)

@@ -13,10 +13,12 @@ the partial one invisible to a resume (`committed_steps`).
 import dataclasses
 import os
 import time
+from collections.abc import Callable, Iterable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint.experimental.v1 import partial as ocp_partial
 import yaml
 from etils import epath
 
@@ -148,11 +150,42 @@ def restore_array(directory: epath.Path, keys: tuple[str, ...], shape: tuple[int
     return tree
 
 
-def save_params(cfg: Config, params):
+class _OneAtATime(ocp.CheckpointHandler):
+    """Writes a parameters item one tensor at a time with Orbax's partial saves, each an addition to
+    the same pytree, then moves the finished pytree where the step's item belongs: the item reads
+    back as if the whole tree had been saved at once."""
+
+    def save(self, directory: epath.Path, args: "StreamedSave"):
+        build = directory.parent / f"{directory.name}.build"
+        for key, thunk in args.tensors:
+            leaf = jax.device_put(thunk(), jax.devices("cpu")[0])  # Orbax writes a NumPy array through a copy
+            for part in reversed((*key.split("/"), "value")):  # each parameter is saved as its variable's value
+                leaf = {part: leaf}
+            ocp_partial.save(build, leaf)
+            del leaf  # let it go before the next is made
+        ocp_partial.finalize(build)
+        if directory.exists():
+            directory.rmdir()
+        (build / "state").rename(directory)
+        build.rmtree()
+
+    def restore(self, directory: epath.Path, args=None):
+        raise NotImplementedError("a parameters item reads back with ocp.args.StandardRestore")
+
+
+@ocp.args.register_with_handler(_OneAtATime, for_save=True, for_restore=True)
+@dataclasses.dataclass
+class StreamedSave(ocp.args.CheckpointArgs):
+    tensors: Iterable[tuple[str, Callable[[], np.ndarray]]]
+
+
+def save_params(cfg: Config, tensors: Iterable[tuple[str, Callable[[], np.ndarray]]]):
     """A checkpoint of parameters alone (step 0, no optimizer or data position) under
-    run.output_dir, such as an imported model that training can start from."""
+    run.output_dir, such as an imported model that training can start from. tensors: [(path such as
+    "layers/wq", thunk giving that parameter)], written one at a time, so that host memory holds one
+    parameter, never the model."""
     manager = _manager(absolute(cfg.run.output_dir) / "checkpoints", cfg)
-    items = {"params": ocp.args.StandardSave(params), "config": ocp.args.JsonSave(config_lib.to_dict(cfg))}
+    items = {"params": StreamedSave(tensors), "config": ocp.args.JsonSave(config_lib.to_dict(cfg))}
     manager.save(0, args=ocp.args.Composite(**items), force=True)
     manager.wait_until_finished()
     manager.close()
