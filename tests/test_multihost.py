@@ -120,6 +120,32 @@ def test_sigterm_to_one_process_saves_the_same_step_on_all(reference, tmp_path):
     assert losses(out) == losses(reference)
 
 
+def test_the_local_tier_resumes_a_killed_run_and_a_lost_local_directory_falls_back(reference, tmp_path):
+    """Local saves every 2 steps between the persistent ones (6, 12), each process into its own
+    directory; the run is killed at step 9, after local step 8 and before persistent step 12."""
+    out, local, lines = tmp_path / "run", tmp_path / "local", []
+    command = ["train", SMOKE, *LLM, f"checkpoint.local_dir={local}", "checkpoint.local_every=2",
+               "checkpoint.local_every_minutes=0", "checkpoint.async=false", f"run.output_dir={out}"]
+    proc = launch(2, command, start_new_session=True)
+    wait_for(proc, "[0] step  9/", lines)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert "[0] local checkpoint 8: the loop was blocked" in "".join(lines)
+    assert checkpoint.committed_steps(out / "checkpoints") == [6]
+    for name in ("run", "local"):
+        shutil.copytree(tmp_path / name, tmp_path / f"killed-{name}")
+    assert "resumed from step 8 (local tier)" in run_launched(2, command)
+    assert losses(out) == losses(reference) and len(losses(out)) == STEPS
+    # The same kill, but one host lost its local directory: the persistent tier resumes.
+    for name in ("run", "local"):
+        shutil.rmtree(tmp_path / name)
+        shutil.copytree(tmp_path / f"killed-{name}", tmp_path / name)
+    shutil.rmtree(local / "smoke-llm" / "process_1")
+    printed = run_launched(2, command)
+    assert "resumed from step 6\n" in printed and "local tier" not in printed
+    assert losses(out) == losses(reference) and len(losses(out)) == STEPS
+
+
 def test_a_killed_process_takes_the_other_down_within_the_heartbeat_timeout(tmp_path):
     lines = []
     proc = launch(2, ["train", SMOKE, *LLM, "run.steps=100000", "runtime.heartbeat_timeout_s=5",

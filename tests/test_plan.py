@@ -179,10 +179,13 @@ def test_plan_reports_each_hosts_rows(capsys):
     assert rc == 0 and r["hosts"] == 4 and r["rows_per_host"] == [16] * 4
     assert r["host0_rows"] == "0-7, 24-27, 60-63"  # the torus order: 0-63, 192-223, 480-511 of 512 rows
     # A checkpoint: each host writes its 4 chips' shards, and the host of the first chip the
-    # replicated norm scales (and step counters) too.
+    # replicated norm scales (and step counters) too; in the local tier every host writes those.
     cfg = config_lib.load(SMOKE, PLAN + ["mesh.data=16", "mesh.model=1", "train.global_batch=64"])
     hand = 4 * (hand_count(cfg) - norm_bytes(cfg)) + norm_bytes(cfg)
     assert 0 <= r["checkpoint_gib_per_host"] * 2**30 - hand <= 32
+    train_step = build.build(cfg, topology_devices(kinds.parse("v5e-16"), 1))
+    persistent, local = (plan.checkpoint_bytes_per_host(train_step, local) for local in (False, True))
+    assert persistent[0] > persistent[1] == persistent[2] == persistent[3] and local == [persistent[0]] * 4
 
 
 def test_plan_never_joins_a_cluster(monkeypatch, capsys):

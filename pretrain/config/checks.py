@@ -61,8 +61,11 @@ def validate(cfg: Config, num_devices: int, platform: str) -> tuple[int, int]:
     require(cfg.data.workers >= 0, f"data.workers={cfg.data.workers} must be >= 0")
     require(cfg.data.prefetch >= 0, f"data.prefetch={cfg.data.prefetch} must be >= 0 (0: no read-ahead)")
     require(cfg.data.num_epochs >= 0, f"data.num_epochs={cfg.data.num_epochs} must be >= 0 (0: repeat for as long as the run goes)")
-    for key in ("every", "every_minutes", "keep", "keep_every"):
+    for key in ("every", "every_minutes", "keep", "keep_every", "local_every", "local_every_minutes"):
         require(getattr(cfg.checkpoint, key) >= 0, f"checkpoint.{key}={getattr(cfg.checkpoint, key)} must be >= 0")
+    local = cfg.checkpoint.local_dir
+    require(not local or "://" not in local,
+            f"checkpoint.local_dir={local} must be a path on each host's own disk; run.output_dir takes gs://")
     per_step = data * cfg.train.microbatches
     require(
         cfg.train.global_batch % per_step == 0,

@@ -167,6 +167,13 @@ class CheckpointConfig:
     # those parameters with a fresh optimizer and data position.
     resume_from: str = ""
     overwrite: bool = False  # replace the checkpoints of another run or model in run.output_dir
+    # The local tier: a directory on each host's own disk or memory (a local SSD, /dev/shm), where
+    # every host writes the shards it holds every local_every steps or local_every_minutes, between
+    # the saves to run.output_dir. "": none. A restart resumes from the newest step either tier holds
+    # whole; a host that lost its directory (or was replaced) sends the run back to the persistent one.
+    local_dir: str = ""
+    local_every: int = 0
+    local_every_minutes: float = 5.0
 
 
 @dataclasses.dataclass

@@ -34,19 +34,34 @@ def _state_bytes_per_chip(train_step) -> int:
     return total
 
 
-def checkpoint_bytes_per_host(train_step) -> list[int]:
-    """Bytes of the train state each host writes per checkpoint: every distinct shard once, by the
-    host of its first replica in the mesh's device order (Orbax's replica 0)."""
+def checkpoint_bytes_per_host(train_step, local: bool = False) -> list[int]:
+    """Bytes of the train state each host writes per checkpoint. Persistent: every distinct shard once,
+    by the host of its first replica in the mesh's device order (Orbax's replica 0). Local
+    (checkpoint.local_dir): every distinct shard a host holds, whoever else holds it too."""
     written = {}
     for leaf in jax.tree.leaves(train_step.abstract_state_with_shardings()):
         indices = leaf.sharding.devices_indices_map(leaf.shape)
         shard_bytes = leaf.dtype.itemsize * math.prod(leaf.sharding.shard_shape(leaf.shape))
         owners = {}
         for device in train_step.mesh.devices.flat:
-            owners.setdefault(tuple((i.start, i.stop) for i in indices[device]), device.process_index)
+            shard = tuple((i.start, i.stop) for i in indices[device])
+            owners.setdefault((device.process_index, shard) if local else shard, device.process_index)
         for host in owners.values():
             written[host] = written.get(host, 0) + shard_bytes
     return [written.get(host, 0) for host in sorted({d.process_index for d in train_step.mesh.devices.flat})]
+
+
+def _checkpoint_figures(train_step, kind) -> dict:
+    """What each tier writes per host per save and when, and how long a save blocks the loop."""
+    c = train_step.cfg.checkpoint
+    return {
+        "checkpoint_gib_per_host": max(checkpoint_bytes_per_host(train_step)) / GIB,
+        "checkpoint_every": {"steps": c.every, "minutes": c.every_minutes},
+        "local_checkpoint_gib_per_host": max(checkpoint_bytes_per_host(train_step, local=True)) / GIB,
+        "local_checkpoint_every": {"steps": c.local_every, "minutes": c.local_every_minutes} if c.local_dir else None,
+        # While each chip copies its state to its host's memory (all at once); the writing goes on behind.
+        "save_blocks_s": _state_bytes_per_chip(train_step) / kind.host_bytes_per_s,
+    }
 
 
 class StartupError(Exception):
@@ -100,8 +115,7 @@ def plan(cfg: Config, accelerator_type: str, num_slices: int = 1) -> dict:
         "attention": train_step.cfg.model.attention,
         "hbm_per_chip_gib": kind.hbm_gib,
         "params_and_optimizer_gib": _state_bytes_per_chip(train_step) / GIB,
-        "checkpoint_gib_per_host": max(checkpoint_bytes_per_host(train_step)) / GIB,
-        "checkpoint_every": {"steps": cfg.checkpoint.every, "minutes": cfg.checkpoint.every_minutes},
+        **_checkpoint_figures(train_step, kind),
         "flops_per_step": train_step.task.flops_per_step(),
         # XLA's memory and collectives move between releases: a figure is only worth its compiler's name.
         "compiler": f"jax {jax.__version__}, libtpu {importlib.metadata.version('libtpu')}",
@@ -208,8 +222,10 @@ def describe(r: dict) -> str:
     lines = [f"{_title(r)}, remat {r['remat']}", f"  per chip: {memory}",
              f"  hosts: {r['hosts']}, each reading {' to '.join(map(str, counts))} rows of the global batch "
              f"(host 0: rows {r['host0_rows']})",
-             f"  checkpoints: each host writes at most {r['checkpoint_gib_per_host']:.2f} GiB per save, "
-             f"{_cadence(r['checkpoint_every'])}",
+             f"  checkpoints: each host writes at most {r['checkpoint_gib_per_host']:.2f} GiB per save to run.output_dir, "
+             f"{_cadence(r['checkpoint_every'])}; the local tier {r['local_checkpoint_gib_per_host']:.2f} GiB to its own "
+             f"disk, " + (_cadence(r["local_checkpoint_every"]) if r["local_checkpoint_every"] else "off (checkpoint.local_dir)")
+             + f"; a save blocks the loop about {r['save_blocks_s']:.2f} s (each chip's state to host memory)",
              f"  FLOPs per step: {r['flops_per_step']:.3e} (the MFU count)"]
     if r["est_step_s"] is not None:
         f = r["forecast"]

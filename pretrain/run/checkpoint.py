@@ -8,9 +8,15 @@ Params are a separate item so that a run can start from another run's (or an imp
 model's) weights with a fresh optimizer. Orbax writes each step into a temporary directory
 and commits it only when complete, so a kill mid-save leaves the previous steps intact and
 the partial one invisible to a resume (`committed_steps`).
+
+With checkpoint.local_dir, a local tier holds the same items between the persistent saves, each
+process's shards in its own directory on its own host (LocalCheckpointer); a restart resumes from
+the newest step that either tier holds whole (`starting_point`).
 """
 
 import dataclasses
+import json
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -25,6 +31,7 @@ from etils import epath
 from pretrain import config as config_lib
 from pretrain.config import ConfigError
 from pretrain.config.schema import Config
+from pretrain.run import runtime
 
 
 DATA_ITEM = "data_position"  # records read by each row of the global batch (data/pipeline.py)
@@ -60,7 +67,9 @@ def _checkpoints_dir(path: str) -> tuple[epath.Path, int | None]:
 
 
 class Checkpointer:
-    """Saves the run's state (async) and restores it, under run.output_dir/checkpoints."""
+    """Saves the run's state (async) and restores it: the persistent tier, run.output_dir/checkpoints."""
+
+    tier = "persistent"
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -70,8 +79,8 @@ class Checkpointer:
         """Start saving `step` (the train state, one item per part, and the data position, a global
         array); returns the seconds the loop was blocked (the device-to-host copy)."""
         start = time.perf_counter()
-        items = {name: ocp.args.StandardSave(part) for name, part in state.items()}
-        items[DATA_ITEM] = ocp.args.StandardSave({"positions": data_position})
+        items = {name: self._save(part) for name, part in state.items()}
+        items[DATA_ITEM] = self._save({"positions": data_position})
         items["config"] = ocp.args.JsonSave(config_lib.to_dict(self.cfg))
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         return time.perf_counter() - start
@@ -79,12 +88,18 @@ class Checkpointer:
     def restore(self, step: int, abstract_state, abstract_position) -> tuple[dict, object]:
         """(the parts of the state of `step` by name, the data position or None if the checkpoint has
         none), placed straight into the shardings of the abstract arguments."""
-        items = {name: ocp.args.StandardRestore(part) for name, part in abstract_state.items()}
+        items = {name: self._restore(part) for name, part in abstract_state.items()}
         if DATA_ITEM in self._items(step):
-            items[DATA_ITEM] = ocp.args.StandardRestore({"positions": abstract_position})
+            items[DATA_ITEM] = self._restore({"positions": abstract_position})
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         position = restored[DATA_ITEM]["positions"] if DATA_ITEM in items else None
         return {name: restored[name] for name in abstract_state}, position
+
+    def _save(self, tree):
+        return ocp.args.StandardSave(tree)
+
+    def _restore(self, abstract):
+        return ocp.args.StandardRestore(abstract)
 
     def _items(self, step: int) -> set[str]:
         return {p.name for p in (self.manager.directory / str(step)).iterdir()}
@@ -100,6 +115,82 @@ class Checkpointer:
 
     def close(self):
         self.manager.close()
+
+
+# --- the local tier (checkpoint.local_dir) ---------------------------------------------------
+
+
+def _local_root(cfg: Config) -> epath.Path:
+    """This process's own directory of the local tier. A replaced host, or a process numbered
+    differently after a restart, finds none of its steps there."""
+    return absolute(cfg.checkpoint.local_dir) / cfg.run.name / f"process_{jax.process_index()}"
+
+
+def _layout(cfg: Config) -> dict:
+    """What this process's local shards are valid for: this run, as many processes, the same
+    devices in this one, the same mesh. Anything else restores from the persistent tier."""
+    return {"output_dir": str(absolute(cfg.run.output_dir)), "processes": jax.process_count(),
+            "devices": sorted(d.id for d in jax.local_devices()), "mesh": config_lib.to_dict(cfg)["mesh"]}
+
+
+def _written_under_this_layout(root: epath.Path, cfg: Config) -> bool:
+    return (root / "layout.json").exists() and json.loads((root / "layout.json").read_text()) == _layout(cfg)
+
+
+def local_steps(cfg: Config) -> list[int]:
+    """The steps this process holds whole in its local directory, written under this layout."""
+    root = _local_root(cfg)
+    if not cfg.checkpoint.local_dir or not _written_under_this_layout(root, cfg):
+        return []
+    return committed_steps(root / "checkpoints")
+
+
+def _local_manager(directory: epath.Path, cfg: Config, items: list[str]) -> ocp.CheckpointManager:
+    """Each process its own primary: it writes every shard it holds, replicas too, and commits alone."""
+    processes = ocp.options.MultiprocessingOptions(primary_host=None, barrier_sync_key_prefix="local")
+    arrays = ocp.type_handlers.create_type_handler_registry(
+        (jax.Array, ocp.type_handlers.ArrayHandler(primary_host=None, replica_id=None, use_replica_parallel=False)))
+    registry = ocp.DefaultCheckpointHandlerRegistry()
+    for item in (*items, DATA_ITEM):
+        handler = ocp.PyTreeCheckpointHandler(multiprocessing_options=processes, type_handler_registry=arrays)
+        registry.add(item, ocp.args.PyTreeSave, handler)
+        registry.add(item, ocp.args.PyTreeRestore, handler)
+    registry.add("config", ocp.args.JsonSave, ocp.JsonCheckpointHandler(multiprocessing_options=processes))
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=2, enable_async_checkpointing=cfg.checkpoint.async_, cleanup_tmp_directories=True,
+        multiprocessing_options=processes, save_root_metadata=False, enable_per_process_directory_creation=True,
+        single_host_load_and_broadcast=False)
+    return ocp.CheckpointManager(directory, options=options, handler_registry=registry)
+
+
+class LocalCheckpointer(Checkpointer):
+    """The local tier: every process writes the shards it holds into its own directory under
+    checkpoint.local_dir, as Orbax's emergency checkpointing does; no process reads another's disk.
+    The two latest steps are kept, so that a kill while some processes had committed the newest
+    leaves the one before whole on all."""
+
+    tier = "local"
+
+    def __init__(self, cfg: Config, items: list[str], start: int):
+        """items: the names of the state's parts; start: the step the run starts from (local steps
+        after it, left by an attempt that went further than the tier resumed from, are removed)."""
+        self.cfg, root = cfg, _local_root(cfg)
+        # Orbax warns at every item of every local save that it does not log global sizes then.
+        logging.getLogger("absl").addFilter(lambda r: "Global object size logging disabled" not in r.getMessage())
+        if root.exists() and not _written_under_this_layout(root, cfg):
+            root.rmtree()  # nothing in it can be restored here
+        for step in committed_steps(root / "checkpoints"):
+            if step > start:  # by hand: Orbax's delete waits for every process, and only some hold it
+                (root / "checkpoints" / str(step)).rmtree()
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "layout.json").write_text(json.dumps(_layout(cfg)))
+        self.manager = _local_manager(root / "checkpoints", cfg, items)
+
+    def _save(self, tree):
+        return ocp.args.PyTreeSave(tree)
+
+    def _restore(self, abstract):
+        return ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
 
 
 def locate(path: str, step: int | None = None) -> tuple[epath.Path, int]:
@@ -241,9 +332,10 @@ class Fresh:
 
 @dataclasses.dataclass(frozen=True)
 class Resume:
-    """Continue this run from its checkpoint of `step`."""
+    """Continue this run from its checkpoint of `step`, in the persistent or the local tier."""
 
     step: int
+    tier: str = Checkpointer.tier
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,7 +361,14 @@ def starting_point(cfg: Config) -> StartingPoint:
             raise ConfigError(f"checkpoint.resume_from={wanted}: later steps {later} exist in {cfg.run.output_dir}; "
                               f"start a new run.output_dir with checkpoint.resume_from={cfg.run.output_dir}/checkpoints/{wanted}")
         return Resume(int(wanted))
-    if own:  # a preempted run continues from its own latest step, also when it began from another's params
+    # A preempted run continues from its own latest step, also when it began from another's params:
+    # the local tier's where every process holds it whole and it is newer than the persistent one's.
+    local = []
+    if cfg.checkpoint.local_dir and not cfg.checkpoint.overwrite:
+        local = _held_by_all(local_steps(cfg), cfg.runtime.init_timeout_s)
+    if local and max(local) > max(own, default=-1):
+        return Resume(max(local), LocalCheckpointer.tier)
+    if own:
         return Resume(max(own))
     if wanted:
         try:
@@ -281,6 +380,12 @@ def starting_point(cfg: Config) -> StartingPoint:
             raise ConfigError(f"checkpoint.resume_from={wanted} holds a model with {was}; set the model keys to match it")
         return InitFrom(wanted)
     return Fresh()
+
+
+def _held_by_all(steps: list[int], timeout_s: int) -> list[int]:
+    """The steps every process holds, on every process."""
+    held = [set(json.loads(v)) for v in runtime.gathered("local_steps", json.dumps(steps), timeout_s)]
+    return sorted(set.intersection(*held))
 
 
 def clear_output_dir(cfg: Config):

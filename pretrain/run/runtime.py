@@ -117,6 +117,18 @@ def agreed(name: str, value: bool, timeout_s: int) -> bool:
     return client.blocking_key_value_get(name, timeout_s * 1000) == "1"
 
 
+def gathered(name: str, value: str, timeout_s: int) -> list[str]:
+    """Every process's `value`, in process order, on every process (the coordination service's
+    key-value store; no devices)."""
+    if jax.process_count() == 1:
+        return [value]
+    from jax._src import distributed  # noqa: PLC0415
+
+    client = distributed.global_state.client
+    client.key_value_set(f"{name}/{jax.process_index()}", value)
+    return [client.blocking_key_value_get(f"{name}/{i}", timeout_s * 1000) for i in range(jax.process_count())]
+
+
 class Watchdog:
     """Ends the process with exit code 3 when no step has finished for `timeout_s` while the loop
     is training: an alive but stuck process (a hung collective, a hung read, or a peer stuck in

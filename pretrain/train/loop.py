@@ -18,7 +18,7 @@ import numpy as np
 
 from pretrain.metrics.logger import MetricsLogger
 from pretrain.metrics.mfu import total_peak_flops
-from pretrain.run.checkpoint import Checkpointer, Fresh, InitFrom, Resume, StartingPoint, restore_params
+from pretrain.run.checkpoint import Checkpointer, Fresh, InitFrom, LocalCheckpointer, Resume, StartingPoint, restore_params
 from pretrain.run.goodput import Timeline
 from pretrain.run.outputs import RunFiles
 from pretrain.run.profiling import StepProfiler
@@ -209,36 +209,41 @@ class Evaluate(Every):
 
 
 class Save(Every):
-    """A checkpoint every checkpoint.every steps, once checkpoint.every_minutes passed since the last
-    one, at the end and when preempted."""
+    """A checkpoint of one tier every `every` steps and once `minutes` passed since its last one. The
+    persistent tier also saves at the end and when preempted; the local tier (`covered_by` the
+    persistent one) skips the steps that one saves."""
 
-    def __init__(self, train_step, checkpointer: Checkpointer, logger: MetricsLogger, pauses, files: RunFiles,
-                 guard: Guard):
-        cfg = train_step.cfg
-        super().__init__(cfg.checkpoint.every)
+    def __init__(self, train_step, checkpointer: Checkpointer, every: int, minutes: float, logger: MetricsLogger,
+                 pauses, files: RunFiles, guard: Guard, covered_by: "Save | None" = None):
+        super().__init__(every)
         self.train_step, self.checkpointer, self.logger, self.pauses, self.files = train_step, checkpointer, logger, pauses, files
-        self.guard = guard
-        self.minutes, self.check_every, self.timeout_s = cfg.checkpoint.every_minutes, cfg.train.log_every, cfg.runtime.init_timeout_s
+        self.guard, self.covered_by, self.saved_step = guard, covered_by, None
+        cfg = train_step.cfg
+        self.minutes, self.check_every, self.timeout_s = minutes, cfg.train.log_every, cfg.runtime.init_timeout_s
         self.saved_at = time.monotonic()
 
     def by_clock(self, step: int) -> bool:
         """Asked at log rows, where the loop waits for the step anyway; process 0's clock decides for all."""
         if not self.minutes or step % self.check_every:
             return False
-        return agreed(f"save_by_clock/{step}", time.monotonic() - self.saved_at >= 60 * self.minutes, self.timeout_s)
+        elapsed = time.monotonic() - self.saved_at >= 60 * self.minutes
+        return agreed(f"{self.checkpointer.tier}_save_by_clock/{step}", elapsed, self.timeout_s)
 
     def after(self, done: Done):
+        if self.covered_by is not None and (done.last or self.covered_by.saved_step == done.step):
+            return
         if not (done.last or self.due(done) or self.by_clock(done.step)):
             return
+        name = "checkpoint" if self.covered_by is None else f"{self.checkpointer.tier} checkpoint"
         if not self.guard.may_save(done.step):
-            self.logger.note(f"checkpoint {done.step} not taken: the step was not finite and applied nothing; the last "
+            self.logger.note(f"{name} {done.step} not taken: the step was not finite and applied nothing; the last "
                              "checkpoint stands")
             return
         with self.pauses("checkpoint", done.step):
             self.files.sync()  # what was logged up to this step is stored before the checkpoint that covers it
             blocked = self.checkpointer.save(done.step, done.state, self.train_step.data_position(done.position))
-        self.saved_at = time.monotonic()
-        self.logger.note(f"checkpoint {done.step}: the loop was blocked {blocked:.2f} s; writing in the background")
+        self.saved_at, self.saved_step = time.monotonic(), done.step
+        self.logger.note(f"{name} {done.step}: the loop was blocked {blocked:.2f} s; writing in the background")
 
 
 class Account(Every):
@@ -286,7 +291,11 @@ def fit(train_step, starting_point: StartingPoint = Fresh(), started: float | No
         timeline.add("compile")
         run_start = time.perf_counter()
         checkpointer = stack.enter_context(contextlib.closing(Checkpointer(cfg)))
-        state, start = initial_state(train_step, starting_point, checkpointer, rows)
+        tiers = {checkpointer.tier: checkpointer}
+        if cfg.checkpoint.local_dir:
+            local = LocalCheckpointer(cfg, list(train_step.abstract_state), _start_step(starting_point))
+            tiers[local.tier] = stack.enter_context(contextlib.closing(local))
+        state, start = initial_state(train_step, starting_point, tiers, rows)
         timeline.add("restore", step=start)
         timeline.resumed_at(start)
         logger = stack.enter_context(contextlib.closing(MetricsLogger(cfg, files.local, task.unit,
@@ -305,13 +314,18 @@ def fit(train_step, starting_point: StartingPoint = Fresh(), started: float | No
             timeline.add(kind)
 
         profiler = StepProfiler(cfg.train.profile_steps, files.local)
+        c = cfg.checkpoint
+        saves = [Save(train_step, checkpointer, c.every, c.every_minutes, logger, pauses, files, guard)]
+        if LocalCheckpointer.tier in tiers:
+            saves.append(Save(train_step, tiers[LocalCheckpointer.tier], c.local_every, c.local_every_minutes, logger, pauses, files,
+                              guard, covered_by=saves[0]))
         events = [Profile(profiler), guard, Log(train_step, logger, throughput, history, feed, guard),
-                  Account(train_step, timeline, feed, guard), Evaluate(train_step, logger, pauses, history, files),
-                  Save(train_step, checkpointer, logger, pauses, files, guard)]
+                  Account(train_step, timeline, feed, guard), Evaluate(train_step, logger, pauses, history, files), *saves]
         stack.enter_context(train_step.context())  # after Log, whose CPU peak is measured off the mesh
         state, last = _steps(compiled, state, start, cfg.run.steps, events, feed, watchdog, preemption, history)
         profiler.close(state)  # a run preempted inside the traced steps
-        checkpointer.wait()
+        for tier in tiers.values():
+            tier.wait()
         timeline.add("checkpoint", final=True, preempted=history["preempted"])
         preempted = (last, time.monotonic() - preemption.noticed_at) if history["preempted"] else None
         ran_out = start < cfg.run.steps and last < cfg.run.steps and not preempted
@@ -403,19 +417,25 @@ def evaluate(train_step, state) -> dict[str, float]:
     return losses | {"": float(total) / max(float(count), 1.0)}
 
 
-def initial_state(train_step, starting_point: StartingPoint, checkpointer: Checkpointer, rows):
-    """(state, step) to start from: fresh, a checkpoint of this run (the data position of `rows`
-    included), or another checkpoint's parameters with a fresh optimizer (checkpoint.starting_point)."""
+def _start_step(starting_point: StartingPoint) -> int:
+    return starting_point.step if isinstance(starting_point, Resume) else 0
+
+
+def initial_state(train_step, starting_point: StartingPoint, tiers: dict[str, Checkpointer], rows):
+    """(state, step) to start from: fresh, a checkpoint of this run in one of its `tiers` (the data
+    position of `rows` included), or another checkpoint's parameters with a fresh optimizer
+    (checkpoint.starting_point)."""
     if isinstance(starting_point, Fresh):
         return train_step.init_state(), 0
     abstract = train_step.abstract_state_with_shardings()
     if isinstance(starting_point, Resume):
-        parts, position = checkpointer.restore(starting_point.step, abstract, train_step.abstract_position())
+        step = starting_point.step
+        parts, position = tiers[starting_point.tier].restore(step, abstract, train_step.abstract_position())
         if position is not None:
             rows.set_positions(local_rows(position))
         elif jax.process_index() == 0:
-            print(f"checkpoint {starting_point.step} holds no data position; the data starts from the beginning")
-        step, note = starting_point.step, f"resumed from step {starting_point.step}"
+            print(f"checkpoint {step} holds no data position; the data starts from the beginning")
+        note = f"resumed from step {step}" + (f" ({starting_point.tier} tier)" if starting_point.tier != Checkpointer.tier else "")
     else:
         assert isinstance(starting_point, InitFrom)
         params = restore_params(starting_point.path, abstract["params"])
