@@ -17,6 +17,7 @@ from pretrain import config as config_lib
 from pretrain import formats
 from pretrain.build import build
 from pretrain.config import ConfigError
+from pretrain.evals import harness
 from pretrain.formats import weights
 from pretrain.inference import load, sample
 from pretrain.run import checkpoint, goodput, runtime
@@ -169,6 +170,15 @@ def _serving_parsers(sub):
     image.add_argument("--guidance", type=float, help="classifier-free guidance weight (default: the run's diffusion.guidance)")
     image.add_argument("--out", default="samples", help="directory for samples.png, samples.npy and labels.npy")
     image.add_argument("--overwrite", action="store_true", help="replace samples already in --out")
+    p = sub.add_parser("eval", help="lm-evaluation-harness tasks scored by the language model of a checkpoint or export")
+    p.add_argument("checkpoint", help="run directory, checkpoints/ or step directory, or an exported directory")
+    p.add_argument("--tasks", nargs="+", required=True, help="lm-eval task names, or paths of task YAMLs")
+    p.add_argument("--num-fewshot", type=int, help="examples in each prompt (default: each task's own)")
+    p.add_argument("--limit", type=int, help="score only the first N documents of each task")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass")
+    p.add_argument("--bootstrap-iters", type=int, default=100000, help="resamples for the standard errors (0: none)")
+    p.add_argument("--step", type=int, help="which checkpoint step (default: the latest)")
+    p.add_argument("--json", action="store_true", help="print the harness's results as one JSON object")
 
 
 def run_serving(args):
@@ -180,6 +190,14 @@ def run_serving(args):
         r = formats.import_(args.hf_dir, args.out, overwrite=args.overwrite)
         print(f"imported {r['params']:,} parameters into {r['out']} in {r['seconds']:.1f} s; train from them with "
               f"`pretrain train {r['out']}/config.yaml checkpoint.resume_from={r['out']} run.output_dir=RUN data.source=DATA`")
+    elif args.command == "eval":
+        tasks = harness.load_tasks(args.tasks)  # before the model: a task that cannot load fails fast
+        model, _, tokenizer = load.load(args.checkpoint, "llm", args.step)
+        if tokenizer is None:
+            raise ConfigError(f"{args.checkpoint} has no tokenizer next to the weights; the harness needs the model's tokenizer")
+        results = harness.evaluate(harness.make_lm(model, tokenizer, args.batch_size), tasks, num_fewshot=args.num_fewshot,
+                                   limit=args.limit, bootstrap_iters=args.bootstrap_iters)
+        print(json.dumps(results["results"]) if args.json else harness.table(results))
     elif load.task_of(args.checkpoint) == "diffusion":
         if args.prompt is not None:
             raise ConfigError(f"{args.checkpoint} holds a diffusion model, which takes no --prompt; use --num, --class, --steps")

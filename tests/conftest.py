@@ -38,6 +38,7 @@ pretrain.formats.unet      test_diffusion_training
 pretrain.inference.load    test_export test_diffusion_training
 pretrain.inference.sample  test_export test_diffusion_training
 pretrain.plan              test_plan
+pretrain.evals.harness     test_evals
 pretrain.plan.hlo          test_hlo
 pretrain.plan.forecast     test_hlo
 models.attention           test_model test_splash

@@ -18,7 +18,7 @@ LAYERS = (
     ("models", "data"),
     ("pretrain.tpu",),
     ("pretrain.config",),
-    ("pretrain.metrics", "pretrain.run"),
+    ("pretrain.metrics", "pretrain.run", "pretrain.evals"),
     ("pretrain.train",),
     ("pretrain.tasks",),
     ("pretrain.build", "pretrain.formats"),

@@ -190,12 +190,25 @@ class Config:
 
 
 @dataclasses.dataclass
+class EvalConfig:
+    """Downstream evals during training (pretrain/evals/harness.py): lm-evaluation-harness tasks by
+    name or task YAML path, scored every harness_every steps (0: at the end only), as log rows
+    harness/TASK/METRIC."""
+
+    harness_tasks: list[str] = dataclasses.field(default_factory=list)
+    harness_every: int = 0
+    harness_limit: int = 0  # the first N documents of each task; 0: all
+    harness_num_fewshot: int = -1  # examples in each prompt; -1: each task's own
+
+
+@dataclasses.dataclass
 class LanguageModelRun(Config):
     """The config of a language-model run: a decoder transformer on token rows."""
 
     task: str = "llm"
     model: TransformerConfig = dataclasses.field(default_factory=TransformerConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
 
 @dataclasses.dataclass

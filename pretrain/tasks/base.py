@@ -93,6 +93,14 @@ class Task(abc.ABC):
     def write_samples(self, model, step: int, local_dir: Path):
         """What the task shows after each eval, under the run's local files."""
 
+    def downstream_every(self) -> int | None:
+        """Steps between downstream evals (0: at the end only), or None where the run has none."""
+        return None
+
+    def downstream(self, model) -> dict[str, float]:
+        """The downstream scores of `model` for a log row."""
+        return {}
+
     @staticmethod
     @abc.abstractmethod
     def _record(position: int) -> int:

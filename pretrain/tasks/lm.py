@@ -18,6 +18,7 @@ from models.layers import REMAT_POLICIES
 from models.transformer import Transformer
 from pretrain.config import ConfigError, require
 from pretrain.config.schema import LanguageModelRun
+from pretrain.evals import harness
 from pretrain.run import checkpoint
 from pretrain.tasks.base import Task, check_execution
 from pretrain.train import sharding
@@ -72,6 +73,8 @@ def _check_transformer(cfg: LanguageModelRun, data: int, model: int, platform: s
     require(cfg.data.seq_len > 0, "data.seq_len must be positive")
     if m.attention == "splash":
         _check_splash(cfg, platform)
+    for key in ("harness_every", "harness_limit"):
+        require(getattr(cfg.eval, key) >= 0, f"eval.{key}={getattr(cfg.eval, key)} must be >= 0")
 
 
 def _check_mixture(d):
@@ -161,6 +164,7 @@ class LanguageModelTask(Task):
     def __init__(self, cfg: LanguageModelRun):
         super().__init__(cfg)
         self.tokenizer = None  # the dataset's data.tokenizer.Tokenizer, once opened (none for synthetic data)
+        self.harness_tasks = None  # eval.harness_tasks, loaded (pretrain/evals/harness.py)
 
     def loss(self, model, batch, mesh, rules, key=None):
         """(summed loss, number of target tokens, summed metrics) over a batch; needs no randomness.
@@ -193,6 +197,10 @@ class LanguageModelTask(Task):
         mixture, and check it against the model. Bad data raises ConfigError or DataError here, before
         the run writes anything."""
         d, m = self.cfg.data, self.cfg.model
+        if self.cfg.eval.harness_tasks and self.harness_tasks is None:
+            if d.source == "synthetic":
+                raise ConfigError("eval.harness_tasks needs the model's tokenizer, which synthetic data lacks; train on text")
+            self.harness_tasks = harness.load_tasks(self.cfg.eval.harness_tasks)
         if d.source == "synthetic" or self.sources is not None:
             return
         if d.sources:
@@ -268,4 +276,15 @@ class LanguageModelTask(Task):
 
     def write_samples(self, model, step: int, local_dir: Path):
         """Nothing: `pretrain sample` generates text from any checkpoint."""
+
+    def downstream_every(self) -> int | None:
+        return self.cfg.eval.harness_every if self.cfg.eval.harness_tasks else None
+
+    def downstream(self, model) -> dict[str, float]:
+        """eval.harness_tasks scored on the run's mesh, a training step's rows per forward pass."""
+        e, t = self.cfg.eval, self.cfg.train
+        lm = harness.make_lm(model, self.tokenizer, t.global_batch // t.microbatches)
+        results = harness.evaluate(lm, self.harness_tasks, num_fewshot=None if e.harness_num_fewshot < 0 else e.harness_num_fewshot,
+                                   limit=e.harness_limit, progress=False)
+        return harness.metric_row(results)
 

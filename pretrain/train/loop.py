@@ -208,6 +208,21 @@ class Evaluate(Every):
             self.train_step.task.write_samples(self.train_step.sampling_model(done.state), done.step, self.files.local)
 
 
+class Downstream(Every):
+    """The task's downstream evals (lm-evaluation-harness for a language model) every `every` steps
+    and at the end, as a log row; their time is booked as eval."""
+
+    def __init__(self, train_step, every: int, logger: MetricsLogger, pauses):
+        super().__init__(every)
+        self.train_step, self.logger, self.pauses = train_step, logger, pauses
+
+    def after(self, done: Done):
+        if self.due(done):
+            with self.pauses("eval", done.step):
+                row = self.train_step.task.downstream(self.train_step.sampling_model(done.state))
+            self.logger.write({"step": done.step, **row})
+
+
 class Save(Every):
     """A checkpoint of one tier every `every` steps and once `minutes` passed since its last one. The
     persistent tier also saves at the end and when preempted; the local tier (`covered_by` the
@@ -321,6 +336,8 @@ def fit(train_step, starting_point: StartingPoint = Fresh(), started: float | No
                               guard, covered_by=saves[0]))
         events = [Profile(profiler), guard, Log(train_step, logger, throughput, history, feed, guard),
                   Account(train_step, timeline, feed, guard), Evaluate(train_step, logger, pauses, history, files), *saves]
+        if task.downstream_every() is not None:
+            events.insert(-len(saves), Downstream(train_step, task.downstream_every(), logger, pauses))
         stack.enter_context(train_step.context())  # after Log, whose CPU peak is measured off the mesh
         state, last = _steps(compiled, state, start, cfg.run.steps, events, feed, watchdog, preemption, history)
         profiler.close(state)  # a run preempted inside the traced steps
