@@ -13,6 +13,7 @@ from models.configs import CustomRemat
 from pretrain import build, cli, plan
 from pretrain.run import runtime
 from pretrain.tpu import kinds
+from pretrain.tasks import lm
 from pretrain.tpu.devices import topology_devices
 from pretrain.train import sharding
 from pretrain import config as config_lib
@@ -247,12 +248,12 @@ def test_a_row_no_host_would_read_fails_the_plan_with_one_line(monkeypatch, caps
 
 def test_custom_remat_recomputes_attention_and_the_projections_it_does_not_keep():
     m = tiny_config("model.remat=custom").model  # nothing kept: full remat's work
-    assert plan.recomputed(m) == plan.RECOMPUTED["full"]
+    assert lm.recomputed(m) == lm.RECOMPUTED["full"]
     e, h, k, d, f = m.embed_dim, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim
     layer = e * (h + 2 * k) * d + h * d * e + 3 * e * f  # multiply-adds per token of the layer's projections
     only_mlp_out = dataclasses.replace(m, remat_custom=CustomRemat(layer_input="offload", qkv="device", out_proj="device",
                                                                   mlp_in="offload"))
-    assert plan.recomputed(only_mlp_out) == (pytest.approx(f * e / layer), 1)
+    assert lm.recomputed(only_mlp_out) == (pytest.approx(f * e / layer), 1)
 
 
 def test_a_split_residual_keeps_a_share_of_the_saved_layer_inputs(capsys):
@@ -288,3 +289,15 @@ def test_mesh_sweep_plans_every_mesh_and_ranks_them_by_the_forecast(capsys):
     assert re.search(r"compiled by jax \d+\.\d+\.\d+\S*, libtpu \d+\.\d+\.\d+", table[0]), table[0]
     ranked = sorted(rows, key=lambda r: r["est_step_s"])
     assert [line.split("  ")[0].strip() for line in table[2:]] == [r["label"] for r in ranked]
+
+
+def test_a_diffusion_config_plans_and_its_flop_count_matches_the_compiled_program(capsys):
+    """The UNet under remat=full: the FLOPs the plan says the chips execute (XLA's count of one image's
+    gradient, recomputation included, times the batch) against the dots and convolutions of the
+    compiled TPU program, counted in its text. Remat recomputes only what the backward pass needs:
+    about half of each block's forward work here, not all of it."""
+    assert cli.main(["plan", SMOKE.replace("llm", "diffusion"), "--topology", "v5e-8", "--json", "model.remat=full"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["fits"] and r["unit"] == "images" and r["images_per_s"] > 0 and "mfu_causal" not in r
+    assert r["matmul_flops_per_chip"] * r["chips"] == pytest.approx(r["executed_flops_per_step"], rel=0.05)
+    assert r["flops_per_step"] < r["executed_flops_per_step"] < 4 / 3 * r["flops_per_step"]

@@ -93,8 +93,6 @@ def plan(cfg: Config, accelerator_type: str, num_slices: int = 1) -> dict:
         slice_ = kinds.parse(accelerator_type)
     except kinds.TpuError as e:
         raise ConfigError(str(e)) from None
-    if cfg.task != "llm":  # the roofline counts a transformer's recomputation and tokens
-        raise ConfigError(f"pretrain plan takes language-model configs (task llm), not task {cfg.task}")
     if num_slices < 1:
         raise ConfigError(f"--slices={num_slices} must be at least 1")
     # Built alone (build has no side effects): plan reads no data, and joins no cluster even on a
@@ -112,7 +110,8 @@ def plan(cfg: Config, accelerator_type: str, num_slices: int = 1) -> dict:
         "rows_per_host": [len(r) for r in rows.values()],
         "host0_rows": sharding.blocks(rows[0]),
         "remat": train_step.cfg.model.remat,
-        "attention": train_step.cfg.model.attention,
+        "attention": getattr(train_step.cfg.model, "attention", None),  # a UNet has one kind
+        "unit": train_step.task.unit,
         "hbm_per_chip_gib": kind.hbm_gib,
         "params_and_optimizer_gib": _state_bytes_per_chip(train_step) / GIB,
         **_checkpoint_figures(train_step, kind),
@@ -157,49 +156,23 @@ def traffic(hlo_text: str, mesh) -> dict:
             "collective_bytes": {"ici": counted["ici"], "dcn": counted["dcn"]}}
 
 
-# Which forward work a remat policy makes the backward pass do again: (weight matmuls, attention).
-# Attention is recomputed unless its einsums are saved, which splash's kernel never is.
-RECOMPUTED = {"none": (0, 0), "full": (1, 1), "dots": (0, 0), "dots_no_batch": (0, 1), "offload": (0, 1)}
-
-
-def recomputed(m) -> tuple[float, int]:
-    """(share of the layers' weight matmuls, of attention) that the backward pass computes again. Under
-    remat=custom a projection is recomputed unless its output is kept; attention always is (the
-    output projection's weight gradient needs its output, which no name keeps)."""
-    if m.remat != "custom":
-        return RECOMPUTED[m.remat]
-    e, h, k, d, f = m.embed_dim, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim
-    flops = {"qkv": e * (h + 2 * k) * d, "out_proj": h * d * e, "mlp_in": 2 * e * f, "mlp_out": f * e}
-    kept = dataclasses.asdict(m.remat_custom)
-    return sum(v for name, v in flops.items() if kept[name] == "remat") / sum(flops.values()), 1
-
-
 def estimate(train_step, hlo_text: str, chips: int, kind: kinds.TpuKind) -> dict:
-    """The forecast step time (pretrain/plan/forecast.py), the compute roofline (the step's executed FLOPs
-    at the chips' peak: a bound no step beats), and the tokens/s and MFU the forecast implies. MFU is
-    counted as MaxText counts it, 6 FLOPs per matmul parameter and token plus attention over the whole
-    sequence (the train logs' count), and with causal attention (half of that attention).
-
-    Executed FLOPs are the MFU count plus what remat recomputes (the forward pass is a third of the
-    count), attention halved under splash, whose kernels skip the blocks above the diagonal. XLA's
-    cost analysis cannot stand in: it counts the bodies of the loops over layers and microbatches
-    once, and cannot see into Pallas kernels."""
-    m, task = train_step.cfg.model, train_step.task
-    tokens, model_flops = task.units_per_step(), task.flops_per_step()
-    head = 6 * m.embed_dim * m.vocab_size * tokens
-    attention = 12 * m.num_layers * m.num_heads * m.head_dim * train_step.cfg.data.seq_len * tokens
-    matmuls, recomputed_attention = recomputed(m)
-    splash = m.attention == "splash"
-    if splash and m.remat != "none":
-        recomputed_attention = 1
-    attention_executed = attention * (1 + recomputed_attention / 3) / (2 if splash else 1)
-    executed = model_flops - attention + matmuls * (model_flops - head - attention) / 3 + attention_executed
+    """The forecast step time (pretrain/plan/forecast.py), the compute roofline (the step's executed
+    FLOPs at the chips' peak: a bound no step beats), and the throughput and MFU the forecast implies,
+    from the FLOPs the task counts (its `planned_flops`: the MFU count, what the chips execute with
+    recomputation, and what runs inside custom calls the program's text does not show). XLA's cost
+    analysis cannot stand in: it counts the bodies of the loops over layers and microbatches once,
+    and cannot see into Pallas kernels."""
+    task = train_step.task
+    counts, peak = task.planned_flops(), chips * kind.peak_bf16_flops
     slices = [getattr(d, "slice_index", 0) or 0 for d in train_step.mesh.devices.flat]
-    f = forecast.forecast(hlo_text, slices, kind, attention_executed / chips if splash else 0.0)
-    return {"executed_flops_per_step": executed, "roofline_step_s": executed / (chips * kind.peak_bf16_flops),
-            "est_step_s": f.step_s, "forecast": dataclasses.asdict(f) | {"bound_by": f.bound_by},
-            "tokens_per_s": tokens / f.step_s, "mfu": model_flops / f.step_s / (chips * kind.peak_bf16_flops),
-            "mfu_causal": (model_flops - attention / 2) / f.step_s / (chips * kind.peak_bf16_flops)}
+    f = forecast.forecast(hlo_text, slices, kind, counts["hidden"] / chips)
+    out = {"executed_flops_per_step": counts["executed"], "roofline_step_s": counts["executed"] / peak,
+           "est_step_s": f.step_s, "forecast": dataclasses.asdict(f) | {"bound_by": f.bound_by},
+           f"{task.unit}_per_s": task.units_per_step() / f.step_s, "mfu": counts["model"] / f.step_s / peak}
+    if "causal" in counts:
+        out["mfu_causal"] = counts["causal"] / f.step_s / peak
+    return out
 
 
 # --- what the command prints ---------------------------------------------------------------
@@ -207,7 +180,7 @@ def estimate(train_step, hlo_text: str, chips: int, kind: kinds.TpuKind) -> dict
 
 def _title(r: dict, with_mesh: bool = True) -> str:
     mesh = f", mesh {sharding.describe(r['mesh'])}" if with_mesh else ""
-    return f"{r['topology']} ({r['chips']} chips{mesh}), attention {r['attention']}"
+    return f"{r['topology']} ({r['chips']} chips{mesh})" + (f", attention {r['attention']}" if r["attention"] else "")
 
 
 def describe(r: dict) -> str:
@@ -229,9 +202,10 @@ def describe(r: dict) -> str:
              f"  FLOPs per step: {r['flops_per_step']:.3e} (the MFU count)"]
     if r["est_step_s"] is not None:
         f = r["forecast"]
-        lines += [f"  forecast: step {r['est_step_s']:.3f} s, {r['tokens_per_s']:,.0f} tokens/s, MFU {100 * r['mfu']:.1f}% "
-                  f"(6N + attention over the whole sequence, as MaxText counts), {100 * r['mfu_causal']:.1f}% with "
-                  f"causal attention",
+        mfu = (f" (6N + attention over the whole sequence, as MaxText counts), {100 * r['mfu_causal']:.1f}% with causal "
+               "attention") if "mfu_causal" in r else ""
+        lines += [f"  forecast: step {r['est_step_s']:.3f} s, {r[r['unit'] + '_per_s']:,.0f} {r['unit']}/s, "
+                  f"MFU {100 * r['mfu']:.1f}%{mfu}",
                   f"    bound by {f['bound_by']}: compute {f['compute_s']:.3f} s (matmul-bound ops {f['matmul_s']:.3f}, "
                   f"HBM-bound {f['memory_s']:.3f}); beside it ICI {f['ici_s']:.3f} s, DCN {f['dcn_s']:.3f} s, "
                   f"host transfers {f['host_s']:.3f} s; synchronous collectives {f['sync_s']:.3f} s",
@@ -270,12 +244,12 @@ def variants(cfg: Config, accelerator_type: str, num_slices: int, sweep: str | N
 def report(rows: list[dict], swept: str) -> str:
     """One table row per plan (a sweep over `swept`: "remat" or "mesh"), the fastest forecast first."""
     rows = sorted(rows, key=lambda r: (not r["fits"], r["est_step_s"] or 0))
-    table = [(swept, "params+opt GiB", "temp GiB", "total GiB", "fits", "step s", "bound by", "tokens/s", "MFU",
-              "compile s")]
+    table = [(swept, "params+opt GiB", "temp GiB", "total GiB", "fits", "step s", "bound by", f"{rows[0]['unit']}/s",
+              "MFU", "compile s")]
     for r in rows:
         done = r["total_gib"] is not None
         figures = (f"{r['temporaries_gib']:.2f}", f"{r['total_gib']:.2f}", "yes" if r["fits"] else "no",
-                   f"{r['est_step_s']:.3f}", r["forecast"]["bound_by"], f"{r['tokens_per_s']:,.0f}",
+                   f"{r['est_step_s']:.3f}", r["forecast"]["bound_by"], f"{r[r['unit'] + '_per_s']:,.0f}",
                    f"{100 * r['mfu']:.1f}%") if done else ("-", "-", "no", "-", "-", "-", "-")
         table.append((r["label"], f"{r['params_and_optimizer_gib']:.2f}", *figures, f"{r['compile_s']:.1f}"))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]

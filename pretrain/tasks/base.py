@@ -93,6 +93,12 @@ class Task(abc.ABC):
     def write_samples(self, model, step: int, local_dir: Path):
         """What the task shows after each eval, under the run's local files."""
 
+    @abc.abstractmethod
+    def planned_flops(self) -> dict[str, float]:
+        """For `pretrain plan`, per step: "model" (the MFU count), "executed" (what the chips execute,
+        recomputation included), "hidden" (of which inside custom calls the compiled program's text
+        does not show), and any other count the task reports an MFU for ("causal")."""
+
     def downstream_every(self) -> int | None:
         """Steps between downstream evals (0: at the end only), or None where the run has none."""
         return None

@@ -133,12 +133,23 @@ class DiffusionTask(Task):
 
     def flops_per_step(self) -> float:
         """3x the forward pass (the backward costs two), counted by XLA on one image."""
+        return 3 * self._flops_per_image(lambda forward: forward) * self.units_per_step()
+
+    def planned_flops(self) -> dict[str, float]:
+        """The MFU count, and executed: XLA's count of one image's gradient, the forward passes that
+        remat recomputes included (a UNet has no loop over its blocks, whose body XLA would count
+        once). No custom calls: all the work is in the program's text."""
+        executed = self._flops_per_image(lambda forward: jax.grad(lambda *a: jnp.sum(forward(*a)))) * self.units_per_step()
+        return {"model": self.flops_per_step(), "executed": executed, "hidden": 0.0}
+
+    def _flops_per_image(self, transform) -> float:
+        """XLA's FLOP count of transform(the UNet's forward pass as a function of (state, x, t, y)) on one image."""
         m = self.cfg.model
         graphdef, state = nnx.split(nnx.eval_shape(lambda: UNet(m, rngs=nnx.Rngs(0))))
         image = jax.ShapeDtypeStruct((1, m.image_size, m.image_size, m.channels), jnp.float32)
         ints = jax.ShapeDtypeStruct((1,), jnp.int32)
-        forward = jax.jit(lambda s, x, t, y: nnx.merge(graphdef, s)(x, t, y if m.num_classes else None))
-        return 3 * forward.lower(state, image, ints, ints).cost_analysis()["flops"] * self.units_per_step()
+        forward = transform(lambda s, x, t, y: nnx.merge(graphdef, s)(x, t, y if m.num_classes else None))
+        return jax.jit(forward).lower(state, image, ints, ints).cost_analysis()["flops"]
 
     def batch_shapes(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         m, b = self.cfg.model, self.cfg.train.global_batch

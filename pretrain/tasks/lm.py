@@ -27,6 +27,22 @@ from pretrain.train.loss import output_cross_entropy
 
 AUTO_ATTENTION = {"tpu": "splash", "gpu": "cudnn"}  # model.attention=auto by platform; xla elsewhere
 
+# Which forward work a remat policy makes the backward pass do again: (weight matmuls, attention).
+# Attention is recomputed unless its einsums are saved, which splash's kernel never is.
+RECOMPUTED = {"none": (0, 0), "full": (1, 1), "dots": (0, 0), "dots_no_batch": (0, 1), "offload": (0, 1)}
+
+
+def recomputed(m) -> tuple[float, int]:
+    """(share of the layers' weight matmuls, of attention) that the backward pass computes again. Under
+    remat=custom a projection is recomputed unless its output is kept; attention always is (the
+    output projection's weight gradient needs its output, which no name keeps)."""
+    if m.remat != "custom":
+        return RECOMPUTED[m.remat]
+    e, h, k, d, f = m.embed_dim, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim
+    flops = {"qkv": e * (h + 2 * k) * d, "out_proj": h * d * e, "mlp_in": 2 * e * f, "mlp_out": f * e}
+    kept = dataclasses.asdict(m.remat_custom)
+    return sum(v for name, v in flops.items() if kept[name] == "remat") / sum(flops.values()), 1
+
 
 def _check_transformer(cfg: LanguageModelRun, data: int, model: int, platform: str):
     m = cfg.model
@@ -186,6 +202,24 @@ class LanguageModelTask(Task):
 
     def flops_per_step(self) -> float:
         return self.cfg.model.flops_per_token(self.cfg.data.seq_len) * self.units_per_step()
+
+    def planned_flops(self) -> dict[str, float]:
+        """MFU counted as MaxText counts it, 6 FLOPs per matmul parameter and token plus attention over
+        the whole sequence (the train logs' count), and with causal attention ("causal": half of that
+        attention). Executed: the MFU count plus what remat recomputes (the forward pass is a third of
+        the count), attention halved under splash, whose kernels skip the blocks above the diagonal and
+        run where the program's text does not show them ("hidden")."""
+        m, tokens, model_flops = self.cfg.model, self.units_per_step(), self.flops_per_step()
+        head = 6 * m.embed_dim * m.vocab_size * tokens
+        attention = 12 * m.num_layers * m.num_heads * m.head_dim * self.cfg.data.seq_len * tokens
+        matmuls, recomputed_attention = recomputed(m)
+        splash = m.attention == "splash"
+        if splash and m.remat != "none":
+            recomputed_attention = 1
+        attention_executed = attention * (1 + recomputed_attention / 3) / (2 if splash else 1)
+        executed = model_flops - attention + matmuls * (model_flops - head - attention) / 3 + attention_executed
+        return {"model": model_flops, "executed": executed, "hidden": attention_executed if splash else 0.0,
+                "causal": model_flops - attention / 2}
 
     def batch_shapes(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         shape = (self.cfg.train.global_batch, self.cfg.data.seq_len)
