@@ -4,7 +4,9 @@ Discrete time t = 0 .. T-1 with alpha_bar[t] = prod(1 - beta). Forward noising i
 x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps. The model predicts `eps` or
 `v` = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho). Sampling walks a subsequence
 of the timesteps with the DDIM update; eta=0 is DDIM (deterministic), eta=1 is DDPM's ancestral
-sampler on that subsequence (Song et al., 2021). The loop is one lax.scan.
+sampler on that subsequence (Song et al., 2021). The subsequence and each update are those of
+diffusers' DDIMScheduler (its timestep_spacing; a step goes from t to t - T // steps), so the same
+network and starting noise give the same image here and there. The loop is one lax.scan.
 """
 
 import functools
@@ -14,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-SCHEDULES = ("linear", "cosine")
+SCHEDULES = ("linear", "cosine", "scaled_linear")
 TARGETS = ("eps", "v")
+SPACINGS = ("linspace", "leading", "trailing")  # diffusers' timestep_spacing
 
 
 def alpha_bar(schedule: str, timesteps: int) -> np.ndarray:
@@ -23,6 +26,8 @@ def alpha_bar(schedule: str, timesteps: int) -> np.ndarray:
     if schedule == "linear":  # DDPM's betas, scaled so that other T keep the same endpoints
         scale = 1000 / timesteps
         betas = np.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=np.float64)
+    elif schedule == "scaled_linear":  # Stable Diffusion's: linear in sqrt(beta)
+        betas = np.linspace(0.00085**0.5, 0.012**0.5, timesteps, dtype=np.float64) ** 2
     elif schedule == "cosine":  # Nichol & Dhariwal, 2021
         s, steps = 0.008, np.arange(timesteps + 1, dtype=np.float64) / timesteps
         f = np.cos((steps + s) / (1 + s) * np.pi / 2) ** 2
@@ -68,32 +73,46 @@ def predict_x0_eps(kind: str, output, x_t, t, abar):
     return signal * x_t - sigma * output, sigma * x_t + signal * output
 
 
-def sample(model_fn, kind: str, abar, x_T, key, *, steps: int, eta: float, clip: bool = True):
-    """Images from noise x_T by `steps` updates over evenly spaced timesteps, T-1 down to 0.
+def sampler_timesteps(spacing: str, timesteps: int, steps: int) -> np.ndarray:
+    """The timesteps a sampler of `steps` visits, noisiest first, spaced as diffusers spaces them."""
+    if spacing == "linspace":
+        return np.linspace(0, timesteps - 1, steps).round()[::-1].astype(np.int32)
+    if spacing == "leading":
+        return (np.arange(steps) * (timesteps // steps))[::-1].astype(np.int32)
+    if spacing == "trailing":
+        return (np.round(np.arange(timesteps, 0, -timesteps / steps)) - 1).astype(np.int32)
+    raise ValueError(f"unknown spacing {spacing!r}; use one of {SPACINGS}")
 
-    model_fn(x_t, t [B]) -> output; eta 0 is deterministic DDIM, eta 1 is DDPM. With clip,
-    predicted x0 is kept in the data range [-1, 1] at each step."""
-    timesteps = len(abar)
-    ts = np.linspace(timesteps - 1, 0, steps).round().astype(np.int32)
-    abar_ext = jnp.asarray(np.append(abar, 1.0), jnp.float32)  # index T: alpha_bar of clean data
-    pairs = jnp.asarray(np.stack([ts, np.append(ts[1:], timesteps)], axis=1))
-    batch = x_T.shape[0]
 
-    def step(x, inputs):
-        (t, t_prev), key = inputs
-        output = model_fn(x, jnp.full((batch,), t))
-        x0, eps = predict_x0_eps(kind, output, x, jnp.full((batch,), t), abar)
+def step_noise(key, steps: int, shape) -> jax.Array:
+    """[steps, *shape]: the noise each sampler update adds (times its sigma; none at eta 0)."""
+    return jax.vmap(lambda k: jax.random.normal(k, shape))(jax.random.split(key, steps))
+
+
+def sample(model_fn, kind: str, abar, x_T, key, *, steps: int, eta: float, spacing: str = "trailing",
+           clip: bool = True):
+    """Images from noise x_T by `steps` DDIM updates (diffusers' DDIMScheduler.step).
+
+    model_fn(x_t, t [B]) -> output; eta 0 is deterministic DDIM, eta 1 is DDPM, adding
+    step_noise(key) scaled. With clip, the predicted x0 is kept in [-1, 1] (the noise prediction is
+    left as the model gave it, as diffusers' pipelines do); the last step lands on alpha_bar 1."""
+    timesteps, batch = len(abar), x_T.shape[0]
+    ts = sampler_timesteps(spacing, timesteps, steps)
+    prev = ts - timesteps // steps
+    abar32 = np.asarray(abar, np.float32)
+    a = jnp.asarray(abar32[ts])
+    a_prev = jnp.asarray(np.where(prev >= 0, abar32[np.maximum(prev, 0)], 1.0))
+
+    def update(x, inputs):
+        t, a, a_prev, z = inputs
+        x0, eps = predict_x0_eps(kind, model_fn(x, jnp.full((batch,), t)), x, jnp.full((batch,), t), abar)
         if clip:
             x0 = jnp.clip(x0, -1.0, 1.0)
-            signal, sigma = _coefficients(abar, jnp.full((batch,), t), x.ndim)
-            eps = (x - signal * x0) / sigma  # the noise consistent with the clipped x0
-        a, a_prev = abar_ext[t], abar_ext[t_prev]
         sigma_t = eta * jnp.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
         direction = jnp.sqrt(jnp.maximum(1 - a_prev - sigma_t**2, 0.0)) * eps
-        x = jnp.sqrt(a_prev) * x0 + direction + sigma_t * jax.random.normal(key, x.shape)
-        return x, None
+        return jnp.sqrt(a_prev) * x0 + direction + sigma_t * z, None
 
-    x, _ = jax.lax.scan(step, x_T, (pairs, jax.random.split(key, steps)))
+    x, _ = jax.lax.scan(update, x_T, (jnp.asarray(ts), a, a_prev, step_noise(key, steps, x_T.shape)))
     return x
 
 
@@ -110,18 +129,22 @@ def guided(model, labels, guidance: float, null_label: int):
     return model_fn
 
 
-@functools.partial(nnx.jit, static_argnames=("schedule", "timesteps", "kind", "num", "steps", "eta", "guidance"))
+@functools.partial(nnx.jit, static_argnames=("schedule", "timesteps", "kind", "num", "steps", "eta", "guidance",
+                                             "spacing", "clip"))
 def generate(model, labels, key, *, schedule: str, timesteps: int, kind: str, num: int, steps: int, eta: float,
-             guidance: float):
-    """`num` images [num, H, W, C] in [-1, 1] from a UNet: noise drawn from `key`, then `steps` sampler
-    updates. labels [num] for a class-conditional model (guided unless guidance is 1), else None."""
+             guidance: float, spacing: str = "trailing", clip: bool = True, x_T=None):
+    """`num` images [num, H, W, C] in [-1, 1] from a UNet: starting noise x_T (default: drawn from
+    `key`), then `steps` sampler updates. labels [num] for a class-conditional model (guided unless
+    guidance is 1), else None."""
     cfg = model.cfg
     noise_key, sample_key = jax.random.split(key)
-    x_T = jax.random.normal(noise_key, (num, cfg.image_size, cfg.image_size, cfg.channels))
+    if x_T is None:
+        x_T = jax.random.normal(noise_key, (num, cfg.image_size, cfg.image_size, cfg.channels))
     if labels is None:
         model_fn = lambda x, t: model(x, t)  # noqa: E731
     elif guidance == 1.0:
         model_fn = lambda x, t: model(x, t, labels)  # noqa: E731
     else:
         model_fn = guided(model, labels, guidance, cfg.num_classes)
-    return sample(model_fn, kind, alpha_bar(schedule, timesteps), x_T, sample_key, steps=steps, eta=eta)
+    return sample(model_fn, kind, alpha_bar(schedule, timesteps), x_T, sample_key, steps=steps, eta=eta,
+                  spacing=spacing, clip=clip)

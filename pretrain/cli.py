@@ -168,6 +168,8 @@ def _serving_parsers(sub):
     image.add_argument("--steps", type=int, help="sampler steps (default: the run's diffusion.sample_steps)")
     image.add_argument("--class", dest="label", type=int, help="class of every image (default: cycle through the classes)")
     image.add_argument("--guidance", type=float, help="classifier-free guidance weight (default: the run's diffusion.guidance)")
+    image.add_argument("--eta", type=float, help="0: DDIM, 1: DDPM (default: the run's diffusion.eta)")
+    image.add_argument("--noise", help="a .npy of the starting noise, float32 [N, H, W, C] (default: drawn from --seed)")
     image.add_argument("--out", default="samples", help="directory for samples.png, samples.npy and labels.npy")
     image.add_argument("--overwrite", action="store_true", help="replace samples already in --out")
     p = sub.add_parser("eval", help="lm-evaluation-harness tasks scored by the language model of a checkpoint or export")
@@ -202,7 +204,8 @@ def run_serving(args):
         if args.prompt is not None:
             raise ConfigError(f"{args.checkpoint} holds a diffusion model, which takes no --prompt; use --num, --class, --steps")
         r = sample.sample_images(args.checkpoint, args.out, num=args.num, steps=args.steps, label=args.label,
-                                 guidance=args.guidance, seed=args.seed, step=args.step, overwrite=args.overwrite)
+                                 guidance=args.guidance, eta=args.eta, noise=args.noise, seed=args.seed, step=args.step,
+                                 overwrite=args.overwrite)
         print(f"wrote {r['num']} samples ({r['steps']} steps, guidance {r['guidance']}) to {r['out']}/samples.png, "
               "samples.npy and labels.npy")
     else:

@@ -98,6 +98,13 @@ def test_exported_unet_samples_as_the_checkpoint(digits_run, tmp_path, capsys):
     assert outputs["export"]["samples"].shape == (10, 16, 16, 1)
     np.testing.assert_array_equal(outputs["export"]["labels"], np.arange(10))
     assert cli.main(["sample", str(exported), "--num", "4", "--steps", "5", "--class", "7", "--out", str(tmp_path / "c7")]) == 0
+    # Given the starting noise, the images are its alone (eta 0): the seed no longer matters.
+    np.save(tmp_path / "noise.npy", np.random.default_rng(0).standard_normal((3, 16, 16, 1)).astype(np.float32))
+    for seed in ("0", "1"):
+        assert cli.main(["sample", str(exported), "--noise", str(tmp_path / "noise.npy"), "--seed", seed, "--steps", "5",
+                         "--eta", "0", "--out", str(tmp_path / f"noise{seed}")]) == 0
+    first, second = (np.load(tmp_path / f"noise{seed}" / "samples.npy") for seed in ("0", "1"))
+    assert first.shape == (3, 16, 16, 1) and np.array_equal(first, second)
     np.testing.assert_array_equal(np.load(tmp_path / "c7" / "labels.npy"), [7] * 4)
 
 
@@ -140,6 +147,7 @@ CASES = {
     "groups": (["model.groups=12"], "channels=32 .* are not divisible by model.groups=12"),
     "model axis": (["model.base_channels=18", "model.groups=6", "model.num_heads=2"], r"channels=18 .* not divisible by the model axis \(4\)"),
     "target": (["diffusion.target=x0"], "diffusion.target='x0' is unknown"),
+    "spacing": (["diffusion.spacing=even"], r"diffusion.spacing='even' is unknown; use one of \['linspace', 'leading', 'trailing'\]"),
     "residual split": (["mesh.residual_split=embed"], "mesh.residual_split splits a language model's residual stream"),
     "sample grid vs data axis": (["diffusion.sample_num=21"], r"diffusion.sample_num=21 must be a positive multiple of the data axis \(2\)"),
 }
@@ -183,9 +191,12 @@ def test_training_reads_image_directories_plain_and_prepared(tmp_path):
 
 
 def test_sample_refuses_bad_flags(digits_run, tmp_path, capsys):
+    np.save(tmp_path / "wrong.npy", np.zeros((2, 8, 8, 3), np.float32))
     for args, message in ((["--class", "10"], r"--class=10 is not a class of this model .*use 0..9"),
                           (["--prompt", "hi"], "holds a diffusion model, which takes no --prompt"),
-                          (["--steps", "5000"], r"--steps=5000 must be in \[1, 1000\]")):
+                          (["--steps", "5000"], r"--steps=5000 must be in \[1, 1000\]"),
+                          (["--eta", "2"], r"--eta=2.0 must be in \[0, 1\]"),
+                          (["--noise", str(tmp_path / "wrong.npy")], r"shape \[2, 8, 8, 3\]; this model starts from \[N, 16, 16, 1\]")):
         assert cli.main(["sample", str(digits_run), "--out", str(tmp_path / "s"), *args]) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and re.search(message, err), err

@@ -213,13 +213,16 @@ class LanguageModelRun(Config):
 
 @dataclasses.dataclass
 class DiffusionConfig:
-    schedule: str = "cosine"  # of alpha_bar: cosine or linear
+    schedule: str = "cosine"  # of alpha_bar: cosine, linear or scaled_linear (Stable Diffusion's)
     timesteps: int = 1000
     target: str = "v"  # what the UNet predicts: eps or v
     min_snr_gamma: float = 5.0  # min-SNR-gamma loss weighting; 0: plain mean squared error
     label_dropout: float = 0.1  # share of training labels replaced by "no label", for classifier-free guidance
     sample_steps: int = 50  # sampler steps for the eval grid (and `pretrain sample`'s default)
     eta: float = 0.0  # 0: deterministic DDIM, 1: DDPM
+    # The sampler's timesteps, as diffusers' timestep_spacing: linspace, leading or trailing.
+    spacing: str = "trailing"
+    clip_sample: bool = True  # keep each step's predicted clean image in [-1, 1], as diffusers' clip_sample
     guidance: float = 1.0  # classifier-free guidance weight; 1: the plain conditional model
     sample_num: int = 40  # images in the eval grid
 

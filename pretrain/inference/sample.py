@@ -40,10 +40,14 @@ def sample_text(path: str, prompt: str, *, max_new_tokens: int, temperature: flo
 
 
 def sample_images(path: str, out: str, *, num: int, steps: int | None = None, label: int | None = None,
-                  guidance: float | None = None, seed: int = 0, step: int | None = None, overwrite: bool = False) -> dict:
+                  guidance: float | None = None, eta: float | None = None, noise: str | None = None, seed: int = 0,
+                  step: int | None = None, overwrite: bool = False) -> dict:
     """Write samples.png (a grid), samples.npy ([num, H, W, C] in [-1, 1]) and labels.npy (-1:
-    unconditional) into `out`, from a checkpoint's EMA weights or an exported UNet. Steps and
-    guidance default to the run's diffusion settings."""
+    unconditional) into `out`, from a checkpoint's EMA weights or an exported UNet. Steps, guidance
+    and eta default to the run's diffusion settings; `noise`: a .npy of the starting noise
+    (float32, N x H x W x C, N giving the number of images), else drawn from the seed."""
+    start = np.load(noise) if noise else None
+    num = len(start) if start is not None else num
     if num < 1:
         raise ConfigError(f"--num={num} must be at least 1")
     out = epath.Path(out)
@@ -57,11 +61,18 @@ def sample_images(path: str, out: str, *, num: int, steps: int | None = None, la
         raise ConfigError(f"--steps={steps} must be in [1, {d.timesteps}] (the model's diffusion.timesteps)")
     if guidance < 0:
         raise ConfigError(f"--guidance={guidance} must be >= 0")
+    if eta is not None and not 0 <= eta <= 1:
+        raise ConfigError(f"--eta={eta} must be in [0, 1] (0: DDIM, 1: DDPM)")
+    shape = (model.cfg.image_size, model.cfg.image_size, model.cfg.channels)
+    if start is not None and (start.ndim != 4 or start.shape[1:] != shape):
+        raise ConfigError(f"--noise={noise} holds an array of shape {list(start.shape)}; this model starts from "
+                          f"[N, {', '.join(map(str, shape))}]")
     classes = model.cfg.num_classes
     if label is not None and not 0 <= label < classes:
         raise ConfigError(f"--class={label} is not a class of this model (it has {classes or 'none: unconditional'})"
                           + (f"; use 0..{classes - 1}" if classes else "; leave --class out"))
-    batch, labels = draw_images(model, d, jax.random.key(seed), num=num, steps=steps, guidance=guidance, label=label)
+    batch, labels = draw_images(model, d, jax.random.key(seed), num=num, steps=steps, guidance=guidance, label=label,
+                                eta=eta, noise=start)
     out.mkdir(parents=True, exist_ok=True)
     for name, array in (("samples.npy", batch), ("labels.npy", labels)):
         with (out / name).open("wb") as f:

@@ -14,7 +14,7 @@ from jax.experimental import multihost_utils
 from data import digits, images, pipeline, records
 from data.prepare.local import image_directory
 from models import diffusion
-from models.diffusion import SCHEDULES, TARGETS
+from models.diffusion import SCHEDULES, SPACINGS, TARGETS
 from models.unet import UNet
 from pretrain.config import ConfigError, require
 from pretrain.config.schema import DiffusionConfig, DiffusionRun
@@ -49,6 +49,7 @@ def _check_unet(cfg: DiffusionRun, data: int, model: int):
                                 "change model.base_channels or mesh.data")
         require(c % m.num_heads == 0, f"{where} are not divisible by model.num_heads={m.num_heads}; change model.num_heads")
     require(d.schedule in SCHEDULES, f"diffusion.schedule='{d.schedule}' is unknown; use one of {list(SCHEDULES)}")
+    require(d.spacing in SPACINGS, f"diffusion.spacing='{d.spacing}' is unknown; use one of {list(SPACINGS)}")
     require(d.target in TARGETS, f"diffusion.target='{d.target}' is unknown; use one of {list(TARGETS)}")
     require(d.timesteps > 1, f"diffusion.timesteps={d.timesteps} must be at least 2")
     require(d.min_snr_gamma >= 0, f"diffusion.min_snr_gamma={d.min_snr_gamma} must be >= 0 (0: off)")
@@ -66,15 +67,19 @@ def _check_unet(cfg: DiffusionRun, data: int, model: int):
 
 
 
-def draw_images(model, d: DiffusionConfig, key, *, num: int, steps: int, guidance: float, label: int | None = None):
+def draw_images(model, d: DiffusionConfig, key, *, num: int, steps: int, guidance: float, label: int | None = None,
+                eta: float | None = None, noise=None):
     """(images [num, H, W, C] in [-1, 1] on the host, labels [num]) from a UNet: all of class `label`,
-    else cycling through the classes, else -1 (unconditional)."""
+    else cycling through the classes, else -1 (unconditional); from the starting `noise` if given.
+    eta defaults to the run's diffusion.eta."""
     classes = model.cfg.num_classes
     labels = np.full(num, -1 if label is None else label, np.int32)
     if classes and label is None:
         labels = np.arange(num, dtype=np.int32) % classes
     out = diffusion.generate(model, jnp.asarray(labels) if classes else None, key, schedule=d.schedule,
-                             timesteps=d.timesteps, kind=d.target, num=num, steps=steps, eta=d.eta, guidance=guidance)
+                             timesteps=d.timesteps, kind=d.target, num=num, steps=steps,
+                             eta=d.eta if eta is None else eta, guidance=guidance, spacing=d.spacing,
+                             clip=d.clip_sample, x_T=None if noise is None else jnp.asarray(noise, jnp.float32))
     return np.asarray(multihost_utils.process_allgather(out, tiled=True)), labels
 
 
