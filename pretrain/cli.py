@@ -16,7 +16,7 @@ from data.tokenizer import MODEL_TYPES
 from pretrain import config as config_lib
 from pretrain import formats
 from pretrain.build import build
-from pretrain.config import ConfigError
+from pretrain.config import ConfigError, require
 from pretrain.evals import harness
 from pretrain.formats import weights
 from pretrain.inference import load, sample
@@ -193,6 +193,9 @@ def run_serving(args):
         print(f"imported {r['params']:,} parameters into {r['out']} in {r['seconds']:.1f} s; train from them with "
               f"`pretrain train {r['out']}/config.yaml checkpoint.resume_from={r['out']} run.output_dir=RUN data.source=DATA`")
     elif args.command == "eval":
+        require(args.batch_size >= 1, f"--batch-size={args.batch_size} must be at least 1")
+        require(args.limit is None or args.limit >= 1, f"--limit={args.limit} must be at least 1 (leave it out for all)")
+        require(args.num_fewshot is None or args.num_fewshot >= 0, f"--num-fewshot={args.num_fewshot} must be >= 0")
         tasks = harness.load_tasks(args.tasks)  # before the model: a task that cannot load fails fast
         model, _, tokenizer = load.load(args.checkpoint, "llm", args.step)
         if tokenizer is None:

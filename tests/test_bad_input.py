@@ -52,6 +52,7 @@ CASES = {
     "local tier cadence": (["checkpoint.local_every=-2"], "checkpoint.local_every=-2 must be >= 0"),
     "harness without a tokenizer": (["eval.harness_tasks=[hellaswag]"], "eval.harness_tasks needs the model's tokenizer"),
     "harness cadence": (["eval.harness_every=-1"], "eval.harness_every=-1 must be >= 0"),
+    "harness few-shot": (["eval.harness_num_fewshot=-2"], "eval.harness_num_fewshot=-2 must be >= 0, or -1"),
     "profile steps": (["train.profile_steps=[5,40]"], r"train.profile_steps=\[5, 40\] must be \[start, end\]"),
     "lr": (["optim.lr=-1e-3"], "optim.lr=-0.001 must be positive"),
     "rope scaling": (["model.rope_scaling.type=yarn"], r"model.rope_scaling.type='yarn' is unknown; use one of \['none', 'linear', 'llama3'\]"),

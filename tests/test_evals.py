@@ -114,7 +114,10 @@ def test_pretrain_eval_prints_the_table_and_json(exported, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--tasks", "no_such_task_xyz"], "unknown lm-eval task no_such_task_xyz"),
     (["--tasks", "missing.yaml"], "no task YAML at missing.yaml"),
-], ids=["unknown task", "missing YAML"])
+    (["--tasks", "hellaswag", "--batch-size", "0"], "--batch-size=0 must be at least 1"),
+    (["--tasks", "hellaswag", "--limit", "0"], "--limit=0 must be at least 1"),
+    (["--tasks", "hellaswag", "--num-fewshot", "-2"], "--num-fewshot=-2 must be >= 0"),
+], ids=["unknown task", "missing YAML", "batch size", "limit", "few-shot"])
 def test_a_task_that_cannot_load_is_one_line_exit_2(exported, args, message, capsys):
     root, _ = exported
     assert cli.main(["eval", str(root / "run"), *args]) == 2

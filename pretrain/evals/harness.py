@@ -139,7 +139,8 @@ class _Scoring:
         stay the few of the log-likelihoods'."""
         budgets = [int(kwargs.get("max_gen_toks", 256)) for _, kwargs in chunk]
         stops = [[u] if isinstance(u, str) else list(u or []) for u in (kwargs.get("until") for _, kwargs in chunk)]
-        rows = [self.tok_encode(context)[-(self.max_length - b):] for (context, _), b in zip(chunk, budgets)]
+        # The context keeps the room the generation needs (at least its last token), cut on the left.
+        rows = [self.tok_encode(context)[-max(1, self.max_length - b):] for (context, _), b in zip(chunk, budgets)]
         made, live = [[] for _ in chunk], set(range(len(chunk)))
         while live:
             ids, segments = _padded([r + m for r, m in zip(rows, made)], self.batch_size, self.max_length)

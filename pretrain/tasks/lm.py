@@ -91,6 +91,8 @@ def _check_transformer(cfg: LanguageModelRun, data: int, model: int, platform: s
         _check_splash(cfg, platform)
     for key in ("harness_every", "harness_limit"):
         require(getattr(cfg.eval, key) >= 0, f"eval.{key}={getattr(cfg.eval, key)} must be >= 0")
+    require(cfg.eval.harness_num_fewshot >= -1,
+            f"eval.harness_num_fewshot={cfg.eval.harness_num_fewshot} must be >= 0, or -1 for each task's own")
 
 
 def _check_mixture(d):
