@@ -84,9 +84,17 @@ class UNetConfig:
     channel_mults: list[int] = dataclasses.field(default_factory=lambda: [1, 2])
     blocks_per_resolution: int = 1
     attention_resolutions: list[int] = dataclasses.field(default_factory=lambda: [8])
-    num_heads: int = 4
+    num_heads: int = 4  # per attention block, where head_channels is 0
+    head_channels: int = 0  # > 0: each attention has channels // head_channels heads (ADM's 64, diffusers')
     groups: int = 8  # GroupNorm groups
     num_classes: int = 0  # 0: unconditional
+    # How the time (and class) embedding enters a resnet: "add" to its features, or "scale_shift"
+    # them after its second norm (ADM's; diffusers' resnet_time_scale_shift).
+    time_conditioning: str = "add"
+    # The sinusoids' layout, as diffusers' Timesteps: cosines first, and the frequency divisor's shift.
+    flip_sin_to_cos: bool = False
+    freq_shift: int = 0
+    downsample_padding: int = 0  # 0: pad the bottom and right before a stride-2 conv; p: p on every side
     dtype: str = "float32"
     remat: str = "full"
 

@@ -1,11 +1,15 @@
-"""Diffusion UNet (DDPM / ADM style): sinusoidal time embedding, residual blocks with GroupNorm,
-SiLU and time (plus optional class) conditioning, self-attention at chosen resolutions, and a
-down/up path joined by skip connections.
+"""Diffusion UNet in the block tree of diffusers' `UNet2DModel` (ADM's architecture): a sinusoidal
+time embedding, residual blocks with GroupNorm, SiLU and time (plus optional class) conditioning,
+self-attention at chosen resolutions, and down, mid and up blocks joined by skip connections.
 
-Images are NHWC. Every parameter carries logical axis names (`conv_in`, `conv_out`,
-`channels`), so the trainer's one rules table shards it; each block is rematerialised with
-the same policy names as the transformer. Class conditioning reserves label `num_classes`
-as "no label", which classifier-free guidance uses.
+The modules carry diffusers' names (`down_blocks/0/resnets/1/conv1`, `time_embedding/linear_1`),
+so that a diffusers checkpoint maps onto this one name for name (pretrain/formats/diffusers.py);
+every option diffusers' family has that changes the numbers is a field of UNetConfig.
+
+Images are NHWC. Every parameter carries logical axis names (`conv_in`, `conv_out`, `channels`),
+so the trainer's one rules table shards it; each resnet and attention is rematerialised with the
+same policy names as the transformer. Class conditioning reserves label `num_classes` as
+"no label", which classifier-free guidance uses.
 """
 
 import math
@@ -17,13 +21,17 @@ from flax import nnx
 from models.configs import UNetConfig
 from models.layers import constrain, einsum, fan_in_init, param, remat
 
+TIME_CONDITIONING = ("add", "scale_shift")  # diffusers' resnet_time_scale_shift: default, scale_shift
 
-def timestep_embedding(t, dim: int):
-    """[B] timesteps -> [B, dim] sinusoids at geometrically spaced frequencies (as in DDPM)."""
+
+def timestep_embedding(t, dim: int, *, flip_sin_to_cos: bool = False, freq_shift: int = 0):
+    """[B] timesteps -> [B, dim] sinusoids at geometrically spaced frequencies (diffusers' Timesteps:
+    cosines first under flip_sin_to_cos, frequencies exp(-ln(10^4) i / (dim/2 - freq_shift)))."""
     half = dim // 2
-    freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+    freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))
     angles = t.astype(jnp.float32)[:, None] * freqs[None]
-    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+    waves = [jnp.cos(angles), jnp.sin(angles)] if flip_sin_to_cos else [jnp.sin(angles), jnp.cos(angles)]
+    return jnp.concatenate(waves, axis=-1)
 
 
 class Dense(nnx.Module):
@@ -38,15 +46,15 @@ class Dense(nnx.Module):
 
 class Conv(nnx.Module):
     def __init__(self, cin: int, cout: int, *, rngs: nnx.Rngs, kernel: int = 3, stride: int = 1, zero: bool = False,
-                 names=("conv_in", "conv_out")):
+                 padding="SAME", names=("conv_in", "conv_out")):
         init = nnx.initializers.zeros if zero else fan_in_init((0, 1, 2))
-        self.stride = stride
+        self.stride, self.padding = stride, padding
         self.kernel = param(rngs, init, (kernel, kernel, cin, cout), (None, None, *names))
         self.bias = param(rngs, nnx.initializers.zeros, (cout,), (names[1],))
 
     def __call__(self, x):
         y = jax.lax.conv_general_dilated(
-            x, self.kernel[...].astype(x.dtype), (self.stride, self.stride), "SAME",
+            x, self.kernel[...].astype(x.dtype), (self.stride, self.stride), self.padding,
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
         return y + self.bias[...].astype(x.dtype)
@@ -67,39 +75,53 @@ class GroupNorm(nnx.Module):
         return (g * self.scale[...] + self.bias[...]).astype(x.dtype)
 
 
-class ResBlock(nnx.Module):
+class ResnetBlock(nnx.Module):
+    """diffusers' ResnetBlock2D: the time embedding added to the features ("add"), or scaling and
+    shifting them after the second norm ("scale_shift", ADM's)."""
+
     def __init__(self, cin: int, cout: int, cfg: UNetConfig, *, rngs: nnx.Rngs):
+        self.scale_shift = cfg.time_conditioning == "scale_shift"
         self.norm1 = GroupNorm(cin, cfg.groups, rngs=rngs)
         self.conv1 = Conv(cin, cout, rngs=rngs)
-        self.time = Dense(cfg.time_dim, cout, rngs=rngs)
+        self.time_emb_proj = Dense(cfg.time_dim, 2 * cout if self.scale_shift else cout, rngs=rngs)
         self.norm2 = GroupNorm(cout, cfg.groups, rngs=rngs)
         self.conv2 = Conv(cout, cout, rngs=rngs, zero=True)  # each block starts as the identity
-        self.skip = Conv(cin, cout, rngs=rngs, kernel=1) if cin != cout else None
+        self.conv_shortcut = Conv(cin, cout, rngs=rngs, kernel=1) if cin != cout else None
 
     def __call__(self, x, temb):
         h = constrain(self.conv1(jax.nn.silu(self.norm1(x))), ("batch", "height", "width", "channels"))
-        h = h + self.time(jax.nn.silu(temb))[:, None, None, :]
-        h = self.conv2(jax.nn.silu(self.norm2(h)))
-        return (x if self.skip is None else self.skip(x)) + h
+        t = self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
+        if self.scale_shift:
+            scale, shift = jnp.split(t, 2, axis=-1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + t)
+        h = self.conv2(jax.nn.silu(h))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
 
 
-class AttentionBlock(nnx.Module):
+class Attention(nnx.Module):
+    """Self-attention over the pixels, with a residual: heads of model.head_channels channels each
+    (diffusers' UNet2DModel, ADM), or model.num_heads heads per block when head_channels is 0."""
+
     def __init__(self, channels: int, cfg: UNetConfig, *, rngs: nnx.Rngs):
-        self.heads = cfg.num_heads
-        self.norm = GroupNorm(channels, cfg.groups, rngs=rngs)
-        self.qkv = Dense(channels, 3 * channels, rngs=rngs)
-        self.out = Dense(channels, channels, rngs=rngs, zero=True)
+        self.heads = channels // cfg.head_channels if cfg.head_channels else cfg.num_heads
+        self.group_norm = GroupNorm(channels, cfg.groups, rngs=rngs)
+        self.to_q, self.to_k, self.to_v = (Dense(channels, channels, rngs=rngs) for _ in range(3))
+        self.to_out = Dense(channels, channels, rngs=rngs, zero=True)
 
     def __call__(self, x, temb=None):
         b, h, w, c = x.shape
-        q, k, v = jnp.split(self.qkv(self.norm(x)).reshape(b, h * w, 3 * self.heads, c // self.heads), 3, axis=2)
-        y = jax.nn.dot_product_attention(q, k, v).reshape(b, h, w, c)
-        return x + self.out(y)
+        y = self.group_norm(x)
+        q, k, v = (proj(y).reshape(b, h * w, self.heads, c // self.heads) for proj in (self.to_q, self.to_k, self.to_v))
+        return x + self.to_out(jax.nn.dot_product_attention(q, k, v).reshape(b, h, w, c))
 
 
 class Downsample(nnx.Module):
-    def __init__(self, channels: int, *, rngs: nnx.Rngs):
-        self.conv = Conv(channels, channels, rngs=rngs, stride=2)
+    def __init__(self, channels: int, cfg: UNetConfig, *, rngs: nnx.Rngs):
+        # diffusers' downsample_padding: 0 pads the bottom and right only, p > 0 p on every side.
+        p = cfg.downsample_padding
+        self.conv = Conv(channels, channels, rngs=rngs, stride=2, padding=((p, p), (p, p)) if p else ((0, 1), (0, 1)))
 
     def __call__(self, x, temb=None):
         return self.conv(x)
@@ -119,66 +141,112 @@ def _checkpointed(block, x, temb, policy: str):
     return remat(lambda s, x, t: nnx.merge(graphdef, s)(x, t), policy, in_scan=False)(state, x, temb)
 
 
+class DownBlock(nnx.Module):
+    """One resolution of the down path (diffusers' DownBlock2D, or AttnDownBlock2D with attention):
+    resnets, each followed by an attention where the level has one, then a downsampler (none at
+    the bottom). Each output goes onto the skip list."""
+
+    def __init__(self, cin: int, cout: int, attend: bool, downsample: bool, cfg: UNetConfig, *, rngs: nnx.Rngs):
+        n, self.policy = cfg.blocks_per_resolution, cfg.remat
+        self.resnets = nnx.List([ResnetBlock(cin if i == 0 else cout, cout, cfg, rngs=rngs) for i in range(n)])
+        self.attentions = nnx.List([Attention(cout, cfg, rngs=rngs) for _ in range(n)]) if attend else None
+        self.downsamplers = nnx.List([Downsample(cout, cfg, rngs=rngs)]) if downsample else None
+
+    def __call__(self, h, temb, skips: list):
+        for i, resnet in enumerate(self.resnets):
+            h = _checkpointed(resnet, h, temb, self.policy)
+            if self.attentions is not None:
+                h = _checkpointed(self.attentions[i], h, temb, self.policy)
+            skips.append(h)
+        if self.downsamplers is not None:
+            h = _checkpointed(self.downsamplers[0], h, temb, self.policy)
+            skips.append(h)
+        return h
+
+
+class UpBlock(nnx.Module):
+    """One resolution of the up path (UpBlock2D, AttnUpBlock2D): one resnet more than down, each
+    taking the next skip concatenated onto its input, attentions as down, then an upsampler (none
+    at the top). `skips` are the channels of the skips still to take, popped as they are used."""
+
+    def __init__(self, cin: int, cout: int, skips: list[int], attend: bool, upsample: bool, cfg: UNetConfig, *,
+                 rngs: nnx.Rngs):
+        n, self.policy = cfg.blocks_per_resolution + 1, cfg.remat
+        self.resnets = nnx.List([ResnetBlock((cin if i == 0 else cout) + skips.pop(), cout, cfg, rngs=rngs) for i in range(n)])
+        self.attentions = nnx.List([Attention(cout, cfg, rngs=rngs) for _ in range(n)]) if attend else None
+        self.upsamplers = nnx.List([Upsample(cout, rngs=rngs)]) if upsample else None
+
+    def __call__(self, h, temb, skips: list):
+        for i, resnet in enumerate(self.resnets):
+            h = _checkpointed(resnet, jnp.concatenate([h, skips.pop()], axis=-1), temb, self.policy)
+            if self.attentions is not None:
+                h = _checkpointed(self.attentions[i], h, temb, self.policy)
+        if self.upsamplers is not None:
+            h = _checkpointed(self.upsamplers[0], h, temb, self.policy)
+        return h
+
+
+class MidBlock(nnx.Module):
+    """diffusers' UNetMidBlock2D: resnet, attention, resnet at the lowest resolution."""
+
+    def __init__(self, channels: int, cfg: UNetConfig, *, rngs: nnx.Rngs):
+        self.policy = cfg.remat
+        self.resnets = nnx.List([ResnetBlock(channels, channels, cfg, rngs=rngs) for _ in range(2)])
+        self.attentions = nnx.List([Attention(channels, cfg, rngs=rngs)])
+
+    def __call__(self, h, temb):
+        for block in (self.resnets[0], self.attentions[0], self.resnets[1]):
+            h = _checkpointed(block, h, temb, self.policy)
+        return h
+
+
+class TimestepEmbedding(nnx.Module):
+    def __init__(self, cin: int, cout: int, *, rngs: nnx.Rngs):
+        self.linear_1, self.linear_2 = Dense(cin, cout, rngs=rngs), Dense(cout, cout, rngs=rngs)
+
+    def __call__(self, x):
+        return self.linear_2(jax.nn.silu(self.linear_1(x)))
+
+
 class UNet(nnx.Module):
     def __init__(self, cfg: UNetConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        base, td = cfg.base_channels, cfg.time_dim
-        self.time1 = Dense(base, td, rngs=rngs)
-        self.time2 = Dense(td, td, rngs=rngs)
+        base, levels = cfg.base_channels, len(cfg.channel_mults)
+        widths = [base * mult for mult in cfg.channel_mults]
+        attend = [res in cfg.attention_resolutions for res in cfg.resolutions]
+        self.time_embedding = TimestepEmbedding(base, cfg.time_dim, rngs=rngs)
         if cfg.num_classes:
             # One extra row: the "no label" class of classifier-free guidance.
-            self.label_embed = param(rngs, nnx.initializers.normal(1.0), (cfg.num_classes + 1, td), (None, "conv_out"))
+            self.class_embedding = param(rngs, nnx.initializers.normal(1.0), (cfg.num_classes + 1, cfg.time_dim),
+                                         (None, "conv_out"))
         # The image's own few channels are never split across devices.
         self.conv_in = Conv(cfg.channels, base, rngs=rngs, names=(None, "conv_out"))
-
-        down, skips, c = [], [base], base
-        for level, (mult, res) in enumerate(zip(cfg.channel_mults, cfg.resolutions)):
-            for _ in range(cfg.blocks_per_resolution):
-                down.append(ResBlock(c, base * mult, cfg, rngs=rngs))
-                c = base * mult
-                if res in cfg.attention_resolutions:
-                    down.append(AttentionBlock(c, cfg, rngs=rngs))
-                skips.append(c)
-            if level < len(cfg.channel_mults) - 1:
-                down.append(Downsample(c, rngs=rngs))
-                skips.append(c)
-        self.down = nnx.List(down)
-        self.middle = nnx.List([ResBlock(c, c, cfg, rngs=rngs), AttentionBlock(c, cfg, rngs=rngs), ResBlock(c, c, cfg, rngs=rngs)])
-
-        up = []
-        for level, (mult, res) in reversed(list(enumerate(zip(cfg.channel_mults, cfg.resolutions)))):
-            for _ in range(cfg.blocks_per_resolution + 1):
-                up.append(ResBlock(c + skips.pop(), base * mult, cfg, rngs=rngs))
-                c = base * mult
-                if res in cfg.attention_resolutions:
-                    up.append(AttentionBlock(c, cfg, rngs=rngs))
-            if level > 0:
-                up.append(Upsample(c, rngs=rngs))
-        self.up = nnx.List(up)
-        self.norm_out = GroupNorm(c, cfg.groups, rngs=rngs)
-        self.conv_out = Conv(c, cfg.channels, rngs=rngs, zero=True, names=("conv_in", None))
+        self.down_blocks = nnx.List([
+            DownBlock(([base] + widths)[i], widths[i], attend[i], i < levels - 1, cfg, rngs=rngs) for i in range(levels)
+        ])
+        self.mid_block = MidBlock(widths[-1], cfg, rngs=rngs)
+        skips = [base] + [w for i, w in enumerate(widths) for _ in range(cfg.blocks_per_resolution + (i < levels - 1))]
+        self.up_blocks = nnx.List([
+            UpBlock(widths[min(i + 1, levels - 1)], widths[i], skips, attend[i], i > 0, cfg, rngs=rngs)
+            for i in reversed(range(levels))
+        ])
+        self.conv_norm_out = GroupNorm(widths[0], cfg.groups, rngs=rngs)
+        self.conv_out = Conv(widths[0], cfg.channels, rngs=rngs, zero=True, names=("conv_in", None))
 
     def __call__(self, x, t, labels=None):
         """Model output (eps or v, as the diffusion process was trained) for noisy images x [B, H, W, C]
         at timesteps t [B]; labels [B] in [0, num_classes], num_classes meaning "no label"."""
         cfg = self.cfg
         x = constrain(x.astype(jnp.dtype(cfg.dtype)), ("batch", "height", "width", "channels"))
-        temb = self.time2(jax.nn.silu(self.time1(timestep_embedding(t, cfg.base_channels).astype(x.dtype))))
+        sinusoids = timestep_embedding(t, cfg.base_channels, flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
+        temb = self.time_embedding(sinusoids.astype(x.dtype))
         if cfg.num_classes:
-            temb = temb + jnp.take(self.label_embed[...], labels, axis=0).astype(x.dtype)
-
+            temb = temb + jnp.take(self.class_embedding[...], labels, axis=0).astype(x.dtype)
         h = self.conv_in(x)
         skips = [h]
-        for block in self.down:
-            h = _checkpointed(block, h, temb, cfg.remat)
-            if not isinstance(block, AttentionBlock):
-                skips.append(h)
-            else:
-                skips[-1] = h  # attention refines the output of the block before it
-        for block in self.middle:
-            h = _checkpointed(block, h, temb, cfg.remat)
-        for block in self.up:
-            if isinstance(block, ResBlock):
-                h = jnp.concatenate([h, skips.pop()], axis=-1)
-            h = _checkpointed(block, h, temb, cfg.remat)
-        return self.conv_out(jax.nn.silu(self.norm_out(h))).astype(jnp.float32)
+        for block in self.down_blocks:
+            h = block(h, temb, skips)
+        h = self.mid_block(h, temb)
+        for block in self.up_blocks:
+            h = block(h, temb, skips)
+        return self.conv_out(jax.nn.silu(self.conv_norm_out(h))).astype(jnp.float32)

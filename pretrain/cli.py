@@ -141,17 +141,19 @@ def _prepare_parser(sub):
 
 def _serving_parsers(sub):
     p = sub.add_parser("export", help="write a checkpoint's weights for serving: a Hugging Face Llama directory, or a "
-                                      "UNet's EMA weights and config")
+                                      "diffusers pipeline of a UNet's EMA weights")
     p.add_argument("--format", choices=[f.NAME for f in formats.FORMATS],
-                   help="the outside format (default: the model family's first: hf for a language model, unet for a UNet)")
+                   help="the outside format (default: the model family's first: hf for a language model, diffusers for a "
+                        "UNet; unet: this stack's own, for UNets diffusers cannot express)")
     p.add_argument("checkpoint", help="run directory, its checkpoints/ or one step's directory; local or gs://")
     p.add_argument("--out", help="output directory, local or gs:// (default: <run dir>/export)")
     p.add_argument("--step", type=int, help="which step (default: the latest)")
     p.add_argument("--dtype", choices=sorted(weights.DTYPES), default="bfloat16", help="dtype of the written weights")
     p.add_argument("--max-shard-mb", type=float, default=5 * 1024, help="split the weights into files of at most this size")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p = sub.add_parser("import-hf", help="turn a Hugging Face Llama directory into a checkpoint to train from")
-    p.add_argument("hf_dir", help="directory with config.json and safetensors weights; local or gs://")
+    p = sub.add_parser("import-hf", help="turn a Hugging Face Llama directory, or a diffusers pipeline or UNet2DModel "
+                                         "directory, into a checkpoint to train from")
+    p.add_argument("hf_dir", help="directory with config.json (or model_index.json) and safetensors weights; local or gs://")
     p.add_argument("--out", required=True, help="new run directory; train from it with checkpoint.resume_from=OUT")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p = sub.add_parser("sample", help="generate text or images from a checkpoint or an exported directory")
@@ -170,6 +172,7 @@ def _serving_parsers(sub):
     image.add_argument("--guidance", type=float, help="classifier-free guidance weight (default: the run's diffusion.guidance)")
     image.add_argument("--eta", type=float, help="0: DDIM, 1: DDPM (default: the run's diffusion.eta)")
     image.add_argument("--noise", help="a .npy of the starting noise, float32 [N, H, W, C] (default: drawn from --seed)")
+    image.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: the model's model.dtype)")
     image.add_argument("--out", default="samples", help="directory for samples.png, samples.npy and labels.npy")
     image.add_argument("--overwrite", action="store_true", help="replace samples already in --out")
     p = sub.add_parser("eval", help="lm-evaluation-harness tasks scored by the language model of a checkpoint or export")
@@ -208,7 +211,7 @@ def run_serving(args):
             raise ConfigError(f"{args.checkpoint} holds a diffusion model, which takes no --prompt; use --num, --class, --steps")
         r = sample.sample_images(args.checkpoint, args.out, num=args.num, steps=args.steps, label=args.label,
                                  guidance=args.guidance, eta=args.eta, noise=args.noise, seed=args.seed, step=args.step,
-                                 overwrite=args.overwrite)
+                                 dtype=args.dtype, overwrite=args.overwrite)
         print(f"wrote {r['num']} samples ({r['steps']} steps, guidance {r['guidance']}) to {r['out']}/samples.png, "
               "samples.npy and labels.npy")
     else:

@@ -9,6 +9,8 @@ from flax import nnx
 
 from models import diffusion
 from models.unet import UNet, UNetConfig
+from pretrain.config.schema import DiffusionConfig
+from pretrain.formats import diffusers as diffusers_format
 from pretrain.train import sharding
 
 SMALL = dict(base_channels=16, groups=4, num_heads=2)
@@ -60,7 +62,7 @@ def test_sharded_unet_equals_unsharded():
     with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.LOGICAL_RULES):
         shardings = nnx.get_named_sharding(state, mesh)
         state = jax.device_put(state, shardings)
-        kernel = state["down"][0]["conv1"]["kernel"][...]
+        kernel = state["down_blocks"][0]["resnets"][0]["conv1"]["kernel"][...]
         assert tuple(kernel.sharding.spec) == (None, None, "data", "model")  # conv_in on data, conv_out on model
         batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
         out = forward(graphdef)(state, *(jax.device_put(a, batch) for a in (x, t, labels)))
@@ -114,10 +116,6 @@ def test_classifier_free_guidance_mixes_conditional_and_unconditional():
 # --- the sampler against diffusers' DDIMScheduler --------------------------------------------
 
 
-BETAS = {"linear": "linear", "cosine": "squaredcos_cap_v2", "scaled_linear": "scaled_linear"}
-PREDICTION = {"eps": "epsilon", "v": "v_prediction"}
-
-
 def toy_model(x, t, labels=None):
     """A smooth stand-in for a network (the sampler's arithmetic is what is compared): any array
     module's tanh and cos, label-dependent where labels are given."""
@@ -127,17 +125,16 @@ def toy_model(x, t, labels=None):
 
 
 def scheduler(schedule: str, timesteps: int, kind: str, spacing: str, clip: bool):
+    """The DDIMScheduler an export of these settings carries."""
     from diffusers import DDIMScheduler
 
-    beta = {"linear": {"beta_start": 1e-4 * 1000 / timesteps, "beta_end": 0.02 * 1000 / timesteps},
-            "scaled_linear": {"beta_start": 0.00085, "beta_end": 0.012}}.get(schedule, {})  # Stable Diffusion's
-    return DDIMScheduler(num_train_timesteps=timesteps, beta_schedule=BETAS[schedule], prediction_type=PREDICTION[kind],
-                         timestep_spacing=spacing, clip_sample=clip, set_alpha_to_one=True, steps_offset=0, **beta)
+    settings = DiffusionConfig(schedule=schedule, timesteps=timesteps, target=kind, spacing=spacing, clip_sample=clip)
+    return DDIMScheduler.from_config(diffusers_format.scheduler_config(settings))
 
 
 @pytest.mark.parametrize("schedule, timesteps", [("cosine", 1000), ("linear", 1000), ("scaled_linear", 1000),
                                                  ("linear", 500)])
-def test_our_schedules_are_the_schedulers(schedule, timesteps):
+def test_our_schedules_are_the_exported_schedulers(schedule, timesteps):
     theirs = scheduler(schedule, timesteps, "eps", "trailing", True).alphas_cumprod.numpy()
     np.testing.assert_allclose(diffusion.alpha_bar(schedule, timesteps), theirs, rtol=2e-5)
 

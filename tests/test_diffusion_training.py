@@ -11,6 +11,7 @@ from flax import nnx
 from PIL import Image
 
 from data.prepare import local as prepare
+from models import diffusion
 from pretrain import cli, config as config_lib
 from models.unet import UNet
 from pretrain.formats import params
@@ -21,6 +22,7 @@ from pretrain.train.step import TrainStep
 
 from conftest import CACHE, ROOT
 from test_checkpoint import losses, resumable_copy
+from test_diffusers import predictions
 
 SMOKE = str(ROOT / "configs" / "diffusion" / "smoke.yaml")
 STEPS = 40
@@ -75,8 +77,7 @@ def test_resume_equals_uninterrupted(digits_run, tmp_path, capsys):
 def test_exported_unet_samples_as_the_checkpoint(digits_run, tmp_path, capsys):
     exported = tmp_path / "export"
     assert cli.main(["export", str(digits_run), "--out", str(exported), "--dtype", "float32"]) == 0
-    description = json.loads((exported / "config.json").read_text())
-    assert description["architecture"] == "UNet" and description["weights"] == "ema" and description["step"] == STEPS
+    assert json.loads((exported / "model_index.json").read_text())["unet"] == ["diffusers", "UNet2DModel"]
     # The export holds the EMA of the parameters, not the parameters.
     directory = digits_run / "checkpoints"
     cfg = config_lib.load(SMOKE)
@@ -106,6 +107,48 @@ def test_exported_unet_samples_as_the_checkpoint(digits_run, tmp_path, capsys):
     first, second = (np.load(tmp_path / f"noise{seed}" / "samples.npy") for seed in ("0", "1"))
     assert first.shape == (3, 16, 16, 1) and np.array_equal(first, second)
     np.testing.assert_array_equal(np.load(tmp_path / "c7" / "labels.npy"), [7] * 4)
+
+
+def test_diffusers_loads_the_export_and_samples_what_pretrain_sample_samples(digits_run, tmp_path):
+    """The smoke run's export in diffusers' own classes: every tensor placed, the checkpoint's
+    predictions, and from the same starting noise the images of `pretrain sample` through a
+    DDIMScheduler loop: eta 0, eta 1 with the same per-step noise, and guidance 2 with the no-label
+    row."""
+    import torch
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    exported = tmp_path / "export"
+    assert cli.main(["export", str(digits_run), "--out", str(exported), "--dtype", "float32"]) == 0
+    unet, info = UNet2DModel.from_pretrained(str(exported / "unet"), output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+    model, cfg, _ = load.load(str(digits_run), "diffusion")
+    ours, theirs = predictions(model, unet.eval(), cfg.diffusion.timesteps, cfg.model.num_classes)
+    assert np.abs(ours - theirs).max() < 1e-4 and np.abs(theirs).max() > 0.5
+
+    steps, shape, labels, null = 10, (3, 16, 16, 1), np.array([0, 1, 2]), cfg.model.num_classes
+    start = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    np.save(tmp_path / "noise.npy", start)
+    step_noise = np.array(diffusion.step_noise(jax.random.split(jax.random.key(0))[1], steps, shape))  # --seed 0's
+    scheduler = DDIMScheduler.from_pretrained(str(exported / "scheduler"))
+    scheduler.set_timesteps(steps)
+
+    def predict(x, t, y):
+        with torch.no_grad():
+            out = unet(torch.from_numpy(x.transpose(0, 3, 1, 2)), int(t), class_labels=torch.from_numpy(y)).sample
+        return out.numpy().transpose(0, 2, 3, 1)
+
+    for guidance, eta in ((1.0, 0.0), (1.0, 1.0), (2.0, 0.0)):
+        out = tmp_path / f"g{guidance}-eta{eta}"
+        assert cli.main(["sample", str(exported), "--noise", str(tmp_path / "noise.npy"), "--steps", str(steps),
+                         "--guidance", str(guidance), "--eta", str(eta), "--dtype", "float32", "--out", str(out)]) == 0
+        x = start
+        for i, t in enumerate(scheduler.timesteps.numpy()):
+            cond = predict(x, t, labels)
+            prediction = cond if guidance == 1 else predict(x, t, np.full(3, null)) * (1 - guidance) + guidance * cond
+            x = scheduler.step(torch.from_numpy(prediction), int(t), torch.from_numpy(x), eta=eta,
+                               variance_noise=torch.from_numpy(step_noise[i]) if eta else None).prev_sample.numpy()
+        np.testing.assert_allclose(np.load(out / "samples.npy"), x, atol=1e-3, err_msg=f"guidance {guidance}, eta {eta}")
+        assert np.abs(x).max() > 0.5
 
 
 def test_ema_update_matches_the_formula():

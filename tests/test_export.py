@@ -342,11 +342,11 @@ def gpt2_dir(tmp):
     return tmp / "gpt2"
 
 
-def diffusers_unet_dir(tmp):
-    """A diffusers UNet2DModel directory: its config.json names a class, no architecture of ours."""
-    (tmp / "unet").mkdir()
-    (tmp / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", "sample_size": 32}))
-    return tmp / "unet"
+def diffusers_vae_dir(tmp):
+    """A diffusers AutoencoderKL directory: its config.json names a class no format here reads."""
+    (tmp / "vae").mkdir()
+    (tmp / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", "sample_size": 32}))
+    return tmp / "vae"
 
 
 def nonempty(tmp):
@@ -377,8 +377,9 @@ BAD = {
         lambda r, t: ["import-hf", str(misdescribed_dir(r, t)), "--out", str(t / "x")],
         r"mlp.gate_proj.weight has shape \[64, 32\] where its config.json implies \[128, 32\]"),
     "import into a non-empty --out": (lambda r, t: ["import-hf", str(r["tied"][1]), "--out", str(nonempty(t))], "is not empty"),
-    "sample of a directory no format reads": (lambda r, t: ["sample", str(diffusers_unet_dir(t)), "--prompt", "x"],
-                                              "holds a UNet2DModel model; sample reads LlamaForCausalLM, UNet directories"),
+    "sample of a directory no format reads": (lambda r, t: ["sample", str(diffusers_vae_dir(t)), "--prompt", "x"],
+                                              "holds a AutoencoderKL model; sample reads LlamaForCausalLM, UNet2DModel, UNet "
+                                              "directories"),
     "export to another family's format": (lambda r, t: ["export", str(r["tied"][0]), "--format", "unet", "--out", str(t / "x")],
                                           r"--format=unet does not hold a 'llm' model; use one of \['hf'\]"),
     "prompt too long": (lambda r, t: ["sample", str(r["tied"][0]), "--prompt", "x " * 60, "--max-new-tokens", "20"],

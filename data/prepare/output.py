@@ -4,6 +4,7 @@ half directory that looks whole, and an existing one is replaced only with overw
 
 import contextlib
 import os
+import pathlib
 import shutil
 import tempfile
 
@@ -33,9 +34,9 @@ def staged(out: epath.Path, overwrite: bool, last: str = MANIFEST):
         if out.exists():
             out.rmtree()
         if remote:
-            out.mkdir(parents=True, exist_ok=True)
-            names = sorted(p.name for p in stage.iterdir())
-            for name in sorted(names, key=lambda n: n == last):
+            files = sorted(str(p.relative_to(stage)) for p in pathlib.Path(stage).rglob("*") if p.is_file())
+            for name in sorted(files, key=lambda n: n == last):
+                (out / name).parent.mkdir(parents=True, exist_ok=True)
                 (stage / name).copy(out / name)
         else:
             stage.rename(out)

@@ -13,16 +13,17 @@ import time
 from etils import epath
 
 from pretrain.config import ConfigError
-from pretrain.formats import hf_llama, unet
+from pretrain.formats import diffusers, hf_llama, unet
 from pretrain.run import checkpoint
 
-FORMATS = (hf_llama, unet)
+FORMATS = (hf_llama, diffusers, unet)
+DESCRIPTIONS = ("config.json", "model_index.json")  # what an outside directory has at its top: a model, a pipeline
 
 
 def reader(directory: epath.Path, command: str, formats=FORMATS):
-    """The one of `formats` that reads an exported directory (one with a config.json), or ConfigError
-    naming what the directory holds and what `command` reads."""
-    config = json.loads((directory / "config.json").read_text())
+    """The one of `formats` that reads an exported directory, or ConfigError naming what the
+    directory holds and what `command` reads."""
+    config = json.loads(next(directory / name for name in DESCRIPTIONS if (directory / name).exists()).read_text())
     for fmt in formats:
         if fmt.claims(directory, config):
             return fmt
@@ -32,8 +33,9 @@ def reader(directory: epath.Path, command: str, formats=FORMATS):
 
 
 def is_export(directory: epath.Path) -> bool:
-    """Whether a directory is an outside format's (a config.json at its top) rather than a checkpoint's."""
-    return (directory / "config.json").exists()
+    """Whether a directory is an outside format's (a config.json or model_index.json at its top)
+    rather than a checkpoint's."""
+    return any((directory / name).exists() for name in DESCRIPTIONS)
 
 
 def writer(task: str, name: str | None = None):
@@ -62,6 +64,7 @@ def import_(path: str, out: str, *, overwrite: bool = False) -> dict:
     start = time.perf_counter()
     src = epath.Path(path)
     if not is_export(src):
-        raise ConfigError(f"{src} has no config.json; point at a Hugging Face model directory")
+        raise ConfigError(f"{src} has no config.json or model_index.json; point at a Hugging Face model or a "
+                          "diffusers pipeline directory")
     params = reader(src, "import-hf", [f for f in FORMATS if hasattr(f, "import_")]).import_(src, out, overwrite=overwrite)
     return {"out": out, "params": params, "seconds": time.perf_counter() - start}

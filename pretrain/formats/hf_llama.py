@@ -268,13 +268,7 @@ def import_(directory: epath.Path, out: str, *, overwrite: bool) -> int:
     shapes = params.shapes(Transformer, m)
     cfg = LanguageModelRun(run=RunConfig(name=directory.name or "imported", steps=1, output_dir=str(out)), model=m)
     with weights.open_weights(directory) as read_tensor:
-        for name, shape, _ in hf_tensors(m, shapes, None):
-            if read_tensor.shape(name) != tuple(shape):
-                raise ConfigError(f"{directory}: {name} has shape {list(read_tensor.shape(name))} where its config.json "
-                                  f"implies {list(shape)}; is config.json the one these weights came with?")
-        if overwrite:
-            checkpoint.clear_output_dir(cfg)
-        checkpoint.save_params(cfg, our_tensors(m, shapes, read_tensor))
+        params.save_imported(cfg, hf_tensors(m, shapes, None), our_tensors(m, shapes, read_tensor), read_tensor, overwrite)
     if tokenizer is not None:
         tokenizer.write(out)
     (epath.Path(out) / "config.yaml").write_text(config_lib.to_yaml(cfg))

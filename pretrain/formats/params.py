@@ -7,6 +7,7 @@ import numpy as np
 from etils import epath
 from flax import nnx, traverse_util
 
+from pretrain.config import ConfigError
 from pretrain.run import checkpoint
 
 
@@ -61,3 +62,16 @@ class Reader:
 def ema_or_params(directory: epath.Path, step: int) -> str:
     """The checkpoint item that samples best: the EMA of the parameters if the run kept one."""
     return "ema" if (directory / str(step) / "ema").exists() else "params"
+
+
+def save_imported(cfg, expected, tensors, read_tensor, overwrite: bool):
+    """An outside model's weights as a step-0 checkpoint under cfg.run.output_dir: every tensor's
+    shape checked against `expected` [(their name, shape, _)] before anything is written, then
+    `tensors` [(our path, thunk)] written one at a time."""
+    for name, shape, _ in expected:
+        if read_tensor.shape(name) != tuple(shape):
+            raise ConfigError(f"{read_tensor.directory}: {name} has shape {list(read_tensor.shape(name))} where its "
+                              f"config.json implies {list(shape)}; is config.json the one these weights came with?")
+    if overwrite:
+        checkpoint.clear_output_dir(cfg)
+    checkpoint.save_params(cfg, tensors)

@@ -15,7 +15,7 @@ from etils import epath
 
 from pretrain.config import ConfigError
 
-WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
+STEM = "model"  # model.safetensors; diffusers' components use diffusion_pytorch_model
 DTYPES = {"float32": (np.float32, "F32"), "bfloat16": (ml_dtypes.bfloat16, "BF16"), "float16": (np.float16, "F16")}
 
 
@@ -38,10 +38,10 @@ def _write_safetensors(path: epath.Path, entries, dtype: str):
             f.write(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
 
 
-def write_weights(out: epath.Path, tensors, dtype: str, max_shard_bytes: int) -> int:
+def write_weights(out: epath.Path, tensors, dtype: str, max_shard_bytes: int, stem: str = STEM) -> int:
     """Safetensors files of at most max_shard_bytes each (a larger tensor gets a file of its own),
-    with an index when there is more than one. tensors: [(name, shape, thunk)]. Returns the total
-    bytes of tensor data."""
+    with an index when there is more than one, named from `stem`. tensors: [(name, shape, thunk)].
+    Returns the total bytes of tensor data."""
     itemsize = np.dtype(DTYPES[dtype][0]).itemsize
     shards, size, total = [[]], 0, 0
     for entry in tensors:
@@ -53,14 +53,14 @@ def write_weights(out: epath.Path, tensors, dtype: str, max_shard_bytes: int) ->
         size += nbytes
         total += nbytes
     if len(shards) == 1:
-        _write_safetensors(out / WEIGHTS, shards[0], dtype)
+        _write_safetensors(out / f"{stem}.safetensors", shards[0], dtype)
         return total
     weight_map = {}
     for i, entries in enumerate(shards):
-        filename = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        filename = f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         _write_safetensors(out / filename, entries, dtype)
         weight_map.update({name: filename for name, _, _ in entries})
-    (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (out / f"{stem}.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return total
 
 
@@ -69,7 +69,7 @@ class Weights:
     it. Each tensor is read on its own, at its offset, from local or gs:// files alike: no file is
     memory-mapped or downloaded whole, so only the tensor asked for is in host memory."""
 
-    def __init__(self, directory: epath.Path, files: dict | None, stack: contextlib.ExitStack):
+    def __init__(self, directory: epath.Path, files: dict | str, stack: contextlib.ExitStack):
         self.directory, self.files, self.stack, self.opened = directory, files, stack, {}
 
     def __call__(self, name: str) -> np.ndarray:
@@ -86,7 +86,7 @@ class Weights:
 
     def _entry(self, name: str):
         """(the open file holding `name`, where its data starts, the tensor's header entry)."""
-        filename = WEIGHTS if self.files is None else self.files.get(name)
+        filename = self.files if isinstance(self.files, str) else self.files.get(name)
         if filename is not None and filename not in self.opened:
             f = self.stack.enter_context((self.directory / filename).open("rb"))
             length = int.from_bytes(f.read(8), "little")
@@ -98,13 +98,14 @@ class Weights:
 
 
 @contextlib.contextmanager
-def open_weights(directory: epath.Path):
+def open_weights(directory: epath.Path, stem: str = STEM):
     """Yields the Weights of a directory's safetensors files (one, or numbered ones with an index)."""
-    if (directory / INDEX).exists():
-        files = json.loads((directory / INDEX).read_text())["weight_map"]
-    elif (directory / WEIGHTS).exists():
-        files = None  # one file holds every tensor
+    single, index = f"{stem}.safetensors", f"{stem}.safetensors.index.json"
+    if (directory / index).exists():
+        files = json.loads((directory / index).read_text())["weight_map"]
+    elif (directory / single).exists():
+        files = single  # one file holds every tensor
     else:
-        raise ConfigError(f"{directory} has neither {WEIGHTS} nor {INDEX}; export it again")
+        raise ConfigError(f"{directory} has neither {single} nor {index}; export it again")
     with contextlib.ExitStack() as stack:
         yield Weights(directory, files, stack)

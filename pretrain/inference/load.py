@@ -1,6 +1,8 @@
 """A model to run, from a checkpoint (its parameters only, or their EMA where the family samples
 from it) or from a directory an outside format wrote (pretrain/formats/)."""
 
+import dataclasses
+
 import jax
 from etils import epath
 
@@ -32,9 +34,9 @@ def from_checkpoint(path: str, step: int | None = None, device=None) -> tuple[Co
     return cfg, flat, tokenizer_lib.read(checkpoint.run_dir(directory))
 
 
-def load(path: str, task: str, step: int | None = None):
+def load(path: str, task: str, step: int | None = None, dtype: str | None = None):
     """(model, config, tokenizer or None) of a `task` model from a checkpoint or an exported
-    directory, on the default device."""
+    directory, on the default device; computing in `dtype` if given, else in the model's."""
     device, directory = jax.devices()[0], epath.Path(path)
     if formats.is_export(directory):
         cfg, flat, tokenizer = formats.reader(directory, "sample").read(directory)
@@ -43,4 +45,6 @@ def load(path: str, task: str, step: int | None = None):
         cfg, flat, tokenizer = from_checkpoint(path, step, device)
     if cfg.task != task:
         raise ConfigError(f"{path} holds a '{cfg.task}' model; this command handles {task} models here")
+    if dtype is not None:
+        cfg.model = dataclasses.replace(cfg.model, dtype=dtype)
     return params.build(task_class(task).model_class, cfg.model, flat), cfg, tokenizer

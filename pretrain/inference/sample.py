@@ -41,11 +41,12 @@ def sample_text(path: str, prompt: str, *, max_new_tokens: int, temperature: flo
 
 def sample_images(path: str, out: str, *, num: int, steps: int | None = None, label: int | None = None,
                   guidance: float | None = None, eta: float | None = None, noise: str | None = None, seed: int = 0,
-                  step: int | None = None, overwrite: bool = False) -> dict:
+                  step: int | None = None, dtype: str | None = None, overwrite: bool = False) -> dict:
     """Write samples.png (a grid), samples.npy ([num, H, W, C] in [-1, 1]) and labels.npy (-1:
     unconditional) into `out`, from a checkpoint's EMA weights or an exported UNet. Steps, guidance
     and eta default to the run's diffusion settings; `noise`: a .npy of the starting noise
-    (float32, N x H x W x C, N giving the number of images), else drawn from the seed."""
+    (float32, N x H x W x C, N giving the number of images), else drawn from the seed; `dtype`: the
+    compute dtype (default: the model's)."""
     start = np.load(noise) if noise else None
     num = len(start) if start is not None else num
     if num < 1:
@@ -53,7 +54,7 @@ def sample_images(path: str, out: str, *, num: int, steps: int | None = None, la
     out = epath.Path(out)
     if (out / "samples.png").exists() and not overwrite:
         raise ConfigError(f"{out} already holds samples.png; pass --overwrite to replace it, or choose another --out")
-    model, cfg, _ = load(path, "diffusion", step)
+    model, cfg, _ = load(path, "diffusion", step, dtype)
     d = cfg.diffusion
     steps = steps or d.sample_steps
     guidance = d.guidance if guidance is None else guidance

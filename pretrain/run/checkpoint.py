@@ -242,18 +242,29 @@ def restore_array(directory: epath.Path, keys: tuple[str, ...], shape: tuple[int
 
 
 class _OneAtATime(ocp.CheckpointHandler):
-    """Writes a parameters item one tensor at a time with Orbax's partial saves, each an addition to
-    the same pytree, then moves the finished pytree where the step's item belongs: the item reads
-    back as if the whole tree had been saved at once."""
+    """Writes a parameters item a few tensors at a time with Orbax's partial saves, each an addition
+    to the same pytree, then moves the finished pytree where the step's item belongs: the item reads
+    back as if the whole tree had been saved at once. Small tensors go together (up to BATCH_BYTES),
+    since each partial save costs a commit."""
+
+    BATCH_BYTES = 32 * 2**20
 
     def save(self, directory: epath.Path, args: "StreamedSave"):
         build = directory.parent / f"{directory.name}.build"
+        batch, size = {}, 0
         for key, thunk in args.tensors:
             leaf = jax.device_put(thunk(), jax.devices("cpu")[0])  # Orbax writes a NumPy array through a copy
-            for part in reversed((*key.split("/"), "value")):  # each parameter is saved as its variable's value
-                leaf = {part: leaf}
-            ocp_partial.save(build, leaf)
-            del leaf  # let it go before the next is made
+            node = batch
+            for part in key.split("/"):
+                node = node.setdefault(part, {})
+            node["value"] = leaf  # each parameter is saved as its variable's value
+            size += leaf.nbytes
+            del leaf, node
+            if size >= self.BATCH_BYTES:
+                ocp_partial.save(build, batch)
+                batch, size = {}, 0  # let them go before the next are made
+        if batch:
+            ocp_partial.save(build, batch)
         ocp_partial.finalize(build)
         if directory.exists():
             directory.rmdir()
@@ -273,8 +284,8 @@ class StreamedSave(ocp.args.CheckpointArgs):
 def save_params(cfg: Config, tensors: Iterable[tuple[str, Callable[[], np.ndarray]]]):
     """A checkpoint of parameters alone (step 0, no optimizer or data position) under
     run.output_dir, such as an imported model that training can start from. tensors: [(path such as
-    "layers/wq", thunk giving that parameter)], written one at a time, so that host memory holds one
-    parameter, never the model."""
+    "layers/wq", thunk giving that parameter)], written a few at a time, so that host memory holds
+    the largest parameter and at most 32 MiB of others, never the model."""
     manager = _manager(absolute(cfg.run.output_dir) / "checkpoints", cfg)
     items = {"params": StreamedSave(tensors), "config": ocp.args.JsonSave(config_lib.to_dict(cfg))}
     manager.save(0, args=ocp.args.Composite(**items), force=True)

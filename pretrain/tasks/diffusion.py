@@ -15,7 +15,7 @@ from data import digits, images, pipeline, records
 from data.prepare.local import image_directory
 from models import diffusion
 from models.diffusion import SCHEDULES, SPACINGS, TARGETS
-from models.unet import UNet
+from models.unet import TIME_CONDITIONING, UNet
 from pretrain.config import ConfigError, require
 from pretrain.config.schema import DiffusionConfig, DiffusionRun
 from pretrain.tasks.base import Task, check_execution
@@ -47,7 +47,18 @@ def _check_unet(cfg: DiffusionRun, data: int, model: int):
         require(c % model == 0, f"{where} are not divisible by the model axis ({model}); change model.base_channels or mesh.model")
         require(c % data == 0, f"{where} are not divisible by the data axis ({data}), which shards parameters (FSDP); "
                                 "change model.base_channels or mesh.data")
-        require(c % m.num_heads == 0, f"{where} are not divisible by model.num_heads={m.num_heads}; change model.num_heads")
+        if m.head_channels:
+            require(c % m.head_channels == 0, f"{where} are not divisible by model.head_channels={m.head_channels}; "
+                                              "change model.head_channels")
+        else:
+            require(c % m.num_heads == 0, f"{where} are not divisible by model.num_heads={m.num_heads}; change model.num_heads")
+    require(m.head_channels >= 0, f"model.head_channels={m.head_channels} must be >= 0 (0: model.num_heads heads per block)")
+    require(m.time_conditioning in TIME_CONDITIONING,
+            f"model.time_conditioning='{m.time_conditioning}' is unknown; use one of {list(TIME_CONDITIONING)}")
+    require(m.downsample_padding in (0, 1), f"model.downsample_padding={m.downsample_padding} must be 0 (bottom and "
+                                            "right only) or 1 (every side)")
+    require(0 <= m.freq_shift < m.base_channels // 2,
+            f"model.freq_shift={m.freq_shift} must be in [0, model.base_channels / 2)")
     require(d.schedule in SCHEDULES, f"diffusion.schedule='{d.schedule}' is unknown; use one of {list(SCHEDULES)}")
     require(d.spacing in SPACINGS, f"diffusion.spacing='{d.spacing}' is unknown; use one of {list(SPACINGS)}")
     require(d.target in TARGETS, f"diffusion.target='{d.target}' is unknown; use one of {list(TARGETS)}")

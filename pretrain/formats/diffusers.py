@@ -1,0 +1,278 @@
+"""diffusers' layout of a UNet2DModel pipeline, both ways: what diffusers (and MaxDiffusion) load.
+
+A directory holds `model_index.json`, `unet/` (`config.json` naming `UNet2DModel`, the weights as
+`diffusion_pytorch_model.safetensors`) and `scheduler/scheduler_config.json` (a `DDIMScheduler`
+with this run's noise schedule, prediction type, spacing and clipping). Reading takes such a
+pipeline directory, or a lone `UNet2DModel` directory (the schedule then comes from a
+`scheduler/` beside it, else the defaults).
+
+The UNet's modules carry diffusers' names (models/unet.py), so the weights map name for name:
+a kernel is their `weight` (convolutions HWIO here, OIHW there; linear layers transposed), a
+GroupNorm's scale their `weight`, and `to_out` their `to_out.0`. What the UNet cannot be in
+diffusers (or diffusers' in ours) is refused in one line, before anything is written.
+"""
+
+import json
+
+import numpy as np
+from etils import epath
+
+from data.prepare import output
+from models import diffusion
+from models.configs import UNetConfig
+from models.unet import UNet
+from pretrain import config as config_lib
+from pretrain.config import ConfigError
+from pretrain.config.schema import DiffusionConfig, DiffusionRun, RunConfig
+from pretrain.formats import params, weights
+
+NAME, TASK = "diffusers", "diffusion"  # --format, and the family it holds
+ARCHITECTURE = "UNet2DModel"
+VERSION = "0.42.1"  # the diffusers whose layout this follows, as its files record it
+STEM = "diffusion_pytorch_model"
+
+# UNet2DModel's defaults, for config.json files that leave keys out.
+DEFAULTS = {
+    "in_channels": 3, "out_channels": 3, "center_input_sample": False, "time_embedding_type": "positional",
+    "time_embedding_dim": None, "freq_shift": 0, "flip_sin_to_cos": True, "mid_block_type": "UNetMidBlock2D",
+    "layers_per_block": 2, "mid_block_scale_factor": 1, "downsample_padding": 1, "downsample_type": "conv",
+    "upsample_type": "conv", "act_fn": "silu", "attention_head_dim": 8, "norm_num_groups": 32,
+    "attn_norm_num_groups": None, "norm_eps": 1e-5, "resnet_time_scale_shift": "default", "add_attention": True,
+    "class_embed_type": None, "num_class_embeds": None,
+}
+TIME_CONDITIONING = {"add": "default", "scale_shift": "scale_shift"}  # ours -> resnet_time_scale_shift
+PREDICTION = {"eps": "epsilon", "v": "v_prediction"}
+SCHEDULE = {"cosine": "squaredcos_cap_v2", "linear": "linear", "scaled_linear": "scaled_linear"}
+
+
+def betas(schedule: str, timesteps: int) -> tuple[float, float]:
+    """(beta_start, beta_end) of our schedule as diffusers writes it (cosine ignores them)."""
+    if schedule == "linear":
+        return 0.1 / timesteps, 20.0 / timesteps  # DDPM's 1e-4 to 0.02 at 1000 steps, scaled to keep the endpoints
+    return 0.00085, 0.012  # scaled_linear's (and diffusers' defaults for the rest)
+
+
+# --- configs ---------------------------------------------------------------------------------
+
+
+def _head_size(m: UNetConfig) -> int | None:
+    """UNet2DModel's attention_head_dim: one head size for every attention block (None: one head
+    per block)."""
+    if m.head_channels:
+        return m.head_channels
+    if m.num_heads == 1:
+        return None
+    widths = [m.base_channels * mult for mult, res in zip(m.channel_mults, m.resolutions) if res in m.attention_resolutions]
+    sizes = sorted({c // m.num_heads for c in widths + [m.base_channels * m.channel_mults[-1]]})
+    if len(sizes) > 1:
+        raise ConfigError(f"model.num_heads={m.num_heads} gives heads of {sizes} channels, where diffusers' UNet2DModel "
+                          "has one head size; set model.head_channels (ADM's 64), or export with --format unet")
+    return sizes[0]
+
+
+def unet_config(m: UNetConfig) -> dict:
+    """UNet2DModel's config.json for our model; what it cannot express is refused."""
+    if m.channel_mults[0] != 1:
+        raise ConfigError(f"model.channel_mults={m.channel_mults} does not start at 1, where diffusers' UNet2DModel "
+                          "widens only after the first level; export with --format unet")
+    attend = [res in m.attention_resolutions for res in m.resolutions]
+    return {
+        "_class_name": ARCHITECTURE, "_diffusers_version": VERSION, **DEFAULTS,
+        "sample_size": m.image_size, "in_channels": m.channels, "out_channels": m.channels,
+        "freq_shift": m.freq_shift, "flip_sin_to_cos": m.flip_sin_to_cos,
+        "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attend],
+        "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attend)],
+        "block_out_channels": [m.base_channels * mult for mult in m.channel_mults],
+        "layers_per_block": m.blocks_per_resolution, "downsample_padding": m.downsample_padding,
+        "attention_head_dim": _head_size(m), "norm_num_groups": m.groups,
+        "attn_norm_num_groups": m.groups,  # else scale_shift leaves the mid attention without a norm
+        "resnet_time_scale_shift": TIME_CONDITIONING[m.time_conditioning],
+        "num_class_embeds": m.num_classes + 1 if m.num_classes else None,  # the last: "no label"
+    }
+
+
+def _refuse(where, problems: dict[str, bool]):
+    found = [k for k, bad in problems.items() if bad]
+    if found:
+        raise ConfigError(f"{where}: {', '.join(found)} is not supported by this UNet; import a UNet2DModel without it")
+
+
+def model_config(unet: dict, where) -> UNetConfig:
+    """Our model settings for a UNet2DModel config.json; anything this UNet cannot be is refused."""
+    if unet.get("_class_name") != ARCHITECTURE:
+        raise ConfigError(f"{where} holds a {unet.get('_class_name')} model; this reads {ARCHITECTURE} directories only")
+    c = DEFAULTS | unet
+    down, up, widths = list(c["down_block_types"]), list(c["up_block_types"]), list(c["block_out_channels"])
+    size, base = c["sample_size"], widths[0]
+    shift = {v: k for k, v in TIME_CONDITIONING.items()}.get(c["resnet_time_scale_shift"])
+    _refuse(where, {
+        f"sample_size={size}": not isinstance(size, int),
+        f"in_channels={c['in_channels']}, out_channels={c['out_channels']}": c["in_channels"] != c["out_channels"]
+                                                                               or c["in_channels"] not in (1, 3),
+        "center_input_sample": c["center_input_sample"],
+        f"time_embedding_type={c['time_embedding_type']}": c["time_embedding_type"] != "positional",
+        f"time_embedding_dim={c['time_embedding_dim']}": c["time_embedding_dim"] not in (None, 4 * base),
+        f"mid_block_type={c['mid_block_type']}": c["mid_block_type"] != "UNetMidBlock2D" or not c["add_attention"],
+        f"mid_block_scale_factor={c['mid_block_scale_factor']}": c["mid_block_scale_factor"] != 1,
+        f"downsample_type={c['downsample_type']}": c["downsample_type"] != "conv",
+        f"upsample_type={c['upsample_type']}": c["upsample_type"] != "conv",
+        f"act_fn={c['act_fn']}": c["act_fn"] != "silu",
+        f"norm_eps={c['norm_eps']}": c["norm_eps"] != 1e-5,
+        f"resnet_time_scale_shift={c['resnet_time_scale_shift']}": shift is None,
+        f"attn_norm_num_groups={c['attn_norm_num_groups']}": c["attn_norm_num_groups"] not in (
+            (None, c["norm_num_groups"]) if shift == "add" else (c["norm_num_groups"],)),
+        f"class_embed_type={c['class_embed_type']}": c["class_embed_type"] is not None,
+        f"num_class_embeds={c['num_class_embeds']}": c["num_class_embeds"] is not None and c["num_class_embeds"] < 2,
+        f"down_block_types={down}": any(t not in ("DownBlock2D", "AttnDownBlock2D") for t in down),
+        f"up_block_types={up}": [t.replace("Up", "Down") for t in reversed(up)] != down,
+        f"block_out_channels={widths}": len(widths) != len(down) or any(w % base for w in widths),
+    })
+    head = c["attention_head_dim"]
+    return UNetConfig(
+        image_size=size, channels=c["in_channels"], base_channels=base, channel_mults=[w // base for w in widths],
+        blocks_per_resolution=c["layers_per_block"],
+        attention_resolutions=[size // 2**i for i, t in enumerate(down) if t == "AttnDownBlock2D"],
+        num_heads=1 if head is None else 4, head_channels=head or 0,  # None: one head per block
+        groups=c["norm_num_groups"], num_classes=(c["num_class_embeds"] or 1) - 1, time_conditioning=shift,
+        flip_sin_to_cos=c["flip_sin_to_cos"], freq_shift=c["freq_shift"], downsample_padding=c["downsample_padding"],
+    )
+
+
+def scheduler_config(d: DiffusionConfig) -> dict:
+    beta_start, beta_end = betas(d.schedule, d.timesteps)
+    return {
+        "_class_name": "DDIMScheduler", "_diffusers_version": VERSION, "num_train_timesteps": d.timesteps,
+        "beta_schedule": SCHEDULE[d.schedule], "beta_start": beta_start, "beta_end": beta_end, "trained_betas": None,
+        "clip_sample": d.clip_sample, "clip_sample_range": 1.0, "set_alpha_to_one": True, "steps_offset": 0,
+        "prediction_type": PREDICTION[d.target], "thresholding": False, "timestep_spacing": d.spacing,
+        "rescale_betas_zero_snr": False,
+    }
+
+
+def diffusion_config(s: dict, where) -> DiffusionConfig:
+    """Our diffusion settings for a scheduler_config.json (DDIM's, DDPM's or another with the same
+    betas); a schedule or option our sampler does not have is refused."""
+    schedule = {v: k for k, v in SCHEDULE.items()}.get(s.get("beta_schedule", "linear"))
+    timesteps = s.get("num_train_timesteps", 1000)
+    start, end = s.get("beta_start", 0.0001), s.get("beta_end", 0.02)
+    prediction = {v: k for k, v in PREDICTION.items()}.get(s.get("prediction_type", "epsilon"))
+    ours = betas(schedule, timesteps) if schedule in ("linear", "scaled_linear") else (start, end)
+    _refuse(where, {
+        f"beta_schedule={s.get('beta_schedule')}": schedule is None,
+        "trained_betas": s.get("trained_betas") is not None,
+        f"beta_start={start}, beta_end={end} (this {schedule} schedule has {ours[0]:g} and {ours[1]:g})":
+            not np.allclose((start, end), ours, rtol=1e-6, atol=0),
+        f"prediction_type={s.get('prediction_type')}": prediction is None,
+        "thresholding": s.get("thresholding", False),
+        "rescale_betas_zero_snr": s.get("rescale_betas_zero_snr", False),
+        f"clip_sample_range={s.get('clip_sample_range')}": s.get("clip_sample_range", 1.0) != 1.0,
+        f"steps_offset={s.get('steps_offset')}": s.get("steps_offset", 0) != 0,
+        "set_alpha_to_one=false": not s.get("set_alpha_to_one", True),
+        f"timestep_spacing={s.get('timestep_spacing')}": s.get("timestep_spacing", "leading") not in diffusion.SPACINGS,
+    })
+    return DiffusionConfig(schedule=schedule, timesteps=timesteps, target=prediction, clip_sample=s.get("clip_sample", True),
+                           spacing=s.get("timestep_spacing", "leading"))
+
+
+# --- weights ---------------------------------------------------------------------------------
+
+
+def their_name(path: str) -> str:
+    """diffusers' name of one of our parameters ("down_blocks/0/resnets/1/conv1/kernel" ->
+    "down_blocks.0.resnets.1.conv1.weight")."""
+    *module, leaf = path.split("/")
+    if leaf == "class_embedding":
+        return "class_embedding.weight"
+    name = ".".join([*module, "bias" if leaf == "bias" else "weight"])
+    return name.replace(".to_out.", ".to_out.0.")
+
+
+def to_theirs(path: str, x: np.ndarray) -> np.ndarray:
+    """Convolutions HWIO -> OIHW, linear layers [in, out] -> [out, in]; the rest as it is."""
+    if x.ndim == 4:
+        return x.transpose(3, 2, 0, 1)
+    return x.T if x.ndim == 2 and path.endswith("/kernel") else x
+
+
+def to_ours(path: str, w: np.ndarray) -> np.ndarray:
+    if w.ndim == 4:
+        return w.transpose(2, 3, 1, 0)
+    return w.T if w.ndim == 2 and path.endswith("/kernel") else w
+
+
+def tensors(shapes: dict, read) -> list:
+    """[(their name, their shape, thunk)] of every parameter, given our `shapes`, from `read(path)`."""
+    shape_of = lambda path, shape: to_theirs(path, np.broadcast_to(np.int8(0), shape)).shape  # noqa: E731
+    return [(their_name(path), shape_of(path, shape), lambda p=path: to_theirs(p, read(p)))
+            for path, shape in sorted(shapes.items())]
+
+
+def our_tensors(shapes: dict, read) -> list:
+    """[(our path, thunk)] of every parameter as float32, from `read(their name)`."""
+    return [(path, lambda p=path: to_ours(p, read(their_name(p))).astype(np.float32)) for path in sorted(shapes)]
+
+
+# --- the directory, both ways ----------------------------------------------------------------
+
+
+def _unet_dir(directory: epath.Path) -> epath.Path:
+    return directory / "unet" if (directory / "model_index.json").exists() else directory
+
+
+def claims(directory: epath.Path, config: dict) -> bool:
+    unet = _unet_dir(directory) / "config.json"
+    return unet.exists() and json.loads(unet.read_text()).get("_class_name") == ARCHITECTURE
+
+
+def configs(directory: epath.Path) -> DiffusionRun:
+    """The run config (model and diffusion settings) of a pipeline or UNet2DModel directory."""
+    unet = _unet_dir(directory)
+    m = model_config(json.loads((unet / "config.json").read_text()), unet)
+    scheduler = unet.parent / "scheduler" / "scheduler_config.json"
+    if scheduler.exists():
+        d = diffusion_config(json.loads(scheduler.read_text()), scheduler)
+    else:
+        d = DiffusionConfig()
+        print(f"note: no {scheduler}; the diffusion settings are the defaults ({d.schedule} schedule, "
+              f"{d.timesteps} steps, target {d.target}): set diffusion.* to those the UNet was trained with")
+    return DiffusionRun(model=m, diffusion=d)
+
+
+def read(directory: epath.Path) -> tuple[DiffusionRun, dict, None]:
+    """(a config holding the model and diffusion settings, flat {path: float32 array}, no tokenizer)."""
+    cfg = configs(directory)
+    with weights.open_weights(_unet_dir(directory), STEM) as read_tensor:
+        flat = {path: thunk() for path, thunk in our_tensors(params.shapes(UNet, cfg.model), read_tensor)}
+    return cfg, flat, None
+
+
+def export(cfg: DiffusionRun, directory: epath.Path, step: int, out: epath.Path, *, dtype: str, overwrite: bool,
+           max_shard_bytes: int) -> int:
+    """The checkpoint's EMA weights (its parameters without an EMA) as a DDIM pipeline directory;
+    returns the bytes of weights."""
+    unet, scheduler = unet_config(cfg.model), scheduler_config(cfg.diffusion)
+    output.check_output(out, overwrite)
+    read = params.Reader(directory, step, UNet, cfg.model, params.ema_or_params(directory, step))
+    index = {"_class_name": "DDIMPipeline", "_diffusers_version": VERSION,
+             "unet": ["diffusers", ARCHITECTURE], "scheduler": ["diffusers", "DDIMScheduler"]}
+    with output.staged(out, overwrite, last="model_index.json") as stage:
+        for name, content in (("unet/config.json", unet), ("scheduler/scheduler_config.json", scheduler)):
+            (stage / name).parent.mkdir(exist_ok=True)
+            (stage / name).write_text(json.dumps(content, indent=2))
+        size = weights.write_weights(stage / "unet", tensors(read.shapes, read), dtype, max_shard_bytes, STEM)
+        (stage / "model_index.json").write_text(json.dumps(index, indent=2))
+    return size
+
+
+def import_(directory: epath.Path, out: str, *, overwrite: bool) -> int:
+    """A diffusers pipeline or UNet2DModel directory as a checkpoint (step 0, parameters only) in
+    `out`, with the config.yaml to train on from there. Returns the parameter count."""
+    run = configs(directory)
+    output.check_output(epath.Path(out), overwrite)
+    cfg = DiffusionRun(run=RunConfig(name=directory.name or "imported", steps=1, output_dir=str(out)),
+                       model=run.model, diffusion=run.diffusion)
+    shapes = params.shapes(UNet, cfg.model)
+    with weights.open_weights(_unet_dir(directory), STEM) as read_tensor:
+        params.save_imported(cfg, tensors(shapes, None), our_tensors(shapes, read_tensor), read_tensor, overwrite)
+    (epath.Path(out) / "config.yaml").write_text(config_lib.to_yaml(cfg))
+    return sum(int(np.prod(shape)) for shape in shapes.values())
