@@ -106,6 +106,11 @@ def test_exported_unet_samples_as_the_checkpoint(digits_run, tmp_path, capsys):
                          "--eta", "0", "--out", str(tmp_path / f"noise{seed}")]) == 0
     first, second = (np.load(tmp_path / f"noise{seed}" / "samples.npy") for seed in ("0", "1"))
     assert first.shape == (3, 16, 16, 1) and np.array_equal(first, second)
+    # --dtype bfloat16 computes the float32 run's network in bfloat16: the same images, rounded.
+    assert cli.main(["sample", str(exported), "--noise", str(tmp_path / "noise.npy"), "--steps", "5", "--eta", "0",
+                     "--dtype", "bfloat16", "--out", str(tmp_path / "bf16")]) == 0
+    rounded = np.load(tmp_path / "bf16" / "samples.npy")
+    assert not np.array_equal(rounded, first) and np.abs(rounded - first).mean() < 0.05
     np.testing.assert_array_equal(np.load(tmp_path / "c7" / "labels.npy"), [7] * 4)
 
 
