@@ -1,6 +1,7 @@
 """`pretrain plan`: the train step compiled for TPU topologies on this CPU (libtpu, no TPU)."""
 
 import dataclasses
+import importlib.metadata
 import json
 import re
 
@@ -221,15 +222,34 @@ def test_two_slices_send_only_the_gradient_reduction_over_dcn(microbatches, caps
     assert r["ici_bytes_per_step"] > 10 * r["dcn_bytes_per_step"]
 
 
-def test_the_8b_presets_microbatched_layout_compiles(capsys):
+def test_the_8b_presets_microbatched_layout_compiles(tmp_path, capsys):
     """The 8b preset's layout (mesh 16 x 2 with the residual split along its width on a v5p-64, microbatches, splash)
     at small widths. The loss reduce-scatters the output layer's gradient in bfloat16 inside the
-    microbatch loop: without its optimization barrier, XLA:TPU stops this compile with a RET_CHECK."""
+    microbatch loop: without its optimization barrier, XLA:TPU stops this compile with a RET_CHECK. Its
+    header, as if planned under another compiler, gets a note."""
     small = ["model.num_layers=2", "model.embed_dim=256", "model.num_heads=8", "model.num_kv_heads=4", "model.head_dim=32",
              "model.mlp_dim=512", "model.vocab_size=1024", "data.seq_len=512", "train.global_batch=64", "train.microbatches=2"]
-    rc = cli.main(["plan", str(config_lib.preset_path("llm", "8b")), "--topology", "v5p-64", "--json", *small])
-    r = json.loads(capsys.readouterr().out)
+    preset = tmp_path / "8b.yaml"
+    preset.write_text(config_lib.preset_path("llm", "8b").read_text().replace(
+        f"libtpu {importlib.metadata.version('libtpu')}", "libtpu 0.0.1"))
+    rc = cli.main(["plan", str(preset), "--topology", "v5p-64", "--json", *small])
+    out, err = capsys.readouterr()
+    r = json.loads(out)
     assert rc == 0 and r["mesh"] == {"replica": 1, "data": 16, "model": 2} and r["fits"]
+    assert err.strip() == plan.compiler_note(str(preset)) and "planned with libtpu 0.0.1" in err
+
+
+def test_plan_says_when_the_header_was_planned_with_another_compiler(tmp_path, capsys):
+    text = config_lib.preset_path("llm", "8b").read_text()
+    installed = importlib.metadata.version("libtpu")
+    assert f"libtpu {installed}" in text
+    other = tmp_path / "8b.yaml"
+    other.write_text(text.replace(f"libtpu {installed}", "libtpu 0.0.1"))
+    assert plan.planned_with(str(other)) == "0.0.1" and plan.planned_with(SMOKE) is None
+    assert plan.compiler_note(str(config_lib.preset_path("llm", "8b"))) is None and plan.compiler_note(SMOKE) is None
+    assert plan.compiler_note(str(other)) == (f"note: {other}'s header was planned with libtpu 0.0.1; this plan compiled "
+                                              f"with libtpu {installed}, so its memory and step figures may differ "
+                                              "from the header's")
 
 
 def built_batch_sharding(topology: str):

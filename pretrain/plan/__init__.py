@@ -9,10 +9,13 @@ compile's figures are read, nothing runs. The step time is forecast from the com
 
 import dataclasses
 import importlib.metadata
+import itertools
 import math
+import re
 import time
 
 import jax
+from etils import epath
 
 from models.layers import REMAT_POLICIES
 from pretrain import build
@@ -85,6 +88,22 @@ def _out_of_memory(error: Exception) -> str | None:
     if not any("RESOURCE_EXHAUSTED" in line for line in lines):
         return None
     return next((line for line in lines if "exceeds" in line), lines[0]).strip()
+
+
+def planned_with(config_path: str) -> str | None:
+    """The libtpu a config's header says its figures were planned with ("... libtpu 0.0.42.1 ..."), if any."""
+    header = itertools.takewhile(lambda line: line.startswith("#"), epath.Path(config_path).read_text().splitlines())
+    match = re.search(r"libtpu (\d+(?:\.\d+)+)", " ".join(line.lstrip("# ") for line in header))
+    return match.group(1) if match else None
+
+
+def compiler_note(config_path: str) -> str | None:
+    """One line when this plan's compiler is not the one the config's header was planned with."""
+    planned, current = planned_with(config_path), importlib.metadata.version("libtpu")
+    if planned is None or planned == current:
+        return None
+    return (f"note: {config_path}'s header was planned with libtpu {planned}; this plan compiled with libtpu {current}, "
+            "so its memory and step figures may differ from the header's")
 
 
 def plan(cfg: Config, accelerator_type: str, num_slices: int = 1) -> dict:
