@@ -91,10 +91,10 @@ def unet_config(m: UNetConfig) -> dict:
     }
 
 
-def _refuse(where, problems: dict[str, bool]):
+def _refuse(where, problems: dict[str, bool], by: str = "this UNet"):
     found = [k for k, bad in problems.items() if bad]
     if found:
-        raise ConfigError(f"{where}: {', '.join(found)} is not supported by this UNet; import a UNet2DModel without it")
+        raise ConfigError(f"{where}: {', '.join(found)} is not supported by {by}; import a pipeline without it")
 
 
 def model_config(unet: dict, where) -> UNetConfig:
@@ -132,7 +132,7 @@ def model_config(unet: dict, where) -> UNetConfig:
         image_size=size, channels=c["in_channels"], base_channels=base, channel_mults=[w // base for w in widths],
         blocks_per_resolution=c["layers_per_block"],
         attention_resolutions=[size // 2**i for i, t in enumerate(down) if t == "AttnDownBlock2D"],
-        num_heads=1 if head is None else 4, head_channels=head or 0,  # None: one head per block
+        **({"num_heads": 1} if head is None else {"head_channels": head}),  # None: one head per block
         groups=c["norm_num_groups"], num_classes=(c["num_class_embeds"] or 1) - 1, time_conditioning=shift,
         flip_sin_to_cos=c["flip_sin_to_cos"], freq_shift=c["freq_shift"], downsample_padding=c["downsample_padding"],
     )
@@ -169,7 +169,7 @@ def diffusion_config(s: dict, where) -> DiffusionConfig:
         f"steps_offset={s.get('steps_offset')}": s.get("steps_offset", 0) != 0,
         "set_alpha_to_one=false": not s.get("set_alpha_to_one", True),
         f"timestep_spacing={s.get('timestep_spacing')}": s.get("timestep_spacing", "leading") not in diffusion.SPACINGS,
-    })
+    }, by="this sampler")
     return DiffusionConfig(schedule=schedule, timesteps=timesteps, target=prediction, clip_sample=s.get("clip_sample", True),
                            spacing=s.get("timestep_spacing", "leading"))
 
