@@ -96,8 +96,8 @@ def run_plan(args) -> int:
         raise ConfigError(f"no {sweep} variant of the sweep suits the config (each one's reason above)")
     if not args.json:
         print(plan.report(rows, sweep) if sweep else plan.describe(rows[0]))
-    if plan.compiler_note(args.config):
-        print(plan.compiler_note(args.config), file=sys.stderr)
+    if note := plan.compiler_note(args.config):
+        print(note, file=sys.stderr)
     if not any(r["fits"] for r in rows):
         print(f"error: {plan.why_not(rows[-1])}", file=sys.stderr)
         return 1
