@@ -67,7 +67,7 @@ def ema_or_params(directory: epath.Path, step: int) -> str:
 def save_imported(cfg, expected, tensors, read_tensor, overwrite: bool):
     """An outside model's weights as a step-0 checkpoint under cfg.run.output_dir: every tensor's
     shape checked against `expected` [(their name, shape, _)] before anything is written, then
-    `tensors` [(our path, thunk)] written one at a time."""
+    `tensors` [(our path, thunk)] written a few at a time (checkpoint.save_params)."""
     for name, shape, _ in expected:
         if read_tensor.shape(name) != tuple(shape):
             raise ConfigError(f"{read_tensor.directory}: {name} has shape {list(read_tensor.shape(name))} where its "
