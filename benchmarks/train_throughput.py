@@ -4,8 +4,9 @@
     python benchmarks/train_throughput.py configs/llm/smoke.yaml runtime.fake_cpu_devices=8 --depths 2,32
     python benchmarks/train_throughput.py configs/diffusion/smoke.yaml runtime.fake_cpu_devices=8
 
-Prints compile time, steady-state step time, tokens/s (or images/s), MFU and the compiled
-step's peak memory per device; --variants repeats it for remat none/full (and, for the
+Prints the CPU it ran on (model and bfloat16 units), compile time, steady-state step time and the
+process's CPU seconds per step, tokens/s (or images/s), MFU and the compiled step's peak memory per
+device; --variants repeats it for remat none/full (and, for the
 language model, scan on/off); --depths for each number of layers, then how compile time grows
 with depth (with scanned layers it should hardly grow). "host ms" is the host's work per step
 on the next batch (take it from the input, place it on the devices), which pretrain.train.loop.fit does
@@ -25,7 +26,9 @@ import idle  # noqa: E402
 import jax  # noqa: E402
 
 from pretrain import cli, config as config_lib  # noqa: E402
+from models import layers  # noqa: E402
 from pretrain.config import ConfigError  # noqa: E402
+from pretrain.metrics import cpu  # noqa: E402
 from pretrain.metrics.mfu import total_peak_flops  # noqa: E402
 
 
@@ -36,18 +39,20 @@ def measure(train_step, steps: int, peak: float) -> dict:
     state = train_step.init_state()
     batches = train_step.task.batches("train", train_step.rows)
     batch = train_step.place_batch(next(batches))
+    cpu_s = 0.0
 
     def run() -> tuple[float, float]:
         """Seconds per step, and of it the host's work on the next batch, over `steps` steps
         dispatched back to back as in pretrain.train.loop.fit, synced only at the end."""
-        nonlocal state, batch
-        start, host = time.perf_counter(), 0.0
+        nonlocal state, batch, cpu_s
+        start, cpu_start, host = time.perf_counter(), time.process_time(), 0.0
         for _ in range(steps):
             state, metrics = compiled(state, batch)
             host_start = time.perf_counter()
             batch = train_step.place_batch(next(batches))
             host += time.perf_counter() - host_start
         jax.block_until_ready(metrics)
+        cpu_s = (time.process_time() - cpu_start) / steps
         return (time.perf_counter() - start) / steps, host / steps
 
     with train_step.context():
@@ -60,6 +65,7 @@ def measure(train_step, steps: int, peak: float) -> dict:
         "compile_s": compile_s,
         "step_ms": 1000 * step_s,
         "host_ms": 1000 * host_s,
+        "cpu_s": cpu_s,
         "units_per_sec": train_step.task.units_per_step() / step_s,
         "mfu": train_step.task.flops_per_step() / step_s / peak,
         "peak_mem_mib": peak_bytes / 2**20,
@@ -95,18 +101,20 @@ def main() -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    peak = total_peak_flops(cfg.runtime.peak_flops_per_device)
+    multiply = layers.multiply_dtype(cfg.model.dtype).name  # what the steps multiply in, chosen by cli.start
+    peak = total_peak_flops(cfg.runtime.peak_flops_per_device, multiply)
+    print(f"CPU: {cpu.describe()}; {cfg.model.dtype} model, matmuls multiplied in {multiply}")
     params = sum(x.size for x in jax.tree.leaves(train_steps[0].abstract_state["params"]))
     batch = next(iter(train_steps[0].task.batch_shapes().values()))[0]
     print(
         f"{Path(args.config).name}: {params / 1e6:.1f}M params, batch {' x '.join(map(str, batch))}, "
-        f"{jax.device_count()} x {jax.devices()[0].device_kind}, peak {peak / 1e9:.0f} GFLOP/s"
+        f"{jax.device_count()} x {jax.devices()[0].device_kind}, peak {peak / 1e9:.0f} GFLOP/s ({multiply})"
     )
     unit = f"{train_steps[0].task.unit}/s"
     # The process's first compile also pays one-time set-up: keep it out of the table.
     jax.jit(lambda x: x + 1).lower(1.0).compile()
     print(
-        f"{'layers':>6} {'remat':>13} {'scan':>5} {'compile s':>9} {'step ms':>9} {'host ms':>7} {unit:>10} "
+        f"{'layers':>6} {'remat':>13} {'scan':>5} {'compile s':>9} {'step ms':>9} {'CPU s':>6} {'host ms':>7} {unit:>10} "
         f"{'MFU %':>6} {'peak MiB/dev':>12}"
     )
     results = []
@@ -115,7 +123,7 @@ def main() -> int:
         results.append(r)
         print(
             f"{getattr(train_step.cfg.model, 'num_layers', '-'):>6} {r['remat']:>13} {str(r['scan']):>5} "
-            f"{r['compile_s']:9.1f} {r['step_ms']:9.1f} {r['host_ms']:7.1f} {r['units_per_sec']:10,.0f} "
+            f"{r['compile_s']:9.1f} {r['step_ms']:9.1f} {r['cpu_s']:6.2f} {r['host_ms']:7.1f} {r['units_per_sec']:10,.0f} "
             f"{100 * r['mfu']:6.2f} {r['peak_mem_mib']:12.1f}"
         )
     if args.depths:

@@ -52,6 +52,7 @@ class TransformerConfig:
     rope_scaling: RopeScaling = dataclasses.field(default_factory=RopeScaling)
     norm_eps: float = 1e-5
     dtype: str = "float32"
+    cpu_matmul_dtype: str = "auto"  # what a CPU multiplies bfloat16 operands in: auto (measured), float32, bfloat16
     remat: str = "full"
     remat_custom: CustomRemat = dataclasses.field(default_factory=CustomRemat)  # with remat: custom
     scan_layers: bool = True
@@ -96,6 +97,7 @@ class UNetConfig:
     freq_shift: int = 0
     downsample_padding: int = 0  # 0: pad the bottom and right before a stride-2 conv; p: p on every side
     dtype: str = "float32"
+    cpu_matmul_dtype: str = "auto"  # what a CPU multiplies bfloat16 operands in: auto (measured), float32, bfloat16
     remat: str = "full"
 
     @property

@@ -45,15 +45,32 @@ def compile_platform() -> str:
     return mesh.abstract_device.platform if mesh.abstract_device else jax.default_backend()
 
 
+# The dtype a CPU multiplies bfloat16 operands in, chosen once per process by the trainer
+# (pretrain/run/cpu.py) by what this CPU does faster: CPUs with bfloat16 dot units (avx512_bf16,
+# amx_bf16) multiply bfloat16 two to four times faster than float32, others emulate it at about 2/3
+# of float32's speed. float32 until chosen.
+_cpu_multiply = {"dtype": jnp.dtype("float32")}
+
+
+def set_cpu_multiply_dtype(dtype: str):
+    """How this process's CPU compiles multiply bfloat16 operands: "bfloat16" or "float32"."""
+    _cpu_multiply["dtype"] = jnp.dtype(dtype)
+
+
+def multiply_dtype(dtype) -> jnp.dtype:
+    """The dtype the matmuls of a model computing in `dtype` multiply in, on this process's CPU."""
+    return _cpu_multiply["dtype"] if jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(dtype)
+
+
 def einsum(spec: str, *operands, dtype, out=None) -> jax.Array:
     """jnp.einsum of the operands rounded to the compute `dtype`; the result in `out` (default `dtype`).
 
-    XLA's CPU backend multiplies bfloat16 matrices at about 2/3 of its float32 speed, so there the
-    rounded operands are multiplied as float32. The numbers are the same: a product of two bfloat16
-    values is exact in float32, and the sums accumulate in float32 either way.
+    On a CPU that multiplies float32 faster, bfloat16 operands are multiplied as float32. The numbers
+    are the same up to the order of the sums: a product of two bfloat16 values is exact in float32,
+    and the sums accumulate in float32 either way.
     """
     operands, accumulate = [x.astype(dtype) for x in operands], out
-    if jnp.dtype(dtype) == jnp.bfloat16 and compile_platform() == "cpu":
+    if multiply_dtype(dtype) != jnp.dtype(dtype) and compile_platform() == "cpu":
         operands, accumulate = [x.astype(jnp.float32) for x in operands], jnp.float32
     return jnp.einsum(spec, *operands, preferred_element_type=accumulate).astype(out or dtype)
 

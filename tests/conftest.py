@@ -6,13 +6,14 @@ Where each module is tested:
 *                          test_structure
 pretrain.cli               test_bad_input test_trainer test_profile
 pretrain.__main__          test_launch
-pretrain.build             test_trainer test_plan
+pretrain.build             test_trainer test_plan test_model
 pretrain.config            test_config test_bad_input
 pretrain.config.schema     test_config
 pretrain.config.checks     test_config test_bad_input test_topology
 pretrain.tpu.kinds         test_topology test_launch
 pretrain.tpu.devices       test_topology test_plan
 pretrain.metrics.mfu       test_trainer test_plan
+pretrain.metrics.cpu       test_model test_trainer
 pretrain.metrics.logger    test_trainer test_checkpoint
 pretrain.metrics.sinks     test_trainer test_checkpoint
 pretrain.metrics.wandb_sink test_wandb
@@ -130,6 +131,16 @@ def make_train_step(*overrides):
 def train_step():
     """The tiny model on a 2 x 4 mesh, shared so its train step compiles once per session."""
     return make_train_step()
+
+
+@pytest.fixture
+def cpu_multiply():
+    """layers.set_cpu_multiply_dtype for one test; the process's choice before it is put back after."""
+    from models import layers
+
+    before = layers.multiply_dtype("bfloat16").name
+    yield layers.set_cpu_multiply_dtype
+    layers.set_cpu_multiply_dtype(before)
 
 
 @pytest.fixture(scope="session")

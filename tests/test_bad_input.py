@@ -27,6 +27,7 @@ CASES = {
     "kv heads vs heads": (["model.num_kv_heads=3"], "model.num_kv_heads=3 must divide model.num_heads=4"),
     "seq_len": (["data.seq_len=64"], "data.seq_len=64 exceeds model.max_seq_len=32"),
     "remat": (["model.remat=some"], "model.remat='some' is unknown"),
+    "cpu matmul dtype": (["model.cpu_matmul_dtype=float16"], "model.cpu_matmul_dtype='float16' must be auto, float32 or bfloat16"),
     "wandb mode": (["run.wandb.mode=cloud"], r"run.wandb.mode='cloud' is unknown; use one of \['disabled', 'offline', 'online'\]"),
     "wandb without a project": (["run.wandb.mode=offline"], "run.wandb.mode=offline needs run.wandb.project"),
     "max skipped steps": (["train.max_skipped_steps=0"], "train.max_skipped_steps=0 must be positive"),

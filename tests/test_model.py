@@ -8,13 +8,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 from jax.ad_checkpoint import print_saved_residuals
 
 from models.attention import BACKENDS, fused_attention
 from models.configs import CustomRemat
+from models import layers
 from models.layers import einsum, remat
 from models.transformer import DecoderLayer, Transformer
+from pretrain.build import choose_cpu_multiply_dtype
+from pretrain.metrics import cpu
 from pretrain.tpu import kinds
 from pretrain.tpu.devices import topology_devices
 from pretrain.train import sharding
@@ -138,9 +142,12 @@ def test_bfloat16_loss_is_the_float32_loss_of_the_rounded_values(train_step):
     np.testing.assert_allclose(total, jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels)), rtol=1e-5)
 
 
-def test_bfloat16_matmuls_run_as_float32_on_cpu_only():
-    """einsum rounds to the compute dtype; on CPU it then multiplies in float32 (the same products,
-    faster there), while a step compiled for a TPU keeps bfloat16 operands for the MXU."""
+@pytest.mark.parametrize("multiply", ["float32", "bfloat16"])
+def test_bfloat16_matmuls_multiply_in_the_dtype_chosen_for_the_cpu(multiply, cpu_multiply):
+    """einsum rounds to the compute dtype; on CPU it multiplies in the dtype chosen for this CPU, the
+    same products accumulated in float32 either way, while a step compiled for a TPU keeps bfloat16
+    operands for the MXU whatever the CPU's choice."""
+    cpu_multiply(multiply)
     rng = np.random.default_rng(0)
     x, w = rng.normal(size=(64, 256)).astype(np.float32), rng.normal(size=(256, 96)).astype(np.float32)
     rounded = [np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64) for a in (x, w)]
@@ -152,9 +159,22 @@ def test_bfloat16_matmuls_run_as_float32_on_cpu_only():
         (dot,) = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
         return {v.aval.dtype.name for v in dot.invars}, jaxpr.out_avals[0].dtype.name
 
-    assert operand_dtypes() == ({"float32"}, "bfloat16")
+    assert operand_dtypes() == ({multiply}, "bfloat16")
     with jax.set_mesh(sharding.make_mesh((2, 2), topology_devices(kinds.parse("v5e-4")))):
         assert operand_dtypes() == ({"bfloat16"}, "bfloat16")
+
+
+def test_auto_multiplies_in_bfloat16_only_where_it_is_clearly_faster(cpu_multiply, monkeypatch):
+    """model.cpu_matmul_dtype=auto takes bfloat16 where this CPU multiplies it at least MARGIN times
+    faster than float32 (CPUs with bfloat16 units), float32 where it is slower or about as fast; an
+    explicit setting is taken as it is."""
+    for bfloat16, want in ((2.0, "bfloat16"), (cpu.MARGIN, "bfloat16"), (1.1, "float32"), (0.67, "float32")):
+        monkeypatch.setattr(cpu, "matmul_flops", lambda dtype, b=bfloat16: {"bfloat16": b, "float32": 1.0}[dtype])
+        assert choose_cpu_multiply_dtype("auto", timeout_s=10) == want
+        assert layers.multiply_dtype(jnp.bfloat16).name == want
+        assert layers.multiply_dtype(jnp.float32).name == "float32"  # float32 models are untouched
+    assert choose_cpu_multiply_dtype("bfloat16", timeout_s=10) == "bfloat16"
+    assert choose_cpu_multiply_dtype("float32", timeout_s=10) == "float32"
 
 
 def test_packed_rows_equal_documents_run_one_by_one():

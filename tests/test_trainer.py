@@ -1,6 +1,7 @@
 """The train step and loop: accumulation, learning, the CLI end to end."""
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -34,6 +35,25 @@ def run_steps(train_step, batches):
             state, metrics = compiled(state, train_step.place_batch(b))
             losses.append(float(metrics["loss"]))
     return state, losses
+
+
+def test_a_bfloat16_step_learns_alike_in_either_cpu_multiply_dtype(cpu_multiply):
+    """The tiny model in bfloat16, three steps with its CPU matmuls multiplied in float32 and in
+    bfloat16 (model.cpu_matmul_dtype): the compiled steps differ in their dots' operands, the losses
+    only by the order of float32 sums."""
+    batches = [batch(tiny_config(), seed=0)] * 3  # one batch again and again: the loss must fall
+    losses, operands = {}, {}
+    for multiply in ("float32", "bfloat16"):
+        step = make_train_step("model.dtype=bfloat16", f"model.cpu_matmul_dtype={multiply}")
+        with step.context():
+            hlo = step.train_jit.lower(step.abstract_state, step.batch_spec).as_text()
+        operands[multiply] = re.findall(r"stablehlo.dot_general .*: \(tensor<[^>]*x(\w+)>", hlo)
+        losses[multiply] = run_steps(step, batches)[1]
+    assert set(operands["float32"]) == {"f32"}
+    # In bfloat16 every dot but the two that take the float32 attention scores' gradient, as on a TPU.
+    assert operands["bfloat16"].count("f32") == 2 and len(operands["bfloat16"]) == len(operands["float32"])
+    np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=1e-3)
+    assert losses["float32"][2] < losses["float32"][0]
 
 
 def test_microbatches_equal_one_step_on_the_whole_batch(train_step):

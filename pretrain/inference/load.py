@@ -8,6 +8,7 @@ from etils import epath
 
 from data import tokenizer as tokenizer_lib
 from pretrain import formats
+from pretrain.build import choose_cpu_multiply_dtype
 from pretrain.config import ConfigError
 from pretrain.config.schema import Config
 from pretrain.formats import params
@@ -47,4 +48,6 @@ def load(path: str, task: str, step: int | None = None, dtype: str | None = None
         raise ConfigError(f"{path} holds a '{cfg.task}' model; this command handles {task} models here")
     if dtype is not None:
         cfg.model = dataclasses.replace(cfg.model, dtype=dtype)
+    if device.platform == "cpu" and cfg.model.dtype == "bfloat16":
+        choose_cpu_multiply_dtype(cfg.model.cpu_matmul_dtype, cfg.runtime.init_timeout_s)
     return params.build(task_class(task).model_class, cfg.model, flat), cfg, tokenizer

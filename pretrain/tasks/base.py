@@ -29,6 +29,8 @@ def check_execution(m, platform: str, policies=tuple(REMAT_POLICIES)):
         + ", or no offload in model.remat_custom" * (m.remat == "custom"),
     )
     require(m.dtype in ("float32", "bfloat16", "float16"), f"model.dtype='{m.dtype}' must be float32, bfloat16 or float16")
+    require(m.cpu_matmul_dtype in ("auto", "float32", "bfloat16"),
+            f"model.cpu_matmul_dtype='{m.cpu_matmul_dtype}' must be auto, float32 or bfloat16")
 
 
 class Task(abc.ABC):

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models import layers
 from pretrain.metrics.logger import MetricsLogger
 from pretrain.metrics.mfu import total_peak_flops
 from pretrain.run.checkpoint import Checkpointer, Fresh, InitFrom, LocalCheckpointer, Resume, StartingPoint, restore_params
@@ -160,7 +161,9 @@ class Log(Every):
         self.capacity = train_step.task.units_per_step()  # a step's units if nothing were padding
         self.flops_per_unit = train_step.task.flops_per_step() / self.capacity
         # Only process 0 writes rows; on CPU the peak is measured, seconds the others need not spend.
-        self.peak = total_peak_flops(train_step.cfg.runtime.peak_flops_per_device) if logger.enabled else float("nan")
+        cfg = train_step.cfg
+        multiply = layers.multiply_dtype(cfg.model.dtype).name  # on CPU the peak is this dtype's
+        self.peak = total_peak_flops(cfg.runtime.peak_flops_per_device, multiply) if logger.enabled else float("nan")
         self.logger, self.throughput, self.history = logger, throughput, history
 
     def after(self, done: Done):
@@ -475,8 +478,10 @@ def _compile_logged(train_step):
             counts = " to ".join(map(str, sorted({len(r) for r in rows.values()})))
             print(f"data: {len(rows)} processes read {counts} of the {batch} rows each "
                   f"(process 0: rows {sharding.blocks(rows[0])})", flush=True)
-        mesh = sharding.describe(train_step.mesh.shape)
-        print(f"compiling the train step ({train_step.cfg.task}, mesh {mesh}) ...", flush=True)
+        mesh, m = sharding.describe(train_step.mesh.shape), train_step.cfg.model
+        on_cpu = train_step.mesh.devices.flat[0].platform == "cpu" and m.dtype == "bfloat16"
+        multiply = f", bfloat16 matmuls multiplied in {layers.multiply_dtype(m.dtype).name} on this CPU" * on_cpu
+        print(f"compiling the train step ({train_step.cfg.task}, mesh {mesh}{multiply}) ...", flush=True)
     compiled, seconds = train_step.compile()
     if jax.process_index() == 0:
         print(f"compiled in {seconds:.1f} s", flush=True)
