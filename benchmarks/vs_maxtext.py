@@ -1,13 +1,17 @@
 """This project's train step against MaxText's, on the same model, mesh, batch, dtype and remat.
 
-    python benchmarks/vs_maxtext.py [--shapes tiny,125m,tiny-1dev,125m-1dev] [--rounds 6] [--steps 3]
+    python benchmarks/vs_maxtext.py [--shapes tiny,125m,tiny-1dev,125m-1dev] [--rounds 6] [--steps 3] [--loop-runs 2]
     python benchmarks/vs_maxtext.py --aot [ROWS|ACCELERATOR]
 
 Each side runs in a worker process of its own: ours with this Python, MaxText 0.2.5 in a
 Python 3.12 virtualenv (installed on first use under ~/.cache/pretrain/maxtext-venv). The two
 workers compile one after the other (no persistent compilation cache), then take turns: a few
-steps of ours, a few of MaxText's, and again, so both see the same machine load. Prints the
-median step time of each, their ratio and both compile times, one row per shape.
+steps of ours, a few of MaxText's, and again, so both see the same machine load. Prints the CPU
+(model and bfloat16 units), the median step time of each, their ratio and both compile times, one
+row per shape. Then each program's own training loop, as its users run it: `pretrain train` (its
+metrics.jsonl) and MaxText's `train` (its metrics_file), --loop-runs runs each, alternated, the
+median of the step times each logged from step 5: the harness above times the compiled steps
+alone, and the two tables should agree within the noise.
 
 It refuses a machine whose 1-minute load is above 0.5 (benchmarks/idle.py), and takes a turn again
 whenever other programs used more than 0.5 cores during it (--any-load: neither).
@@ -33,6 +37,7 @@ import glob
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -89,11 +94,9 @@ def serve(step):
         reply(times=times, cpu=cpu)
 
 
-def ours_worker(s: dict):
-    sys.path.insert(0, str(ROOT))
-    from pretrain import cli, config as config_lib
-
-    overrides = [
+def ours_overrides(s: dict) -> list[str]:
+    """Our config for a shape: the smoke preset with these overrides."""
+    return [
         f"runtime.fake_cpu_devices={s['mesh'][0] * s['mesh'][1]}", "runtime.compilation_cache_dir=",
         f"mesh.data={s['mesh'][0]}", f"mesh.model={s['mesh'][1]}",
         f"model.num_layers={s['layers']}", f"model.embed_dim={s['embed']}", f"model.num_heads={s['heads']}",
@@ -103,6 +106,13 @@ def ours_worker(s: dict):
         f"data.seq_len={s['seq']}", "data.source=synthetic", f"train.global_batch={s['batch']}",
         "optim.weight_decay=0.1", "optim.clip_norm=1.0", "optim.z_loss=0",
     ]
+
+
+def ours_worker(s: dict):
+    sys.path.insert(0, str(ROOT))
+    from pretrain import cli, config as config_lib
+
+    overrides = ours_overrides(s)
     train_step = cli.start(config_lib.load(str(ROOT / "configs/llm/smoke.yaml"), overrides))
     compiled, compile_s = train_step.compile()
     state = train_step.init_state()
@@ -119,21 +129,14 @@ def ours_worker(s: dict):
         serve(step)
 
 
-def maxtext_worker(s: dict):
+def maxtext_args(s: dict, steps: int) -> list[str]:
+    """MaxText's config for a shape, after its base.yml: the same model, mesh, batch, dtype, remat
+    and optimizer as ours, on synthetic data, for `steps` steps."""
     devices = s["mesh"][0] * s["mesh"][1]
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
-    import jax
-    from flax import nnx
-    from maxtext.configs import pyconfig
-    from maxtext.train_steps.pre_train import train
-    from maxtext.utils import maxtext_utils, sharding, train_utils
-    from maxtext.utils.max_utils import parse_libtpu_flags_to_dict
-
-    argv = [
-        "train", str(Path(pyconfig.__file__).parent / "base.yml"), "run_name=vs_maxtext",
-        f"base_output_directory={tempfile.mkdtemp(prefix='vs-maxtext-')}",
+    return [
+        "run_name=vs_maxtext", f"base_output_directory={tempfile.mkdtemp(prefix='vs-maxtext-')}",
         "hardware=cpu", "skip_jax_distributed_system=true", "dataset_type=synthetic", "jax_cache_dir=",
-        "enable_checkpointing=false", "enable_tensorboard=false", "enable_dropout=false", "steps=1000000",
+        "enable_checkpointing=false", "enable_tensorboard=false", "enable_dropout=false", f"steps={steps}",
         f"base_num_decoder_layers={s['layers']}", f"base_emb_dim={s['embed']}", f"base_num_query_heads={s['heads']}",
         f"base_num_kv_heads={s['kv_heads']}", f"head_dim={s['head_dim']}", f"base_mlp_dim={s['mlp']}",
         f"vocab_size={s['vocab']}", f"logits_via_embedding={str(s['tied']).lower()}",
@@ -143,6 +146,25 @@ def maxtext_worker(s: dict):
         f"ici_fsdp_parallelism={s['mesh'][0]}", f"ici_tensor_parallelism={s['mesh'][1]}",
         "opt_type=adamw", "adam_weight_decay=0.1", "gradient_clipping_threshold=1.0", "z_loss_multiplier=0",
     ]
+
+
+def maxtext_env(s: dict) -> dict:
+    """The environment MaxText runs in: faked CPU devices for the shape's mesh."""
+    devices = s["mesh"][0] * s["mesh"][1]
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": "", "XLA_FLAGS": flags}
+
+
+def maxtext_worker(s: dict):
+    os.environ.update(maxtext_env(s))
+    import jax
+    from flax import nnx
+    from maxtext.configs import pyconfig
+    from maxtext.trainers.pre_train import train
+    from maxtext.utils import maxtext_utils, sharding, train_utils
+    from maxtext.utils.max_utils import parse_libtpu_flags_to_dict
+
+    argv = ["train", str(Path(pyconfig.__file__).parent / "base.yml"), *maxtext_args(s, steps=1_000_000)]
     config = pyconfig.initialize(argv)
     jax.config.update("jax_use_shardy_partitioner", config.shardy)
     # The first half of MaxText's train.train_loop: its state, shardings and jitted step.
@@ -262,6 +284,48 @@ def compare(shape: str, rounds: int, steps: int, maxtext_py: Path, logs: Path, a
     }
 
 
+# --- each program's own training loop -----------------------------------------------------------
+
+LOOP_STEPS, LOOP_FROM = 20, 5  # steps per run; step times are counted from this step on
+
+
+def own_loop(side: str, s: dict, maxtext_py: Path, log: Path) -> tuple[float, float]:
+    """One run of a side's own training loop, as its users run it (`pretrain train` with its
+    metrics.jsonl, MaxText's `train` with its metrics_file), for LOOP_STEPS steps: the median of the
+    step times it logged from step LOOP_FROM on, and the cores other programs used meanwhile."""
+    work = Path(tempfile.mkdtemp(prefix=f"vs-maxtext-{side}-loop-"))
+    if side == "ours":
+        metrics, key, env = work / "run" / "metrics.jsonl", "step_time_s", {**os.environ, "PYTHONPATH": str(ROOT)}
+        cmd = [sys.executable, "-m", "pretrain", "train", str(ROOT / "configs/llm/smoke.yaml"), *ours_overrides(s),
+               f"run.steps={LOOP_STEPS}", "train.log_every=1", f"run.output_dir={work / 'run'}"]
+    else:
+        metrics, key, env = work / "metrics.txt", "perf/step_time_seconds", maxtext_env(s)
+        base = next(MAXTEXT_VENV.glob("lib/python*/site-packages/maxtext/configs/base.yml"))
+        cmd = [str(maxtext_py), "-m", "maxtext.trainers.pre_train.train", str(base), *maxtext_args(s, LOOP_STEPS),
+               f"metrics_file={metrics}"]
+    busy, start = idle.busy_seconds(), time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with log.open("w") as out:
+        subprocess.run(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, check=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    own_cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    times = [r[key] for r in rows if key in r and r["step"] >= LOOP_FROM]
+    return statistics.median(times), idle.others(busy, own_cpu, time.perf_counter() - start)
+
+
+def own_loops(shape: str, runs: int, maxtext_py: Path, logs: Path) -> dict:
+    """`runs` runs of each side's own loop, alternated (ours, MaxText's, ours, ...): each run's
+    median step in ms, and the most cores other programs used during any of them."""
+    ms, seen = {"ours": [], "maxtext": []}, []
+    for i in range(runs):
+        for side in ("ours", "maxtext"):
+            step_s, others = own_loop(side, SHAPES[shape], maxtext_py, logs / f"{shape}-{side}-loop{i}.log")
+            ms[side].append(1000 * step_s)
+            seen.append(others)
+    return {**ms, "others_max": max(seen)}
+
+
 # --- --aot: compiled programs for a TPU slice, side by side -------------------------------------
 
 # The issue's comparison: Llama-3-8B at 128 x 8192 tokens per step, one batch (no microbatches).
@@ -343,7 +407,7 @@ def maxtext_aot(python: Path, argv: list[str], work: Path, log: Path) -> dict:
     dump = work / "maxtext-hlo"
     env = {**os.environ, "TPU_SKIP_MDS_QUERY": "1", "PYTHONPATH": "", **QUIET_LIBTPU, "XLA_FLAGS": dump_flags(dump)}
     env.pop("JAX_PLATFORMS", None)
-    cmd = [str(python), "-m", "maxtext.train_steps.pre_train.train_compile", *argv]
+    cmd = [str(python), "-m", "maxtext.trainers.pre_train.train_compile", *argv]
     done = subprocess.run(cmd, cwd=work, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     log.write_text(done.stdout)
     memory = re.search(r"Memory analysis: CompiledMemoryStats\((.*?)\)", done.stdout)
@@ -418,6 +482,8 @@ def main() -> int:
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
     parser.add_argument("--rounds", type=int, default=6, help="turns each side takes")
     parser.add_argument("--steps", type=int, default=3, help="steps per turn")
+    parser.add_argument("--loop-runs", type=int, default=2,
+                        help=f"runs of each side's own training loop per shape ({LOOP_STEPS} steps each; 0: none)")
     parser.add_argument("--worker", choices=("ours", "maxtext"), help=argparse.SUPPRESS)
     parser.add_argument("--aot", nargs="?", const="all", metavar="ROWS",
                         help=f"compare compiled TPU programs instead: rows of {', '.join(AOT_ROWS)}, or an accelerator")
@@ -436,12 +502,17 @@ def main() -> int:
     idle.check(args.any_load)
     maxtext_py = maxtext_python()
     logs = Path(tempfile.mkdtemp(prefix="vs-maxtext-logs-"))
+    from pretrain.metrics import cpu  # here: MaxText's worker runs this file without our package
+
+    print(f"CPU: {cpu.describe()}")
     print(f"{args.rounds} turns of {args.steps} steps each; worker logs in {logs}")
     header = (f"{'shape':>10} {'mesh':>5} {'ours ms':>9} {'MaxText ms':>10} {'speed-up':>8} {'ours compile s':>14} "
               f"{'MaxText compile s':>17} {'CPU s/step ours':>15} {'MaxText':>7} {'others, cores':>13}")
     print(header, flush=True)
+    speedups = {}
     for shape in shapes:
         r = compare(shape, args.rounds, args.steps, maxtext_py, logs, args.any_load)
+        speedups[shape] = r["maxtext_ms"] / r["ours_ms"]
         mesh = "x".join(map(str, SHAPES[shape]["mesh"]))
         print(
             f"{shape:>10} {mesh:>5} {r['ours_ms']:9.0f} {r['maxtext_ms']:10.0f} {r['maxtext_ms'] / r['ours_ms']:7.2f}x "
@@ -452,6 +523,16 @@ def main() -> int:
     print(f"jax {r['jax'][0]} (ours), {r['jax'][1]} (MaxText); speed-up = MaxText's step time / ours (medians).")
     print("CPU s/step: the process's CPU time per step, which the load of other programs inflates less than wall time.")
     print(f"others, cores: the most that other programs used during a kept turn (a turn above {idle.IDLE_LOAD} is taken again).")
+    if args.loop_runs:
+        print(f"\neach program's own training loop, {args.loop_runs} runs each alternated, {LOOP_STEPS} steps per run, "
+              f"the median logged step from step {LOOP_FROM}; speed-up of the medians beside the harness's", flush=True)
+        print(f"{'shape':>10} {'mesh':>5} {'ours ms':>15} {'MaxText ms':>15} {'speed-up':>8} {'harness':>8} {'others, cores':>13}")
+        for shape in shapes:
+            r = own_loops(shape, args.loop_runs, maxtext_py, logs)
+            ours, theirs = statistics.median(r["ours"]), statistics.median(r["maxtext"])
+            print(f"{shape:>10} {'x'.join(map(str, SHAPES[shape]['mesh'])):>5} {' '.join(f'{t:.0f}' for t in r['ours']):>15} "
+                  f"{' '.join(f'{t:.0f}' for t in r['maxtext']):>15} {theirs / ours:7.2f}x {speedups[shape]:7.2f}x "
+                  f"{r['others_max']:13.2f}", flush=True)
     return 0
 
 
