@@ -3,6 +3,8 @@ grids, the sampling CLI and export, bad input."""
 
 import json
 import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -154,6 +156,24 @@ def test_diffusers_loads_the_export_and_samples_what_pretrain_sample_samples(dig
                                variance_noise=torch.from_numpy(step_noise[i]) if eta else None).prev_sample.numpy()
         np.testing.assert_allclose(np.load(out / "samples.npy"), x, atol=1e-3, err_msg=f"guidance {guidance}, eta {eta}")
         assert np.abs(x).max() > 0.5
+
+
+def test_diffusers_pipeline_to_and_from_gcs(digits_run, gcs, tmp_path):
+    """`pretrain export` writes the pipeline's folders (unet/, scheduler/) to gs:// in place, and
+    `pretrain import-hf` continues from there: the checkpoint's EMA weights, bit for bit, and its
+    sampler settings."""
+    out = "gs://test-bucket/digits-diffusers"
+    for args in (["export", str(digits_run), "--out", out, "--dtype", "float32"],
+                 ["import-hf", out, "--out", str(tmp_path / "imported")]):
+        proc = subprocess.run([sys.executable, "-m", "pretrain", *args], cwd=ROOT, env=gcs, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    cfg, original, _ = load.from_checkpoint(str(digits_run))
+    imported_cfg, imported, _ = load.from_checkpoint(str(tmp_path / "imported"))
+    assert sorted(imported) == sorted(original)
+    for key in original:
+        np.testing.assert_array_equal(np.asarray(imported[key]), np.asarray(original[key]), err_msg=key)
+    scheduler = ("schedule", "timesteps", "target", "spacing", "clip_sample")  # what the scheduler's config carries
+    assert [getattr(imported_cfg.diffusion, k) for k in scheduler] == [getattr(cfg.diffusion, k) for k in scheduler]
 
 
 def test_ema_update_matches_the_formula():
