@@ -17,7 +17,7 @@ pretrain.metrics.cpu       test_model test_trainer
 pretrain.metrics.logger    test_trainer test_checkpoint
 pretrain.metrics.sinks     test_trainer test_checkpoint
 pretrain.metrics.wandb_sink test_wandb
-pretrain.run.runtime       test_multihost test_layouts
+pretrain.run.runtime       test_multihost test_layouts test_mixture
 pretrain.run.checkpoint    test_checkpoint test_multihost test_layouts test_export
 pretrain.run.outputs       test_checkpoint
 pretrain.run.goodput       test_checkpoint test_divergence

@@ -42,8 +42,22 @@ def setup(cfg: Config):
                     f"{jax.local_device_count()} devices; set it before JAX initialises, or match the running count"
                 ) from None
     _distributed(r)
+    if r.fake_cpu_devices > 0:
+        _size_cpu_thread_pool(r.fake_cpu_devices)
     if r.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(Path(r.compilation_cache_dir).expanduser()))
+
+
+def _size_cpu_thread_pool(devices_per_process: int):
+    """XLA's CPU client runs with a thread pool of max(cores or $PJRT_NPROC, its devices), and how a
+    matmul splits its sum follows the pool, so its roundings do too: sized by the run's devices
+    rather than the process's, 1 process x 8 devices and 2 x 4 compute the same bits. Read when
+    the client starts: after jax.distributed (which knows the process count without starting a
+    backend, as jax.process_count() would), before any device."""
+    from jax._src import distributed  # noqa: PLC0415
+
+    processes = distributed.global_state.num_processes if jax.distributed.is_initialized() else 1
+    os.environ["PJRT_NPROC"] = str(max(len(os.sched_getaffinity(0)), devices_per_process * processes))
 
 
 def _detected_cluster(timeout_s: int):
