@@ -78,10 +78,10 @@ def run_plan(args) -> int:
         raise ConfigError("--remat-sweep and --mesh-sweep sweep one thing at a time; pass one of them")
     sweep = "mesh" if args.mesh_sweep else "remat" if args.remat_sweep else None
     variants = plan.variants(cfg, args.topology, args.slices, sweep)
-    rows = []
+    rows, plan_one = [], plan.plan_apart if len(variants) > 1 else plan.plan
     for label, variant in variants:
         try:
-            rows.append(plan.plan(variant, args.topology, args.slices) | {"label": label})
+            rows.append(plan_one(variant, args.topology, args.slices) | {"label": label})
         except plan.StartupError as e:
             print(f"error: a host of {args.topology} would not start: {e}", file=sys.stderr)
             return 1

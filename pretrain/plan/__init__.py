@@ -7,10 +7,12 @@ compile's figures are read, nothing runs. The step time is forecast from the com
 (pretrain/plan/forecast.py); the compute roofline beside it is a bound that real steps do not beat.
 """
 
+import concurrent.futures
 import dataclasses
 import importlib.metadata
 import itertools
 import math
+import multiprocessing
 import re
 import time
 
@@ -164,6 +166,19 @@ def plan(cfg: Config, accelerator_type: str, num_slices: int = 1) -> dict:
     out |= traffic(text, train_step.mesh)
     out |= estimate(train_step, text, chips, kind)
     return out
+
+
+def plan_apart(cfg: Config, accelerator_type: str, num_slices: int = 1) -> dict:
+    """plan() in a process of its own. XLA keeps much of a compile's memory (GBs for a big slice)
+    from the system after it ends, so a sweep in one process grows by every compile (the 64x64
+    preset's mesh sweep reached 23 GB): apart, a sweep never holds more than one compile's."""
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_plan_on_cpu, cfg, accelerator_type, num_slices).result()
+
+
+def _plan_on_cpu(cfg: Config, accelerator_type: str, num_slices: int) -> dict:
+    jax.config.update("jax_platforms", "cpu")  # as `pretrain plan`: the compile needs no local accelerator
+    return plan(cfg, accelerator_type, num_slices)
 
 
 def traffic(hlo_text: str, mesh) -> dict:
