@@ -45,10 +45,10 @@ def compile_platform() -> str:
     return mesh.abstract_device.platform if mesh.abstract_device else jax.default_backend()
 
 
-# The dtype a CPU multiplies bfloat16 operands in, chosen once per process by the trainer
-# (pretrain/run/cpu.py) by what this CPU does faster: CPUs with bfloat16 dot units (avx512_bf16,
-# amx_bf16) multiply bfloat16 two to four times faster than float32, others emulate it at about 2/3
-# of float32's speed. float32 until chosen.
+# The dtype a CPU multiplies bfloat16 operands in, chosen once per process by what this CPU does
+# faster (pretrain/build.py, timed by pretrain/metrics/cpu.py): CPUs with bfloat16 dot units
+# (avx512_bf16, amx_bf16) multiply bfloat16 two to four times faster than float32, others emulate it
+# at about 2/3 of float32's speed. float32 until chosen.
 _cpu_multiply = {"dtype": jnp.dtype("float32")}
 
 

@@ -1,8 +1,8 @@
 """One place that wires a run: config and devices in, the train step out (mesh, logical-axis
-rules, task, step). Nothing is started, read or written; on CPU the process's matmul dtype for
-bfloat16 models is chosen (models/layers.py). `pretrain train`
-starts the runtime and opens the data around it; `pretrain plan` builds it over a TPU topology's
-devices; the benchmarks and tests build it alone."""
+rules, task, step). Nothing is started, read or written; on CPU, the dtype the process multiplies
+a bfloat16 model's matmuls in is chosen (models/layers.py). `pretrain train` starts the runtime and
+opens the data around it; `pretrain plan` builds it over a TPU topology's devices; the benchmarks
+and tests build it alone."""
 
 import jax
 
