@@ -22,22 +22,25 @@ class DataError(ValueError):
 
 
 class ShardWriter:
-    """Writes records into `<prefix>-00000.array_record`, ... of at most max_bytes each."""
+    """Writes records into `<prefix>-NNNNN.array_record` shards of about max_bytes: shard k holds
+    the records that start within bytes [k, k + 1) x max_bytes of all written (a number is skipped
+    only where one record is longer than max_bytes). Cut by offset, shards depend on the records
+    alone, so the Beam driver (data/prepare/beam.py) cuts the same ones from many workers."""
 
     def __init__(self, directory: epath.Path, prefix: str, max_bytes: int):
         self.directory, self.prefix, self.max_bytes = directory, prefix, max_bytes
         self.files: list[str] = []
-        self._writer, self._bytes = None, 0
+        self._writer, self._shard, self._offset = None, -1, 0
 
     def write(self, record: bytes):
-        if self._writer is None or self._bytes >= self.max_bytes:
+        shard = self._offset // self.max_bytes
+        if shard != self._shard:
             self._close_shard()
-            self.files.append(f"{self.prefix}-{len(self.files):05d}{SHARD_SUFFIX}")
+            self.files.append(shard_name(self.prefix, shard))
             # group_size:1 keeps every record individually addressable for random access.
-            self._writer = ArrayRecordWriter(str(self.directory / self.files[-1]), "group_size:1")
-            self._bytes = 0
+            self._writer, self._shard = ArrayRecordWriter(str(self.directory / self.files[-1]), "group_size:1"), shard
         self._writer.write(record)
-        self._bytes += len(record)
+        self._offset += len(record)
 
     def _close_shard(self):
         if self._writer is not None:
@@ -47,6 +50,10 @@ class ShardWriter:
     def close(self) -> list[str]:
         self._close_shard()
         return self.files
+
+
+def shard_name(prefix: str, shard: int) -> str:
+    return f"{prefix}-{shard:05d}{SHARD_SUFFIX}"
 
 
 def write_manifest(directory: epath.Path, manifest: dict):

@@ -106,11 +106,16 @@ def run_plan(args) -> int:
 
 def run_prepare(args):
     common = dict(val_fraction=args.val_fraction, workers=args.workers, shard_mb=args.shard_mb, overwrite=args.overwrite)
+    if getattr(args, "engine", "local") == "local" and args.beam_args:
+        raise ConfigError(f"options after -- ({' '.join(args.beam_args)}) are Beam's; pass --engine beam, or drop them")
     if args.kind == "text":
-        manifest = prepare_text(
-            args.input, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-            model_type=args.model_type, seq_len=args.seq_len, **common,
-        )
+        text = dict(tokenizer=args.tokenizer, vocab_size=args.vocab_size, model_type=args.model_type, seq_len=args.seq_len)
+        if args.engine == "beam":
+            from data.prepare import beam  # only this engine needs Apache Beam (the beam extra)
+
+            manifest = beam.prepare_text(args.input, args.out, args.beam_args, **text, **common)
+        else:
+            manifest = prepare_text(args.input, args.out, **text, **common)
     else:
         manifest = prepare_images(args.input, args.out, **common)
     for split, info in manifest["splits"].items():
@@ -131,7 +136,7 @@ def _prepare_parser(sub):
         k.add_argument("--out", required=True, help="output directory, local or gs://")
         k.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out for validation")
         k.add_argument("--workers", type=int, default=0, help="worker processes (0: one per CPU)")
-        k.add_argument("--shard-mb", type=int, default=256, help="size of each ArrayRecord shard")
+        k.add_argument("--shard-mb", type=float, default=256, help="size of each ArrayRecord shard")
         k.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     text.add_argument("--tokenizer", help="an existing tokenizer: a SentencePiece .model file, a Hugging Face tokenizer.json "
                                            "(tokenizer_config.json beside it), or a directory holding either, such as a "
@@ -139,6 +144,10 @@ def _prepare_parser(sub):
     text.add_argument("--vocab-size", type=int, default=32000, help="pieces of the trained tokenizer")
     text.add_argument("--model-type", choices=MODEL_TYPES, default="bpe")
     text.add_argument("--seq-len", type=int, default=2048, help="longer documents are split into pieces of this many tokens")
+    text.add_argument("--engine", choices=("local", "beam"), default="local",
+                      help="local: worker processes on this machine; beam: an Apache Beam pipeline, options after -- "
+                           "(--runner=DataflowRunner --project=... --region=... --temp_location=gs://...; default: "
+                           "Beam's DirectRunner over this machine's cores); the same records either way")
 
 
 def _serving_parsers(sub):
@@ -250,7 +259,12 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _prepare_parser(sub)
     _serving_parsers(sub)
-    args, extra = parser.parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args, extra = parser.parse_known_args(argv[:cut])
+    args.beam_args = argv[cut + 1:]  # `prepare text --engine beam -- BEAM_OPTIONS`
+    if args.beam_args and args.command != "prepare":
+        parser.error(f"options after -- ({' '.join(args.beam_args)}) are Beam's, for `prepare text --engine beam`")
     if extra and args.command != "plan":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:  # overrides after the options: `plan CONFIG --topology v5p-64 model.remat=full`

@@ -16,7 +16,6 @@ The output is staged and moved into place whole (data/prepare/output.py).
 """
 
 import concurrent.futures
-import hashlib
 import multiprocessing
 import os
 
@@ -26,7 +25,8 @@ from etils import epath
 from data import images
 from data import tokenizer as tokenizer_lib
 from data.prepare.documents import (SPLITS, digest, expand, is_validation, read_documents, sample_texts,
-                                    split_pieces, unigram_entropy, walk)
+                                    split_pieces, walk)
+from data.prepare.manifest import SplitTotals, text_manifest
 from data.prepare.output import check_output, staged
 from data.records import DataError, ShardWriter, write_manifest
 
@@ -80,23 +80,14 @@ def prepare_text(
     seq_len: int = 2048,
     val_fraction: float = 0.01,
     workers: int = 0,
-    shard_mb: int = 256,
+    shard_mb: float = 256,
     tokenizer_sample_mb: int = 256,
     overwrite: bool = False,
 ) -> dict:
     """Tokenise `inputs` into ArrayRecord shards under `out`; returns the manifest."""
-    files = expand(inputs)
-    out = epath.Path(out)
-    check_output(out, overwrite)
-    if seq_len < 1:
-        raise DataError(f"--seq-len {seq_len} must be positive")
-    if tokenizer:
-        tok = tokenizer_lib.load(tokenizer)
-    else:
-        texts = sample_texts(files, tokenizer_sample_mb << 20, val_fraction)
-        if not texts:
-            raise DataError(f"the inputs {', '.join(inputs)} hold no text to train a tokenizer on; check --input")
-        tok = tokenizer_lib.train(texts, vocab_size, model_type)
+    files, out, tok = text_inputs(inputs, out, tokenizer=tokenizer, vocab_size=vocab_size, model_type=model_type,
+                                  seq_len=seq_len, val_fraction=val_fraction, sample_mb=tokenizer_sample_mb,
+                                  overwrite=overwrite)
     workers = workers or os.cpu_count() or 1
     with staged(out, overwrite) as stage:
         tok.write(stage)
@@ -111,16 +102,31 @@ def prepare_text(
     return manifest
 
 
-class _TextShards:
-    """The documents of a text dataset as they arrive, deduplicated and written into the shards of
-    their split, with the counts and checksums the manifest keeps."""
+def text_inputs(inputs: list[str], out: str, *, tokenizer: str | None, vocab_size: int, model_type: str, seq_len: int,
+                val_fraction: float, sample_mb: int, overwrite: bool):
+    """What every driver settles before any work: the input files, an output it may write, and the
+    tokenizer (the one given, else one trained on a sample of the training documents)."""
+    files = expand(inputs)
+    out = epath.Path(out)
+    check_output(out, overwrite)
+    if seq_len < 1:
+        raise DataError(f"--seq-len {seq_len} must be positive")
+    if tokenizer:
+        return files, out, tokenizer_lib.load(tokenizer)
+    texts = sample_texts(files, sample_mb << 20, val_fraction)
+    if not texts:
+        raise DataError(f"the inputs {', '.join(inputs)} hold no text to train a tokenizer on; check --input")
+    return files, out, tokenizer_lib.train(texts, vocab_size, model_type)
 
-    def __init__(self, stage: epath.Path, tok, seq_len: int, val_fraction: float, shard_mb: int):
+
+class _TextShards:
+    """The documents of a text dataset as they arrive, deduplicated (the first of each kept) and
+    written into the shards of their split, with the totals the manifest keeps."""
+
+    def __init__(self, stage: epath.Path, tok, seq_len: int, val_fraction: float, shard_mb: float):
         self.tok, self.seq_len, self.val_fraction = tok, seq_len, val_fraction
-        self.writers = {s: ShardWriter(stage, s, shard_mb << 20) for s in SPLITS}
-        self.stats = {s: {"documents": 0, "records": 0, "tokens": 0, "split_documents": 0} for s in SPLITS}
-        self.checksums = {s: hashlib.sha256() for s in SPLITS}
-        self.counts = {s: np.zeros(tok.vocab_size, np.int64) for s in SPLITS}
+        self.writers = {s: ShardWriter(stage, s, int(shard_mb * 2**20)) for s in SPLITS}
+        self.totals = {s: SplitTotals(tok.vocab_size) for s in SPLITS}
         self.seen, self.duplicates = set(), 0
 
     def add(self, key: bytes, ids: np.ndarray):
@@ -132,44 +138,19 @@ class _TextShards:
         pieces = split_pieces(ids, self.seq_len, self.tok.bos_id, self.tok.eos_id)
         for piece in pieces:
             self.writers[split].write(piece.tobytes())
-            self.checksums[split].update(piece.tobytes())
-        s = self.stats[split]
-        s["documents"] += 1
-        s["records"] += len(pieces)
-        s["tokens"] += len(ids) + 2
-        s["split_documents"] += len(pieces) > 1
-        self.counts[split] += np.bincount(ids, minlength=self.tok.vocab_size)
+        self.totals[split].add(ids, pieces)
 
     def manifest(self, input_files: int) -> dict:
         """Closes the shards."""
-        tok = self.tok
-        return {
-            "kind": "text",
-            "tokenizer_kind": tok.kind,
-            "tokenizer_sha256": tok.sha256(),
-            "vocab_size": tok.vocab_size,
-            "special_ids": {"pad": tok.pad_id, "bos": tok.bos_id, "eos": tok.eos_id, "unk": tok.unk_id},
-            "seq_len": self.seq_len,
-            "input_files": input_files,
-            "duplicate_documents": self.duplicates,
-            "files": sorted(tok.files),
-            "splits": {
-                s: {
-                    "shards": self.writers[s].close(),
-                    **self.stats[s],
-                    "tokens_sha256": self.checksums[s].hexdigest(),
-                    "unigram_entropy_nats": unigram_entropy(self.counts[s]),
-                }
-                for s in SPLITS
-            },
-        }
+        shards = {s: self.writers[s].close() for s in SPLITS}
+        return text_manifest(self.tok, self.seq_len, input_files, self.duplicates, self.totals, shards)
 
 
 # --- images ------------------------------------------------------------------------------
 
 
 def prepare_images(
-    inputs: list[str], out: str, *, val_fraction: float = 0.01, workers: int = 0, shard_mb: int = 256, overwrite: bool = False
+    inputs: list[str], out: str, *, val_fraction: float = 0.01, workers: int = 0, shard_mb: float = 256, overwrite: bool = False
 ) -> dict:
     """Encoded images (and labels from class subdirectories) into ArrayRecord shards under `out`."""
     files = [f for f in expand(inputs) if f.suffix.lower() in images.SUFFIXES]
@@ -179,7 +160,7 @@ def prepare_images(
     classes, labels = images.labels_from_directories(files)
     workers = workers or os.cpu_count() or 1
     with staged(out, overwrite) as stage:
-        writers = {s: ShardWriter(stage, s, shard_mb << 20) for s in SPLITS}
+        writers = {s: ShardWriter(stage, s, int(shard_mb * 2**20)) for s in SPLITS}
         stats = {s: {"records": 0} for s in SPLITS}
         seen, duplicates = set(), 0
         for label, (key, content) in zip(labels, _map(_check_image, [str(f) for f in files], min(workers, len(files)))):

@@ -43,3 +43,21 @@ def staged(out: epath.Path, overwrite: bool, last: str = MANIFEST):
     finally:
         if stage.exists():
             shutil.rmtree(stage)
+
+
+@contextlib.contextmanager
+def in_place(out: epath.Path, overwrite: bool, last: str = MANIFEST):
+    """`out` itself (gs://), for workers on other machines to write into, where no staging
+    directory on this one can serve them: an old output goes first, its `last` file before the
+    rest, so that no state of `out` looks complete until the new `last` is written; a failure
+    removes what was written."""
+    check_output(out, overwrite)
+    if out.exists():
+        (out / last).unlink(missing_ok=True)
+        out.rmtree()
+    try:
+        yield out
+    except BaseException:
+        if out.exists():
+            out.rmtree()
+        raise
