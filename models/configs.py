@@ -108,3 +108,18 @@ class UNetConfig:
     @property
     def time_dim(self) -> int:
         return 4 * self.base_channels
+
+
+@dataclasses.dataclass
+class VAEConfig:
+    """diffusers' AutoencoderKL (Stable Diffusion's VAE): images to the moments of latents
+    2^(levels - 1) times smaller per side, and latents back to images."""
+
+    channels: int = 3  # of the images, in and out
+    latent_channels: int = 4
+    block_channels: list[int] = dataclasses.field(default_factory=lambda: [128, 256, 512, 512])
+    layers_per_block: int = 2
+    groups: int = 32
+    scaling_factor: float = 0.18215  # latents are scaled by it for the diffusion model (Stable Diffusion 1.x's)
+    shift_factor: float = 0.0  # and shifted by it first (0 for Stable Diffusion 1.x and 2.x)
+

@@ -76,21 +76,23 @@ class GroupNorm(nnx.Module):
 
 
 class ResnetBlock(nnx.Module):
-    """diffusers' ResnetBlock2D: the time embedding added to the features ("add"), or scaling and
-    shifting them after the second norm ("scale_shift", ADM's)."""
+    """diffusers' ResnetBlock2D: a time embedding (of time_dim channels) added to the features
+    ("add"), or scaling and shifting them after the second norm (scale_shift, ADM's); with no
+    time_dim, none (the VAE's)."""
 
-    def __init__(self, cin: int, cout: int, cfg: UNetConfig, *, rngs: nnx.Rngs):
-        self.scale_shift = cfg.time_conditioning == "scale_shift"
-        self.norm1 = GroupNorm(cin, cfg.groups, rngs=rngs)
+    def __init__(self, cin: int, cout: int, groups: int, *, rngs: nnx.Rngs, time_dim: int = 0, scale_shift: bool = False,
+                 eps: float = 1e-5):
+        self.scale_shift = scale_shift
+        self.norm1 = GroupNorm(cin, groups, rngs=rngs, eps=eps)
         self.conv1 = Conv(cin, cout, rngs=rngs)
-        self.time_emb_proj = Dense(cfg.time_dim, 2 * cout if self.scale_shift else cout, rngs=rngs)
-        self.norm2 = GroupNorm(cout, cfg.groups, rngs=rngs)
+        self.time_emb_proj = Dense(time_dim, 2 * cout if scale_shift else cout, rngs=rngs) if time_dim else None
+        self.norm2 = GroupNorm(cout, groups, rngs=rngs, eps=eps)
         self.conv2 = Conv(cout, cout, rngs=rngs, zero=True)  # each block starts as the identity
         self.conv_shortcut = Conv(cin, cout, rngs=rngs, kernel=1) if cin != cout else None
 
-    def __call__(self, x, temb):
+    def __call__(self, x, temb=None):
         h = constrain(self.conv1(jax.nn.silu(self.norm1(x))), ("batch", "height", "width", "channels"))
-        t = self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
+        t = 0 if self.time_emb_proj is None else self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
         if self.scale_shift:
             scale, shift = jnp.split(t, 2, axis=-1)
             h = self.norm2(h) * (1 + scale) + shift
@@ -100,13 +102,19 @@ class ResnetBlock(nnx.Module):
         return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
 
 
-class Attention(nnx.Module):
-    """Self-attention over the pixels, with a residual: heads of model.head_channels channels each
-    (diffusers' UNet2DModel, ADM), or model.num_heads heads per block when head_channels is 0."""
+def resnet(cin: int, cout: int, cfg: UNetConfig, rngs: nnx.Rngs) -> ResnetBlock:
+    """A UNet's resnet: conditioned on the time (and class) embedding as cfg says."""
+    return ResnetBlock(cin, cout, cfg.groups, rngs=rngs, time_dim=cfg.time_dim,
+                       scale_shift=cfg.time_conditioning == "scale_shift")
 
-    def __init__(self, channels: int, cfg: UNetConfig, *, rngs: nnx.Rngs):
-        self.heads = channels // cfg.head_channels if cfg.head_channels else cfg.num_heads
-        self.group_norm = GroupNorm(channels, cfg.groups, rngs=rngs)
+
+class Attention(nnx.Module):
+    """Self-attention over the pixels, with a residual (diffusers' Attention as its UNets and VAE
+    use it: GroupNorm first, biased projections)."""
+
+    def __init__(self, channels: int, heads: int, groups: int, *, rngs: nnx.Rngs, eps: float = 1e-5):
+        self.heads = heads
+        self.group_norm = GroupNorm(channels, groups, rngs=rngs, eps=eps)
         self.to_q, self.to_k, self.to_v = (Dense(channels, channels, rngs=rngs) for _ in range(3))
         self.to_out = Dense(channels, channels, rngs=rngs, zero=True)
 
@@ -117,11 +125,18 @@ class Attention(nnx.Module):
         return x + self.to_out(jax.nn.dot_product_attention(q, k, v).reshape(b, h, w, c))
 
 
+def attention(channels: int, cfg: UNetConfig, rngs: nnx.Rngs) -> Attention:
+    """A UNet's attention: heads of model.head_channels channels each (diffusers' UNet2DModel,
+    ADM), or model.num_heads heads per block when head_channels is 0."""
+    return Attention(channels, channels // cfg.head_channels if cfg.head_channels else cfg.num_heads, cfg.groups,
+                     rngs=rngs)
+
+
 class Downsample(nnx.Module):
-    def __init__(self, channels: int, cfg: UNetConfig, *, rngs: nnx.Rngs):
+    def __init__(self, channels: int, padding: int, *, rngs: nnx.Rngs):
         # diffusers' downsample_padding: 0 pads the bottom and right only, p > 0 p on every side.
-        p = cfg.downsample_padding
-        self.conv = Conv(channels, channels, rngs=rngs, stride=2, padding=((p, p), (p, p)) if p else ((0, 1), (0, 1)))
+        pad = ((padding, padding), (padding, padding)) if padding else ((0, 1), (0, 1))
+        self.conv = Conv(channels, channels, rngs=rngs, stride=2, padding=pad)
 
     def __call__(self, x, temb=None):
         return self.conv(x)
@@ -148,9 +163,9 @@ class DownBlock(nnx.Module):
 
     def __init__(self, cin: int, cout: int, attend: bool, downsample: bool, cfg: UNetConfig, *, rngs: nnx.Rngs):
         n, self.policy = cfg.blocks_per_resolution, cfg.remat
-        self.resnets = nnx.List([ResnetBlock(cin if i == 0 else cout, cout, cfg, rngs=rngs) for i in range(n)])
-        self.attentions = nnx.List([Attention(cout, cfg, rngs=rngs) for _ in range(n)]) if attend else None
-        self.downsamplers = nnx.List([Downsample(cout, cfg, rngs=rngs)]) if downsample else None
+        self.resnets = nnx.List([resnet(cin if i == 0 else cout, cout, cfg, rngs) for i in range(n)])
+        self.attentions = nnx.List([attention(cout, cfg, rngs) for _ in range(n)]) if attend else None
+        self.downsamplers = nnx.List([Downsample(cout, cfg.downsample_padding, rngs=rngs)]) if downsample else None
 
     def __call__(self, h, temb, skips: list):
         for i, resnet in enumerate(self.resnets):
@@ -172,8 +187,8 @@ class UpBlock(nnx.Module):
     def __init__(self, cin: int, cout: int, skips: list[int], attend: bool, upsample: bool, cfg: UNetConfig, *,
                  rngs: nnx.Rngs):
         n, self.policy = cfg.blocks_per_resolution + 1, cfg.remat
-        self.resnets = nnx.List([ResnetBlock((cin if i == 0 else cout) + skips.pop(), cout, cfg, rngs=rngs) for i in range(n)])
-        self.attentions = nnx.List([Attention(cout, cfg, rngs=rngs) for _ in range(n)]) if attend else None
+        self.resnets = nnx.List([resnet((cin if i == 0 else cout) + skips.pop(), cout, cfg, rngs) for i in range(n)])
+        self.attentions = nnx.List([attention(cout, cfg, rngs) for _ in range(n)]) if attend else None
         self.upsamplers = nnx.List([Upsample(cout, rngs=rngs)]) if upsample else None
 
     def __call__(self, h, temb, skips: list):
@@ -191,8 +206,8 @@ class MidBlock(nnx.Module):
 
     def __init__(self, channels: int, cfg: UNetConfig, *, rngs: nnx.Rngs):
         self.policy = cfg.remat
-        self.resnets = nnx.List([ResnetBlock(channels, channels, cfg, rngs=rngs) for _ in range(2)])
-        self.attentions = nnx.List([Attention(channels, cfg, rngs=rngs)])
+        self.resnets = nnx.List([resnet(channels, channels, cfg, rngs) for _ in range(2)])
+        self.attentions = nnx.List([attention(channels, cfg, rngs)])
 
     def __call__(self, h, temb):
         for block in (self.resnets[0], self.attentions[0], self.resnets[1]):

@@ -19,8 +19,9 @@ from etils import epath
 
 from data.prepare import output
 from models import diffusion
-from models.configs import UNetConfig
+from models.configs import UNetConfig, VAEConfig
 from models.unet import UNet
+from models.vae import AutoencoderKL
 from pretrain import config as config_lib
 from pretrain.config import ConfigError
 from pretrain.config.schema import DiffusionConfig, DiffusionRun, RunConfig
@@ -172,6 +173,46 @@ def diffusion_config(s: dict, where) -> DiffusionConfig:
     }, by="this sampler")
     return DiffusionConfig(schedule=schedule, timesteps=timesteps, target=prediction, clip_sample=s.get("clip_sample", True),
                            spacing=s.get("timestep_spacing", "leading"))
+
+
+# AutoencoderKL's defaults, for config.json files that leave keys out.
+VAE = "AutoencoderKL"
+VAE_DEFAULTS = {
+    "in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"], "up_block_types": ["UpDecoderBlock2D"],
+    "block_out_channels": [64], "layers_per_block": 1, "act_fn": "silu", "latent_channels": 4, "norm_num_groups": 32,
+    "scaling_factor": 0.18215, "shift_factor": None, "latents_mean": None, "latents_std": None, "use_quant_conv": True,
+    "use_post_quant_conv": True, "mid_block_add_attention": True,
+}
+
+
+def vae_config(vae: dict, where) -> VAEConfig:
+    """Our settings for an AutoencoderKL config.json; anything models/vae.py cannot be is refused."""
+    if vae.get("_class_name") != VAE:
+        raise ConfigError(f"{where} holds a {vae.get('_class_name')} model; a latent pipeline's vae/ is read as {VAE}")
+    c = VAE_DEFAULTS | vae
+    levels = len(c["block_out_channels"])
+    _refuse(where, {
+        f"in_channels={c['in_channels']}, out_channels={c['out_channels']}": c["in_channels"] != c["out_channels"],
+        f"down_block_types={c['down_block_types']}": list(c["down_block_types"]) != ["DownEncoderBlock2D"] * levels,
+        f"up_block_types={c['up_block_types']}": list(c["up_block_types"]) != ["UpDecoderBlock2D"] * levels,
+        f"act_fn={c['act_fn']}": c["act_fn"] != "silu",
+        "latents_mean and latents_std": c["latents_mean"] is not None or c["latents_std"] is not None,
+        "use_quant_conv=false": not c["use_quant_conv"],
+        "use_post_quant_conv=false": not c["use_post_quant_conv"],
+        "mid_block_add_attention=false": not c["mid_block_add_attention"],
+    }, by="this VAE")
+    return VAEConfig(channels=c["in_channels"], latent_channels=c["latent_channels"],
+                     block_channels=list(c["block_out_channels"]), layers_per_block=c["layers_per_block"],
+                     groups=c["norm_num_groups"], scaling_factor=c["scaling_factor"], shift_factor=c["shift_factor"] or 0.0)
+
+
+def read_vae(directory: epath.Path) -> tuple[VAEConfig, dict]:
+    """(settings, flat {path: float32 array}) of the VAE of a pipeline directory (its `vae/`) or of
+    a lone AutoencoderKL directory."""
+    vae = directory / "vae" if (directory / "model_index.json").exists() else directory
+    cfg = vae_config(json.loads((vae / "config.json").read_text()), vae)
+    with weights.open_weights(vae, STEM) as read_tensor:
+        return cfg, {path: thunk() for path, thunk in our_tensors(params.shapes(AutoencoderKL, cfg), read_tensor)}
 
 
 # --- weights ---------------------------------------------------------------------------------
