@@ -123,3 +123,19 @@ class VAEConfig:
     scaling_factor: float = 0.18215  # latents are scaled by it for the diffusion model (Stable Diffusion 1.x's)
     shift_factor: float = 0.0  # and shifted by it first (0 for Stable Diffusion 1.x and 2.x)
 
+
+@dataclasses.dataclass
+class CLIPTextConfig:
+    """transformers' CLIPTextModel (Stable Diffusion's text encoder): a causal pre-norm transformer
+    over a prompt's token ids, read at every position (and pooled at the end-of-text token)."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_layers: int = 12
+    num_heads: int = 12
+    max_positions: int = 77
+    activation: str = "quick_gelu"  # or "gelu" (Stable Diffusion 2's OpenCLIP encoder)
+    eps: float = 1e-5
+    eos_token_id: int = 49407  # 2: the end of text is the largest id of a prompt (older configs)
+

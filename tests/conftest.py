@@ -35,7 +35,7 @@ pretrain.formats           test_export
 pretrain.formats.weights   test_export
 pretrain.formats.params    test_export test_diffusion_training
 pretrain.formats.hf_llama  test_export
-pretrain.formats.diffusers test_diffusers test_diffusion_training test_diffusion test_vae
+pretrain.formats.diffusers test_diffusers test_diffusion_training test_diffusion test_vae test_clip_text
 pretrain.formats.unet      test_diffusion_training test_diffusers
 pretrain.inference.load    test_export test_diffusion_training
 pretrain.inference.sample  test_export test_diffusion_training
@@ -44,6 +44,7 @@ pretrain.evals.harness     test_evals
 pretrain.plan.hlo          test_hlo
 pretrain.plan.forecast     test_hlo
 models.attention           test_model test_splash
+models.clip_text           test_clip_text
 models.configs             test_model
 models.diffusion           test_diffusion
 models.generate            test_model

@@ -19,7 +19,8 @@ from etils import epath
 
 from data.prepare import output
 from models import diffusion
-from models.configs import UNetConfig, VAEConfig
+from models.clip_text import ACTIVATIONS, CLIPTextModel
+from models.configs import CLIPTextConfig, UNetConfig, VAEConfig
 from models.unet import UNet
 from models.vae import AutoencoderKL
 from pretrain import config as config_lib
@@ -213,6 +214,33 @@ def read_vae(directory: epath.Path) -> tuple[VAEConfig, dict]:
     cfg = vae_config(json.loads((vae / "config.json").read_text()), vae)
     with weights.open_weights(vae, STEM) as read_tensor:
         return cfg, {path: thunk() for path, thunk in our_tensors(params.shapes(AutoencoderKL, cfg), read_tensor)}
+
+
+def clip_text_config(config: dict, where) -> CLIPTextConfig:
+    """Our settings for a transformers CLIPTextModel config.json (a pipeline's text_encoder/)."""
+    if config.get("model_type", "clip_text_model") != "clip_text_model" or config.get("hidden_act") not in ACTIVATIONS:
+        raise ConfigError(f"{where} is not a CLIPTextModel with a quick_gelu or gelu MLP (model_type "
+                          f"{config.get('model_type')}, hidden_act {config.get('hidden_act')}); this reads those only")
+    c = {"vocab_size": 49408, "intermediate_size": 2048, "max_position_embeddings": 77, "layer_norm_eps": 1e-5,
+         "eos_token_id": 49407} | config
+    return CLIPTextConfig(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
+                          num_layers=c["num_hidden_layers"], num_heads=c["num_attention_heads"],
+                          max_positions=c["max_position_embeddings"], activation=c["hidden_act"], eps=c["layer_norm_eps"],
+                          eos_token_id=c["eos_token_id"])
+
+
+def read_text_encoder(directory: epath.Path) -> tuple[CLIPTextConfig, dict]:
+    """(settings, flat {path: float32 array}) of a pipeline's `text_encoder/` (transformers' files,
+    `model.safetensors`) or of a lone CLIPTextModel directory."""
+    encoder = directory / "text_encoder" if (directory / "model_index.json").exists() else directory
+    cfg = clip_text_config(json.loads((encoder / "config.json").read_text()), encoder)
+    with weights.open_weights(encoder, "model") as read_tensor:
+        read = read_tensor
+        try:  # Stable Diffusion's files name the tensors `text_model.*`; transformers 5 saves them without it
+            read_tensor.shape("text_model.embeddings.token_embedding.weight")
+        except ConfigError:
+            read = lambda name: read_tensor(name.removeprefix("text_model."))  # noqa: E731
+        return cfg, {path: thunk() for path, thunk in our_tensors(params.shapes(CLIPTextModel, cfg), read)}
 
 
 # --- weights ---------------------------------------------------------------------------------
