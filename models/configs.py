@@ -96,6 +96,11 @@ class UNetConfig:
     flip_sin_to_cos: bool = False
     freq_shift: int = 0
     downsample_padding: int = 0  # 0: pad the bottom and right before a stride-2 conv; p: p on every side
+    # > 0: text-conditioned (diffusers' UNet2DConditionModel): each attention is a transformer block
+    # with cross-attention on text states of this width; its projections in and out 1x1 convolutions,
+    # or linear layers under use_linear_projection (Stable Diffusion 2's).
+    cross_attention_dim: int = 0
+    use_linear_projection: bool = False
     dtype: str = "float32"
     cpu_matmul_dtype: str = "auto"  # what a CPU multiplies bfloat16 operands in: auto (measured), float32, bfloat16
     remat: str = "full"

@@ -1,6 +1,8 @@
 """Diffusion UNet in the block tree of diffusers' `UNet2DModel` (ADM's architecture): a sinusoidal
 time embedding, residual blocks with GroupNorm, SiLU and time (plus optional class) conditioning,
-self-attention at chosen resolutions, and down, mid and up blocks joined by skip connections.
+self-attention at chosen resolutions, and down, mid and up blocks joined by skip connections. With
+model.cross_attention_dim it is diffusers' `UNet2DConditionModel` (Stable Diffusion's): each
+attention a transformer block that also attends to the text states.
 
 The modules carry diffusers' names (`down_blocks/0/resnets/1/conv1`, `time_embedding/linear_1`),
 so that a diffusers checkpoint maps onto this one name for name (pretrain/formats/diffusers.py);
@@ -35,13 +37,14 @@ def timestep_embedding(t, dim: int, *, flip_sin_to_cos: bool = False, freq_shift
 
 
 class Dense(nnx.Module):
-    def __init__(self, cin: int, cout: int, *, rngs: nnx.Rngs, zero: bool = False):
+    def __init__(self, cin: int, cout: int, *, rngs: nnx.Rngs, zero: bool = False, bias: bool = True):
         init = nnx.initializers.zeros if zero else fan_in_init()
         self.kernel = param(rngs, init, (cin, cout), ("conv_in", "conv_out"))
-        self.bias = param(rngs, nnx.initializers.zeros, (cout,), ("conv_out",))
+        self.bias = param(rngs, nnx.initializers.zeros, (cout,), ("conv_out",)) if bias else None
 
     def __call__(self, x):
-        return einsum("...i,io->...o", x, self.kernel[...], dtype=x.dtype) + self.bias[...].astype(x.dtype)
+        y = einsum("...i,io->...o", x, self.kernel[...], dtype=x.dtype)
+        return y if self.bias is None else y + self.bias[...].astype(x.dtype)
 
 
 class Conv(nnx.Module):
@@ -75,6 +78,19 @@ class GroupNorm(nnx.Module):
         return (g * self.scale[...] + self.bias[...]).astype(x.dtype)
 
 
+class LayerNorm(nnx.Module):
+    def __init__(self, channels: int, *, rngs: nnx.Rngs, eps: float = 1e-5):
+        self.eps = eps
+        self.scale = param(rngs, nnx.initializers.ones, (channels,), ("channels",))
+        self.bias = param(rngs, nnx.initializers.zeros, (channels,), ("channels",))
+
+    def __call__(self, x):
+        y = x.astype(jnp.float32)
+        mean = y.mean(-1, keepdims=True)
+        y = (y - mean) * jax.lax.rsqrt(jnp.square(y - mean).mean(-1, keepdims=True) + self.eps)
+        return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+
 class ResnetBlock(nnx.Module):
     """diffusers' ResnetBlock2D: a time embedding (of time_dim channels) added to the features
     ("add"), or scaling and shifting them after the second norm (scale_shift, ADM's); with no
@@ -90,7 +106,7 @@ class ResnetBlock(nnx.Module):
         self.conv2 = Conv(cout, cout, rngs=rngs, zero=True)  # each block starts as the identity
         self.conv_shortcut = Conv(cin, cout, rngs=rngs, kernel=1) if cin != cout else None
 
-    def __call__(self, x, temb=None):
+    def __call__(self, x, temb=None, context=None):
         h = constrain(self.conv1(jax.nn.silu(self.norm1(x))), ("batch", "height", "width", "channels"))
         t = 0 if self.time_emb_proj is None else self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
         if self.scale_shift:
@@ -118,7 +134,7 @@ class Attention(nnx.Module):
         self.to_q, self.to_k, self.to_v = (Dense(channels, channels, rngs=rngs) for _ in range(3))
         self.to_out = Dense(channels, channels, rngs=rngs, zero=True)
 
-    def __call__(self, x, temb=None):
+    def __call__(self, x, temb=None, context=None):
         b, h, w, c = x.shape
         y = self.group_norm(x)
         q, k, v = (proj(y).reshape(b, h * w, self.heads, c // self.heads) for proj in (self.to_q, self.to_k, self.to_v))
@@ -132,13 +148,77 @@ def attention(channels: int, cfg: UNetConfig, rngs: nnx.Rngs) -> Attention:
                      rngs=rngs)
 
 
+class CrossAttention(nnx.Module):
+    """diffusers' Attention as its transformer blocks use it: unbiased q/k/v projections, keys and
+    values from `context` (the text states; x itself for self-attention), a biased output."""
+
+    def __init__(self, channels: int, heads: int, context_dim: int, *, rngs: nnx.Rngs):
+        self.heads = heads
+        self.to_q = Dense(channels, channels, rngs=rngs, bias=False)
+        self.to_k, self.to_v = (Dense(context_dim, channels, rngs=rngs, bias=False) for _ in range(2))
+        self.to_out = Dense(channels, channels, rngs=rngs)
+
+    def __call__(self, x, context):
+        b, t, c = x.shape
+        q = self.to_q(x).reshape(b, t, self.heads, c // self.heads)
+        k, v = (proj(context).reshape(b, context.shape[1], self.heads, c // self.heads) for proj in (self.to_k, self.to_v))
+        return self.to_out(jax.nn.dot_product_attention(q, k, v).reshape(b, t, c))
+
+
+class TransformerBlock(nnx.Module):
+    """diffusers' BasicTransformerBlock: self-attention, cross-attention on the text, and a GEGLU
+    feed-forward (4x wide), each behind a LayerNorm and added back."""
+
+    def __init__(self, channels: int, heads: int, context_dim: int, *, rngs: nnx.Rngs):
+        self.norm1, self.norm2, self.norm3 = (LayerNorm(channels, rngs=rngs) for _ in range(3))
+        self.attn1 = CrossAttention(channels, heads, channels, rngs=rngs)
+        self.attn2 = CrossAttention(channels, heads, context_dim, rngs=rngs)
+        self.ff_proj_in = Dense(channels, 8 * channels, rngs=rngs)  # the GEGLU's values and gates
+        self.ff_proj_out = Dense(4 * channels, channels, rngs=rngs, zero=True)
+
+    def __call__(self, x, context):
+        y = self.norm1(x)
+        x = x + self.attn1(y, y)
+        x = x + self.attn2(self.norm2(x), context)
+        values, gates = jnp.split(self.ff_proj_in(self.norm3(x)), 2, axis=-1)
+        return x + self.ff_proj_out(values * jax.nn.gelu(gates, approximate=False))
+
+
+class Transformer2D(nnx.Module):
+    """diffusers' Transformer2DModel over the pixels: GroupNorm, a projection in (a 1x1 convolution,
+    or a linear layer under use_linear_projection), one transformer block with cross-attention on
+    the text states, a projection out, and the residual."""
+
+    def __init__(self, channels: int, cfg: UNetConfig, *, rngs: nnx.Rngs):
+        heads = channels // cfg.head_channels if cfg.head_channels else cfg.num_heads
+        self.linear = cfg.use_linear_projection
+        self.norm = GroupNorm(channels, cfg.groups, rngs=rngs, eps=1e-6)
+        self.proj_in = Dense(channels, channels, rngs=rngs) if self.linear else Conv(channels, channels, rngs=rngs, kernel=1)
+        self.transformer_blocks = nnx.List([TransformerBlock(channels, heads, cfg.cross_attention_dim, rngs=rngs)])
+        self.proj_out = (Dense(channels, channels, rngs=rngs, zero=True) if self.linear
+                         else Conv(channels, channels, rngs=rngs, kernel=1, zero=True))
+
+    def __call__(self, x, temb=None, context=None):
+        b, h, w, c = x.shape
+        y = self.proj_in(self.norm(x)).reshape(b, h * w, c)
+        for block in self.transformer_blocks:
+            y = block(y, context.astype(y.dtype))
+        return x + self.proj_out(y.reshape(b, h, w, c))
+
+
+def attention_block(channels: int, cfg: UNetConfig, rngs: nnx.Rngs):
+    """The attention of a level: over the text (Transformer2D) where the UNet is text-conditioned,
+    else over the pixels alone."""
+    return Transformer2D(channels, cfg, rngs=rngs) if cfg.cross_attention_dim else attention(channels, cfg, rngs)
+
+
 class Downsample(nnx.Module):
     def __init__(self, channels: int, padding: int, *, rngs: nnx.Rngs):
         # diffusers' downsample_padding: 0 pads the bottom and right only, p > 0 p on every side.
         pad = ((padding, padding), (padding, padding)) if padding else ((0, 1), (0, 1))
         self.conv = Conv(channels, channels, rngs=rngs, stride=2, padding=pad)
 
-    def __call__(self, x, temb=None):
+    def __call__(self, x, temb=None, context=None):
         return self.conv(x)
 
 
@@ -146,14 +226,14 @@ class Upsample(nnx.Module):
     def __init__(self, channels: int, *, rngs: nnx.Rngs):
         self.conv = Conv(channels, channels, rngs=rngs)
 
-    def __call__(self, x, temb=None):
+    def __call__(self, x, temb=None, context=None):
         return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
 
 
-def _checkpointed(block, x, temb, policy: str):
+def _checkpointed(block, x, temb, context, policy: str):
     """Run one block under jax.checkpoint with the named remat policy."""
     graphdef, state = nnx.split(block)
-    return remat(lambda s, x, t: nnx.merge(graphdef, s)(x, t), policy, in_scan=False)(state, x, temb)
+    return remat(lambda s, x, t, c: nnx.merge(graphdef, s)(x, t, c), policy, in_scan=False)(state, x, temb, context)
 
 
 class DownBlock(nnx.Module):
@@ -164,17 +244,17 @@ class DownBlock(nnx.Module):
     def __init__(self, cin: int, cout: int, attend: bool, downsample: bool, cfg: UNetConfig, *, rngs: nnx.Rngs):
         n, self.policy = cfg.blocks_per_resolution, cfg.remat
         self.resnets = nnx.List([resnet(cin if i == 0 else cout, cout, cfg, rngs) for i in range(n)])
-        self.attentions = nnx.List([attention(cout, cfg, rngs) for _ in range(n)]) if attend else None
+        self.attentions = nnx.List([attention_block(cout, cfg, rngs) for _ in range(n)]) if attend else None
         self.downsamplers = nnx.List([Downsample(cout, cfg.downsample_padding, rngs=rngs)]) if downsample else None
 
-    def __call__(self, h, temb, skips: list):
+    def __call__(self, h, temb, skips: list, context=None):
         for i, resnet in enumerate(self.resnets):
-            h = _checkpointed(resnet, h, temb, self.policy)
+            h = _checkpointed(resnet, h, temb, context, self.policy)
             if self.attentions is not None:
-                h = _checkpointed(self.attentions[i], h, temb, self.policy)
+                h = _checkpointed(self.attentions[i], h, temb, context, self.policy)
             skips.append(h)
         if self.downsamplers is not None:
-            h = _checkpointed(self.downsamplers[0], h, temb, self.policy)
+            h = _checkpointed(self.downsamplers[0], h, temb, context, self.policy)
             skips.append(h)
         return h
 
@@ -188,16 +268,16 @@ class UpBlock(nnx.Module):
                  rngs: nnx.Rngs):
         n, self.policy = cfg.blocks_per_resolution + 1, cfg.remat
         self.resnets = nnx.List([resnet((cin if i == 0 else cout) + skips.pop(), cout, cfg, rngs) for i in range(n)])
-        self.attentions = nnx.List([attention(cout, cfg, rngs) for _ in range(n)]) if attend else None
+        self.attentions = nnx.List([attention_block(cout, cfg, rngs) for _ in range(n)]) if attend else None
         self.upsamplers = nnx.List([Upsample(cout, rngs=rngs)]) if upsample else None
 
-    def __call__(self, h, temb, skips: list):
+    def __call__(self, h, temb, skips: list, context=None):
         for i, resnet in enumerate(self.resnets):
-            h = _checkpointed(resnet, jnp.concatenate([h, skips.pop()], axis=-1), temb, self.policy)
+            h = _checkpointed(resnet, jnp.concatenate([h, skips.pop()], axis=-1), temb, context, self.policy)
             if self.attentions is not None:
-                h = _checkpointed(self.attentions[i], h, temb, self.policy)
+                h = _checkpointed(self.attentions[i], h, temb, context, self.policy)
         if self.upsamplers is not None:
-            h = _checkpointed(self.upsamplers[0], h, temb, self.policy)
+            h = _checkpointed(self.upsamplers[0], h, temb, context, self.policy)
         return h
 
 
@@ -207,11 +287,11 @@ class MidBlock(nnx.Module):
     def __init__(self, channels: int, cfg: UNetConfig, *, rngs: nnx.Rngs):
         self.policy = cfg.remat
         self.resnets = nnx.List([resnet(channels, channels, cfg, rngs) for _ in range(2)])
-        self.attentions = nnx.List([attention(channels, cfg, rngs)])
+        self.attentions = nnx.List([attention_block(channels, cfg, rngs)])
 
-    def __call__(self, h, temb):
+    def __call__(self, h, temb, context=None):
         for block in (self.resnets[0], self.attentions[0], self.resnets[1]):
-            h = _checkpointed(block, h, temb, self.policy)
+            h = _checkpointed(block, h, temb, context, self.policy)
         return h
 
 
@@ -248,9 +328,10 @@ class UNet(nnx.Module):
         self.conv_norm_out = GroupNorm(widths[0], cfg.groups, rngs=rngs)
         self.conv_out = Conv(widths[0], cfg.channels, rngs=rngs, zero=True, names=("conv_in", None))
 
-    def __call__(self, x, t, labels=None):
-        """Model output (eps or v, as the diffusion process was trained) for noisy images x [B, H, W, C]
-        at timesteps t [B]; labels [B] in [0, num_classes], num_classes meaning "no label"."""
+    def __call__(self, x, t, labels=None, context=None):
+        """Model output (eps or v, as the diffusion process was trained) for noisy images (or latents)
+        x [B, H, W, C] at timesteps t [B]; labels [B] in [0, num_classes], num_classes meaning "no
+        label"; context [B, T, cross_attention_dim]: the text states a text-conditioned UNet reads."""
         cfg = self.cfg
         x = constrain(x.astype(jnp.dtype(cfg.dtype)), ("batch", "height", "width", "channels"))
         sinusoids = timestep_embedding(t, cfg.base_channels, flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
@@ -260,8 +341,8 @@ class UNet(nnx.Module):
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
-            h = block(h, temb, skips)
-        h = self.mid_block(h, temb)
+            h = block(h, temb, skips, context)
+        h = self.mid_block(h, temb, context)
         for block in self.up_blocks:
-            h = block(h, temb, skips)
+            h = block(h, temb, skips, context)
         return self.conv_out(jax.nn.silu(self.conv_norm_out(h))).astype(jnp.float32)

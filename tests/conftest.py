@@ -35,7 +35,7 @@ pretrain.formats           test_export
 pretrain.formats.weights   test_export
 pretrain.formats.params    test_export test_diffusion_training
 pretrain.formats.hf_llama  test_export
-pretrain.formats.diffusers test_diffusers test_diffusion_training test_diffusion test_vae test_clip_text
+pretrain.formats.diffusers test_diffusers test_diffusion_training test_diffusion test_vae test_clip_text test_unet_condition
 pretrain.formats.unet      test_diffusion_training test_diffusers
 pretrain.inference.load    test_export test_diffusion_training
 pretrain.inference.sample  test_export test_diffusion_training
@@ -50,7 +50,7 @@ models.diffusion           test_diffusion
 models.generate            test_model
 models.layers              test_model
 models.transformer         test_model test_export
-models.unet                test_diffusion test_diffusers test_vae
+models.unet                test_diffusion test_diffusers test_vae test_unet_condition
 models.vae                 test_vae
 data.corpus                test_data
 data.digits                test_diffusion_training

@@ -218,6 +218,7 @@ CASES = {
     "spacing": (["diffusion.spacing=even"], r"diffusion.spacing='even' is unknown; use one of \['linspace', 'leading', 'trailing'\]"),
     "residual split": (["mesh.residual_split=embed"], "mesh.residual_split splits a language model's residual stream"),
     "sample grid vs data axis": (["diffusion.sample_num=21"], r"diffusion.sample_num=21 must be a positive multiple of the data axis \(2\)"),
+    "text conditioning without text": (["model.cross_attention_dim=768"], "model.cross_attention_dim=768 asks for text states"),
 }
 
 

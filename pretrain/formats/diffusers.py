@@ -101,6 +101,8 @@ def _refuse(where, problems: dict[str, bool], by: str = "this UNet"):
 
 def model_config(unet: dict, where) -> UNetConfig:
     """Our model settings for a UNet2DModel config.json; anything this UNet cannot be is refused."""
+    if unet.get("_class_name") == CONDITIONAL:
+        return conditional_model_config(unet, where)
     if unet.get("_class_name") != ARCHITECTURE:
         raise ConfigError(f"{where} holds a {unet.get('_class_name')} model; this reads {ARCHITECTURE} directories only")
     c = DEFAULTS | unet
@@ -174,6 +176,53 @@ def diffusion_config(s: dict, where) -> DiffusionConfig:
     }, by="this sampler")
     return DiffusionConfig(schedule=schedule, timesteps=timesteps, target=prediction, clip_sample=s.get("clip_sample", True),
                            spacing=s.get("timestep_spacing", "leading"))
+
+
+# UNet2DConditionModel's defaults (Stable Diffusion 1.x's UNet), for config.json files that leave keys out.
+CONDITIONAL = "UNet2DConditionModel"
+CONDITIONAL_DEFAULTS = {
+    "in_channels": 4, "out_channels": 4, "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, "only_cross_attention": False,
+    "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "downsample_padding": 1,
+    "mid_block_scale_factor": 1, "act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-5, "cross_attention_dim": 1280,
+    "transformer_layers_per_block": 1, "encoder_hid_dim": None, "attention_head_dim": 8, "num_attention_heads": None,
+    "dual_cross_attention": False, "use_linear_projection": False, "class_embed_type": None,
+    "addition_embed_type": None, "num_class_embeds": None, "upcast_attention": False,
+    "resnet_time_scale_shift": "default", "time_embedding_type": "positional", "time_embedding_dim": None,
+    "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3, "attention_type": "default",
+}
+
+
+def conditional_model_config(unet: dict, where) -> UNetConfig:
+    """Our model settings for a UNet2DConditionModel config.json (a text-conditioned UNet)."""
+    c = CONDITIONAL_DEFAULTS | unet
+    down, up, widths = list(c["down_block_types"]), list(c["up_block_types"]), list(c["block_out_channels"])
+    base, size = widths[0], c["sample_size"]
+    attend = [t == "CrossAttnDownBlock2D" for t in down]
+    heads = c["num_attention_heads"] or c["attention_head_dim"]  # diffusers' old name for the head count
+    per_level = heads if isinstance(heads, list) else [heads] * len(widths)
+    sizes = {w // h for w, h, a in zip(widths + [widths[-1]], per_level + [per_level[-1]], attend + [True]) if a}
+    _refuse(where, {
+        f"in_channels={c['in_channels']}, out_channels={c['out_channels']}": c["in_channels"] != c["out_channels"],
+        **{f"{key}={c[key]}": c[key] != CONDITIONAL_DEFAULTS[key] for key in (
+            "center_input_sample", "mid_block_type", "only_cross_attention", "mid_block_scale_factor", "act_fn",
+            "norm_eps", "transformer_layers_per_block", "encoder_hid_dim", "dual_cross_attention", "class_embed_type",
+            "addition_embed_type", "num_class_embeds", "resnet_time_scale_shift", "time_embedding_type",
+            "time_embedding_dim", "time_cond_proj_dim", "conv_in_kernel", "conv_out_kernel", "attention_type")},
+        f"down_block_types={down}": any(t not in ("DownBlock2D", "CrossAttnDownBlock2D") for t in down),
+        f"up_block_types={up}": [t.replace("Up", "Down") for t in reversed(up)] != down,
+        f"block_out_channels={widths}": len(widths) != len(down) or any(w % base for w in widths),
+        f"attention heads {per_level} (one head size per UNet here)": isinstance(heads, list) and len(sizes) > 1,
+    }, by="this UNet")
+    return UNetConfig(
+        image_size=size, channels=c["in_channels"], base_channels=base, channel_mults=[w // base for w in widths],
+        blocks_per_resolution=c["layers_per_block"], attention_resolutions=[size // 2**i for i, a in enumerate(attend) if a],
+        **({"head_channels": sizes.pop()} if isinstance(heads, list) else {"num_heads": heads}),
+        groups=c["norm_num_groups"], flip_sin_to_cos=c["flip_sin_to_cos"], freq_shift=c["freq_shift"],
+        downsample_padding=c["downsample_padding"], cross_attention_dim=c["cross_attention_dim"],
+        use_linear_projection=c["use_linear_projection"],
+    )
 
 
 # AutoencoderKL's defaults, for config.json files that leave keys out.
@@ -253,7 +302,8 @@ def their_name(path: str) -> str:
     if leaf == "class_embedding":
         return "class_embedding.weight"
     name = ".".join([*module, "bias" if leaf == "bias" else "weight"])
-    return name.replace(".to_out.", ".to_out.0.")
+    return name.replace(".to_out.", ".to_out.0.").replace(".ff_proj_in.", ".ff.net.0.proj.").replace(".ff_proj_out.",
+                                                                                                     ".ff.net.2.")
 
 
 def to_theirs(path: str, x: np.ndarray) -> np.ndarray:

@@ -53,6 +53,8 @@ def _check_unet(cfg: DiffusionRun, data: int, model: int):
         else:
             require(c % m.num_heads == 0, f"{where} are not divisible by model.num_heads={m.num_heads}; change model.num_heads")
     require(m.head_channels >= 0, f"model.head_channels={m.head_channels} must be >= 0 (0: model.num_heads heads per block)")
+    require(m.cross_attention_dim == 0, f"model.cross_attention_dim={m.cross_attention_dim} asks for text states, which "
+                                        "this task's images (pixels and class labels) do not carry; set it to 0")
     require(m.time_conditioning in TIME_CONDITIONING,
             f"model.time_conditioning='{m.time_conditioning}' is unknown; use one of {list(TIME_CONDITIONING)}")
     require(m.downsample_padding in (0, 1), f"model.downsample_padding={m.downsample_padding} must be 0 (bottom and "
