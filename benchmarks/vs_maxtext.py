@@ -22,9 +22,10 @@ MaxText's fsdp x tensor (our `data` axis shards the batch and, FSDP-style, the w
 
 --aot compares compiled programs for a TPU slice instead, running nothing: ours from `pretrain plan`,
 MaxText's from its `train_compile` (XLA dumps its optimized HLO), both compiled here through libtpu
-for the same model, slice, global batch, sequence, microbatches, remat, mesh and attention. Both
-compile with one compiler: ours runs in MaxText's virtualenv too (this repository on its path), as
-XLA's choices differ between releases (libtpu 0.0.42 -> 0.0.52: 70b FSDP 64 temporaries 50.9 -> 36.6
+for the same model, slice, global batch, sequence, microbatches, remat, mesh and attention. Each
+side compiles in its own users' environment: ours in the project's `tpu` extra (.venv-tpu, `make
+tpu-venv`), MaxText's in its virtualenv, and each row names the jax and libtpu of each, as XLA's
+choices differ between releases (libtpu 0.0.42 -> 0.0.52: 70b FSDP 64 temporaries 50.9 -> 36.6
 GiB). Per chip and side: XLA's arguments and temporaries, the matmul FLOPs executed and the collective bytes per
 step by kind, both counted from the optimized HLO by pretrain/plan/hlo.py (loops by their trip counts,
 windowed einsums' permutes as the all-gathers and reduce-scatters they implement). A row set
@@ -51,6 +52,7 @@ import idle  # benchmarks/idle.py, beside this script
 ROOT = Path(__file__).resolve().parent.parent
 MAXTEXT = "maxtext[tpu]==0.2.5"
 MAXTEXT_VENV = Path("~/.cache/pretrain/maxtext-venv").expanduser()
+OURS_TPU_PYTHON = ROOT / ".venv-tpu/bin/python"  # `make tpu-venv`: the `tpu` extra, as a pod installs it
 # MaxText 0.2.5 needs Python 3.12 (this machine's pyenv has one); PYTHON312=... picks another.
 PYTHON312_CANDIDATES = ["/root/.pyenv/versions/3.12.1/bin/python3", "python3.12"]
 
@@ -360,12 +362,12 @@ def aot_rows(selection: str) -> list[str]:
     return by_accelerator or selection.split(",")
 
 
-def ours_aot(python: Path, accelerator: str, config: str, overrides: list[str], work: Path, log: Path) -> dict:
-    """`pretrain plan --json` for the row, run by `python` (MaxText's): its memory, FLOPs and
-    collectives, and the resolved mesh, remat and attention that MaxText is then given. XLA dumps the
-    optimized HLO beside MaxText's."""
-    cmd = [str(python), "-m", "pretrain", "plan", config, "--topology", accelerator, "--json", *overrides]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **QUIET_LIBTPU, "XLA_FLAGS": dump_flags(work / "ours-hlo")}
+def ours_aot(accelerator: str, config: str, overrides: list[str], work: Path, log: Path) -> dict:
+    """`pretrain plan --json` for the row, run in the project's `tpu` environment: its memory, FLOPs
+    and collectives, and the resolved mesh, remat and attention that MaxText is then given. XLA dumps
+    the optimized HLO beside MaxText's."""
+    cmd = [str(OURS_TPU_PYTHON), "-m", "pretrain", "plan", config, "--topology", accelerator, "--json", *overrides]
+    env = {**os.environ, **QUIET_LIBTPU, "XLA_FLAGS": dump_flags(work / "ours-hlo")}
     done = subprocess.run(cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=log.open("w"))
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if not lines:
@@ -419,7 +421,13 @@ def maxtext_aot(python: Path, argv: list[str], work: Path, log: Path) -> dict:
     chips = int(re.search(r"num_partitions=(\d+)", text)[1])
     return {"arguments_gib": stats["argument_size_in_bytes"] / GIB, "temporaries_gib": stats["temp_size_in_bytes"] / GIB,
             "matmul_flops": hlo.matmul_flops(text), "collectives": hlo.collective_bytes(text, [0] * chips)["ici"],
-            "hlo": dumped[-1]}
+            "hlo": dumped[-1], "compiler": compiler(python)}
+
+
+def compiler(python: Path) -> str:
+    """The jax and libtpu installed for `python`, as `pretrain plan` names its own."""
+    probe = "import importlib.metadata as m; print(f\"jax {m.version('jax')}, libtpu {m.version('libtpu')}\")"
+    return subprocess.run([str(python), "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def dump_flags(folder: Path) -> str:
@@ -445,15 +453,17 @@ def aot_row(name: str, maxtext_py: Path, work: Path):
     accelerator, config, overrides = AOT_ROWS[name]
     config = str(ROOT / config)
     (work / name).mkdir()
-    ours = ours_aot(maxtext_py, accelerator, config, overrides, work / name, work / f"{name}-ours.log")
+    ours = ours_aot(accelerator, config, overrides, work / name, work / f"{name}-ours.log")
     print(aot_line(name, "ours", ours), flush=True)
     cfg, plan = config_lib.load(config, overrides), ours["plan"]
     argv = maxtext_argv(accelerator, cfg, plan, work / name)
-    print(aot_line(name, "MaxText", maxtext_aot(maxtext_py, argv, work / name, work / f"{name}-maxtext.log")))
+    theirs = maxtext_aot(maxtext_py, argv, work / name, work / f"{name}-maxtext.log")
+    print(aot_line(name, "MaxText", theirs))
     print(f"{'':>{ROW_WIDTH}} {accelerator}, mesh data {plan['mesh']['data']} x model {plan['mesh']['model']}, "
           f"{cfg.train.global_batch} x {cfg.data.seq_len} tokens in {cfg.train.microbatches} microbatch(es), "
           f"remat {plan['remat']} (MaxText {MAXTEXT_REMAT[plan['remat']]}), attention {plan['attention']}; "
-          f"both compiled by {plan['compiler']}", flush=True)
+          f"ours compiled by {plan['compiler']} (the project's tpu extra), MaxText's by {theirs['compiler']}",
+          flush=True)
 
 
 def run_aot(selection: str) -> int:
@@ -463,6 +473,9 @@ def run_aot(selection: str) -> int:
     if unknown:
         print(f"error: unknown row(s) {', '.join(unknown)}; choose from {', '.join(AOT_ROWS)} or an accelerator "
               f"type of theirs", file=sys.stderr)
+        return 2
+    if not OURS_TPU_PYTHON.exists():
+        print(f"error: {OURS_TPU_PYTHON} is missing; `make tpu-venv` installs the project's tpu extra there", file=sys.stderr)
         return 2
     maxtext_py = maxtext_python()
     work = Path(tempfile.mkdtemp(prefix="vs-maxtext-aot-"))

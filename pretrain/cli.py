@@ -69,6 +69,7 @@ def run_plan(args) -> int:
     """Plan one config, or each remat policy; exit 1 if nothing fits."""
     from pretrain import plan  # only this command needs libtpu
 
+    plan.check_compiler()
     try:  # plan runs nothing here: the local CPU will do, whatever accelerators this machine has
         jax.config.update("jax_platforms", "cpu")
     except RuntimeError:  # backends already up (an embedding program)

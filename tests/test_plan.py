@@ -5,6 +5,7 @@ import importlib.metadata
 import json
 import re
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -108,6 +109,7 @@ def test_plan_builds_the_trainer_with_the_train_command_code(monkeypatch, capsys
 BAD = {
     "unknown accelerator": (["--topology", "v5p-65"], "'v5p-65' does not exist; did you mean 'v5p-64'"),
     "mesh vs chips": (["--topology", "v5e-4", "mesh.model=3"], "mesh: 4 devices do not divide by 3"),
+    "mesh vs a 16 x 16 slice": (["--topology", "v6e-256", "mesh.data=-1", "mesh.model=3"], "256 devices do not divide by 3"),
     "splash blocks": (["--topology", "v5e-4", "model.attention=splash", "data.seq_len=96"], "a multiple of 128"),
 }
 
@@ -117,6 +119,16 @@ def test_bad_input_exits_2_with_one_line(args, message, capsys):
     assert cli.main(["plan", SMOKE, *PLAN, *args]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_a_jax_that_cannot_read_libtpus_programs_exits_2_before_compiling(monkeypatch, capsys):
+    """jax 0.10 with libtpu 0.0.52 fails on some programs (a RET_CHECK reading back their HLO): plan
+    refuses it in one line that says what to install, before building anything."""
+    monkeypatch.setattr(jax, "__version__", "0.10.2")
+    monkeypatch.setattr(build, "build", lambda *a, **k: pytest.fail("built under a jax that cannot read the program"))
+    assert cli.main(["plan", SMOKE, *PLAN, "--topology", "v5e-4"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [err.strip()] and "needs jax 0.12" in err and "make tpu-venv" in err, err
 
 
 def test_topology_devices_match_the_table():

@@ -18,7 +18,6 @@ from pretrain.tpu.devices import topology_devices
 from pretrain.train import sharding
 
 from conftest import ROOT
-from test_plan import PLAN
 from test_trainer import SMOKE
 
 GLOBAL_BATCH = 512
@@ -85,12 +84,6 @@ def test_meshes_that_split_a_physical_axis_are_built(shape):
     assert len(set(mesh.devices.flat)) == 256
     rows = host_rows(mesh)
     assert rows == expected_rows(mesh, GLOBAL_BATCH) and len(rows) == 64
-
-
-def test_a_mesh_that_cannot_be_laid_out_exits_2_with_one_line(capsys):
-    rc = cli.main(["plan", SMOKE, *PLAN, "--topology", "v6e-256", "mesh.data=-1", "mesh.model=3"])
-    err = capsys.readouterr().err
-    assert rc == 2 and len(err.strip().splitlines()) == 1 and "256 devices do not divide by 3" in err, err
 
 
 def test_no_libtpu_noise_before_a_one_line_error():

@@ -108,6 +108,15 @@ def compiler_note(config_path: str) -> str | None:
             "so its memory and step figures may differ from the header's")
 
 
+def check_compiler():
+    """libtpu 0.0.52 (the `tpu` extra) returns programs whose HLO only jax 0.12's XLA reads back
+    (jax 0.10 fails on some collectives with a RET_CHECK), so plan runs under that pair or not at all."""
+    if tuple(int(part) for part in jax.__version__.split(".")[:2]) < (0, 12):
+        raise ConfigError(f"pretrain plan needs jax 0.12 with libtpu 0.0.52, the `tpu` extra on Python 3.12 (this is "
+                          f"jax {jax.__version__}, which cannot read all that libtpu compiles): make tpu-venv, then "
+                          ".venv-tpu/bin/pretrain plan ...")
+
+
 def plan(cfg: Config, accelerator_type: str, num_slices: int = 1) -> dict:
     """Compile cfg's train step for `num_slices` slices of `accelerator_type`; the figures per chip."""
     try:
