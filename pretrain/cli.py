@@ -107,6 +107,8 @@ def run_plan(args) -> int:
 
 def run_prepare(args):
     common = dict(val_fraction=args.val_fraction, workers=args.workers, shard_mb=args.shard_mb, overwrite=args.overwrite)
+    if args.shard_mb <= 0:
+        raise ConfigError(f"--shard-mb {args.shard_mb:g} must be positive")
     if getattr(args, "engine", "local") == "local" and args.beam_args:
         raise ConfigError(f"options after -- ({' '.join(args.beam_args)}) are Beam's; pass --engine beam, or drop them")
     if args.kind == "text":

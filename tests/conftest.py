@@ -56,7 +56,7 @@ data.corpus                test_data
 data.digits                test_diffusion_training
 data.images                test_data
 data.pipeline              test_data test_mixture
-data.prepare.beam          test_prepare_beam
+data.prepare.beam          test_prepare_beam test_bad_input
 data.prepare.documents     test_data
 data.prepare.local         test_data test_mixture test_prepare_beam
 data.prepare.manifest      test_data test_prepare_beam

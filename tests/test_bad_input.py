@@ -176,15 +176,18 @@ PREPARE_CASES = {
                              "has tokenizer.json but no tokenizer_config.json beside it"),
     "no tokenizer in a directory": (["--input", "{r}/blank.txt", "--tokenizer", "{r}"], "holds neither tokenizer.json nor tokenizer.model"),
     "output not empty": (["--input", "{r}/blank.txt", "--out", "{r}/out"], "output directory .*out is not empty; pass --overwrite"),
+    "shard size": (["--input", "{r}/blank.txt", "--shard-mb", "0"], "--shard-mb 0 must be positive"),
 }
 
 
+@pytest.mark.parametrize("engine", ["local", "beam"])
 @pytest.mark.parametrize("args, message", PREPARE_CASES.values(), ids=PREPARE_CASES.keys())
-def test_bad_prepare_input_exits_2(args, message, tmp_path, capsys):
+def test_bad_prepare_input_exits_2(args, message, engine, tmp_path, capsys):
+    """The same one line from either engine (the Beam driver checks before its job starts)."""
     root = write_files(tmp_path / "in")
     args = [a.format(r=root) for a in args]
     out = [] if "--out" in args else ["--out", str(tmp_path / "new")]
-    assert cli.main(["prepare", "text", *args, *out, "--vocab-size", "300"]) == 2
+    assert cli.main(["prepare", "text", *args, *out, "--vocab-size", "300", "--engine", engine]) == 2
     one_line_error(capsys, message)
     assert not (tmp_path / "new").exists()
     assert sorted(p.name for p in (root / "out").iterdir()) == ["keep.txt"]
