@@ -1,6 +1,6 @@
 """`pretrain plan`'s step-time forecast against MaxText's published, measured TPU runs.
 
-    python benchmarks/forecast_check.py [--rows NAME,...] [--json]
+    .venv-tpu/bin/python benchmarks/forecast_check.py [--rows NAME,...] [--json]   # the tpu extra (make tpu-venv)
 
 Each row is one of MaxText's published runs expressed as our config (same model widths, slice,
 per-chip batch, sequence, remat, mesh and attention) and compiled for its slice here through libtpu,
