@@ -15,8 +15,9 @@ link along each torus dimension (both directions). DCN and host time divide by t
 of the TPU table.
 
 SUSTAINED is the one calibrated figure: the share of peak that the chips sustain on both FLOPs and
-HBM bandwidth. It was fitted on MaxText's published Llama-3.1-8B runs on v6e-8 to v6e-256
-(benchmarks/forecast_check.py prints the forecast against them and against the runs kept for checking).
+HBM bandwidth. It was fitted on MaxText's published Llama-3.1-8B runs on v6e-8 to v6e-256, compiled
+by the tpu extra's libtpu 0.0.52 (benchmarks/forecast_check.py prints the forecast against them and
+against the runs kept for checking).
 """
 
 import dataclasses
