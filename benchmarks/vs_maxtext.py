@@ -367,7 +367,7 @@ def ours_aot(accelerator: str, config: str, overrides: list[str], work: Path, lo
     and collectives, and the resolved mesh, remat and attention that MaxText is then given. XLA dumps
     the optimized HLO beside MaxText's."""
     cmd = [str(OURS_TPU_PYTHON), "-m", "pretrain", "plan", config, "--topology", accelerator, "--json", *overrides]
-    env = {**os.environ, **QUIET_LIBTPU, "XLA_FLAGS": dump_flags(work / "ours-hlo")}
+    env = {**aot_environ(), "XLA_FLAGS": dump_flags(work / "ours-hlo")}
     done = subprocess.run(cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=log.open("w"))
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if not lines:
@@ -407,7 +407,7 @@ def maxtext_aot(python: Path, argv: list[str], work: Path, log: Path) -> dict:
     from pretrain.plan import hlo
 
     dump = work / "maxtext-hlo"
-    env = {**os.environ, "TPU_SKIP_MDS_QUERY": "1", "PYTHONPATH": "", **QUIET_LIBTPU, "XLA_FLAGS": dump_flags(dump)}
+    env = {**aot_environ(), "TPU_SKIP_MDS_QUERY": "1", "PYTHONPATH": "", "XLA_FLAGS": dump_flags(dump)}
     env.pop("JAX_PLATFORMS", None)
     cmd = [str(python), "-m", "maxtext.trainers.pre_train.train_compile", *argv]
     done = subprocess.run(cmd, cwd=work, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -436,6 +436,13 @@ def dump_flags(folder: Path) -> str:
 
 # libtpu's harmless complaint about a missing TPU, silenced (FACTS.md).
 QUIET_LIBTPU = {"TPU_ACCELERATOR_TYPE": "v5litepod-4", "TPU_WORKER_HOSTNAMES": "localhost"}
+
+
+def aot_environ() -> dict:
+    """This process's environment for a side's compile, without TPU_LIBRARY_PATH: JAX sets it here
+    to this environment's libtpu once its backends start, and a side inheriting it would compile with
+    that libtpu instead of its own (and still name its own in the row)."""
+    return {**{k: v for k, v in os.environ.items() if k != "TPU_LIBRARY_PATH"}, **QUIET_LIBTPU}
 AOT_KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 
 

@@ -264,6 +264,14 @@ def test_plan_says_when_the_header_was_planned_with_another_compiler(tmp_path, c
                                               "from the header's")
 
 
+def test_the_compiler_named_is_the_library_jax_loads(monkeypatch):
+    """A TPU_LIBRARY_PATH to another libtpu (a parent process's, say) is what JAX loads: the plan
+    names it rather than the installed package's version."""
+    assert plan.compiler() == f"jax {jax.__version__}, libtpu {importlib.metadata.version('libtpu')}"
+    monkeypatch.setenv("TPU_LIBRARY_PATH", "/elsewhere/libtpu.so")
+    assert plan.compiler() == f"jax {jax.__version__}, libtpu from TPU_LIBRARY_PATH=/elsewhere/libtpu.so"
+
+
 def built_batch_sharding(topology: str):
     mesh = sharding.make_mesh((16, 1), topology_devices(kinds.parse(topology)))
     return NamedSharding(mesh, sharding.logical_spec(("batch",), sharding.LOGICAL_RULES)), 64

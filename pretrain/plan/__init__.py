@@ -13,6 +13,7 @@ import importlib.metadata
 import itertools
 import math
 import multiprocessing
+import os
 import re
 import time
 
@@ -108,6 +109,17 @@ def compiler_note(config_path: str) -> str | None:
             "so its memory and step figures may differ from the header's")
 
 
+def compiler() -> str:
+    """The jax and libtpu that compile here: the libtpu package's version, or the library that
+    TPU_LIBRARY_PATH names in its place (JAX loads that one, whatever package is installed)."""
+    import libtpu
+
+    override = os.environ.get("TPU_LIBRARY_PATH")
+    if override and os.path.realpath(override) != os.path.realpath(libtpu.get_library_path()):
+        return f"jax {jax.__version__}, libtpu from TPU_LIBRARY_PATH={override}"
+    return f"jax {jax.__version__}, libtpu {importlib.metadata.version('libtpu')}"
+
+
 def check_compiler():
     """libtpu 0.0.52 (the `tpu` extra) returns programs whose HLO only jax 0.12's XLA reads back
     (jax 0.10 fails on some collectives with a RET_CHECK), so plan runs under that pair or not at all."""
@@ -147,7 +159,7 @@ def plan(cfg: Config, accelerator_type: str, num_slices: int = 1) -> dict:
         **_checkpoint_figures(train_step, kind),
         "flops_per_step": train_step.task.flops_per_step(),
         # XLA's memory and collectives move between releases: a figure is only worth its compiler's name.
-        "compiler": f"jax {jax.__version__}, libtpu {importlib.metadata.version('libtpu')}",
+        "compiler": compiler(),
     }
     start = time.perf_counter()
     cache = jax.config.jax_enable_compilation_cache
