@@ -14,21 +14,9 @@ from flax import nnx
 
 from models.configs import CLIPTextConfig
 from models.layers import param
-from models.unet import Dense
+from models.unet import Dense, LayerNorm
 
 ACTIVATIONS = {"quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x), "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
-
-
-class LayerNorm(nnx.Module):
-    def __init__(self, channels: int, eps: float, *, rngs: nnx.Rngs):
-        self.eps = eps
-        self.scale = param(rngs, nnx.initializers.ones, (channels,), ("embed",))
-        self.bias = param(rngs, nnx.initializers.zeros, (channels,), ("embed",))
-
-    def __call__(self, x):
-        mean = x.mean(-1, keepdims=True)
-        var = jnp.square(x - mean).mean(-1, keepdims=True)
-        return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
 
 
 class Embedding(nnx.Module):
@@ -62,7 +50,7 @@ class MLP(nnx.Module):
 
 class Layer(nnx.Module):
     def __init__(self, cfg: CLIPTextConfig, *, rngs: nnx.Rngs):
-        self.layer_norm1, self.layer_norm2 = (LayerNorm(cfg.hidden_size, cfg.eps, rngs=rngs) for _ in range(2))
+        self.layer_norm1, self.layer_norm2 = (LayerNorm(cfg.hidden_size, rngs=rngs, eps=cfg.eps) for _ in range(2))
         self.self_attn, self.mlp = SelfAttention(cfg, rngs=rngs), MLP(cfg, rngs=rngs)
 
     def __call__(self, x):
@@ -87,7 +75,7 @@ class Encoder(nnx.Module):
 class TextTransformer(nnx.Module):
     def __init__(self, cfg: CLIPTextConfig, *, rngs: nnx.Rngs):
         self.embeddings, self.encoder = Embeddings(cfg, rngs=rngs), Encoder(cfg, rngs=rngs)
-        self.final_layer_norm = LayerNorm(cfg.hidden_size, cfg.eps, rngs=rngs)
+        self.final_layer_norm = LayerNorm(cfg.hidden_size, rngs=rngs, eps=cfg.eps)
 
 
 class CLIPTextModel(nnx.Module):
