@@ -141,11 +141,14 @@ class Attention(nnx.Module):
         return x + self.to_out(jax.nn.dot_product_attention(q, k, v).reshape(b, h, w, c))
 
 
+def heads(channels: int, cfg: UNetConfig) -> int:
+    """A UNet attention's heads: of model.head_channels channels each (diffusers' UNet2DModel, ADM,
+    Stable Diffusion 2), or model.num_heads per block when head_channels is 0."""
+    return channels // cfg.head_channels if cfg.head_channels else cfg.num_heads
+
+
 def attention(channels: int, cfg: UNetConfig, rngs: nnx.Rngs) -> Attention:
-    """A UNet's attention: heads of model.head_channels channels each (diffusers' UNet2DModel,
-    ADM), or model.num_heads heads per block when head_channels is 0."""
-    return Attention(channels, channels // cfg.head_channels if cfg.head_channels else cfg.num_heads, cfg.groups,
-                     rngs=rngs)
+    return Attention(channels, heads(channels, cfg), cfg.groups, rngs=rngs)
 
 
 class CrossAttention(nnx.Module):
@@ -190,11 +193,11 @@ class Transformer2D(nnx.Module):
     the text states, a projection out, and the residual."""
 
     def __init__(self, channels: int, cfg: UNetConfig, *, rngs: nnx.Rngs):
-        heads = channels // cfg.head_channels if cfg.head_channels else cfg.num_heads
         self.linear = cfg.use_linear_projection
         self.norm = GroupNorm(channels, cfg.groups, rngs=rngs, eps=1e-6)
         self.proj_in = Dense(channels, channels, rngs=rngs) if self.linear else Conv(channels, channels, rngs=rngs, kernel=1)
-        self.transformer_blocks = nnx.List([TransformerBlock(channels, heads, cfg.cross_attention_dim, rngs=rngs)])
+        self.transformer_blocks = nnx.List([TransformerBlock(channels, heads(channels, cfg), cfg.cross_attention_dim,
+                                                             rngs=rngs)])
         self.proj_out = (Dense(channels, channels, rngs=rngs, zero=True) if self.linear
                          else Conv(channels, channels, rngs=rngs, kernel=1, zero=True))
 
