@@ -33,16 +33,21 @@ def labels_from_directories(files) -> tuple[list[str], list[int]]:
     return classes, [classes.index(p) for p in parents]
 
 
-def to_array(record: bytes, size: int, channels: int) -> dict:
-    """{"images": float32 [size, size, channels] in [-1, 1], "labels": int32} from a record."""
-    (label,) = struct.unpack_from("<i", record)
-    image = decode(record[4:]).convert("L" if channels == 1 else "RGB")
+def pixels(content: bytes, size: int, channels: int) -> np.ndarray:
+    """float32 [size, size, channels] in [-1, 1] of an encoded image: the shorter side resized to
+    `size`, then centre-cropped."""
+    image = decode(content).convert("L" if channels == 1 else "RGB")
     scale = size / min(image.size)
     w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
     image = image.resize((w, h), Image.Resampling.BICUBIC)
     left, top = (w - size) // 2, (h - size) // 2
-    pixels = np.asarray(image.crop((left, top, left + size, top + size)), np.float32).reshape(size, size, channels)
-    return {"images": pixels / 127.5 - 1.0, "labels": np.int32(label)}
+    return np.asarray(image.crop((left, top, left + size, top + size)), np.float32).reshape(size, size, channels) / 127.5 - 1.0
+
+
+def to_array(record: bytes, size: int, channels: int) -> dict:
+    """{"images": float32 [size, size, channels] in [-1, 1], "labels": int32} from a record."""
+    (label,) = struct.unpack_from("<i", record)
+    return {"images": pixels(record[4:], size, channels), "labels": np.int32(label)}
 
 
 def grid_png(batch: np.ndarray, columns: int) -> bytes:

@@ -33,9 +33,10 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import grain
+import ml_dtypes
 import numpy as np
 
-from data import images
+from data import images, latents
 from data.records import DataError
 
 ENDLESS = 2**62  # length of the synthetic streams
@@ -228,6 +229,15 @@ def image_rows(source, *, size: int, channels: int, global_batch: int, rows: Seq
     return Rows(stream, _one_per_row, global_batch=global_batch, rows=rows, workers=workers)
 
 
+def latent_rows(source, *, layout: latents.Layout, dropout: float, empty: np.ndarray, global_batch: int,
+                rows: Sequence[int], seed: int, num_epochs: int | None = None, workers: int = 0) -> Rows:
+    """Rows of {"images": scaled latents, "context": text states} from latent records (data/latents.py),
+    each latent drawn (and each caption dropped) by a generator seeded by the record's stream index."""
+    draw = functools.partial(latents.to_example, layout=layout, dropout=dropout, empty=empty)
+    stream = _stream(source, seed, num_epochs).random_map(draw, seed=seed)
+    return Rows(stream, _one_per_row, global_batch=global_batch, rows=rows, workers=workers)
+
+
 # --- synthetic, for benchmarks -------------------------------------------------------------
 
 
@@ -252,11 +262,15 @@ def synthetic_text_rows(*, vocab_size: int, seq_len: int, global_batch: int, row
 
 
 def synthetic_image_rows(*, size: int, channels: int, num_classes: int, global_batch: int, rows: Sequence[int],
-                         seed: int) -> Rows:
-    """Random images in [-1, 1] (and labels, -1 if unconditional) of the right shape."""
+                         seed: int, context: tuple[int, int] | None = None) -> Rows:
+    """Random images in [-1, 1] (and labels, -1 if unconditional; text states of shape `context`
+    for a text-conditioned model) of the right shape."""
 
     def draw(rng):
         label = rng.integers(0, num_classes) if num_classes else -1
-        return {"images": rng.uniform(-1, 1, (size, size, channels)).astype(np.float32), "labels": np.int32(label)}
+        example = {"images": rng.uniform(-1, 1, (size, size, channels)).astype(np.float32), "labels": np.int32(label)}
+        if context:
+            example["context"] = rng.standard_normal(context, np.float32).astype(ml_dtypes.bfloat16)
+        return example
 
     return Rows(grain.MapDataset.source(_Random(seed, draw)), _one_per_row, global_batch=global_batch, rows=rows)

@@ -101,6 +101,7 @@ class UNetConfig:
     # or linear layers under use_linear_projection (Stable Diffusion 2's).
     cross_attention_dim: int = 0
     use_linear_projection: bool = False
+    context_length: int = 77  # text states per caption in training batches (the tokenizer's padded length)
     dtype: str = "float32"
     cpu_matmul_dtype: str = "auto"  # what a CPU multiplies bfloat16 operands in: auto (measured), float32, bfloat16
     remat: str = "full"

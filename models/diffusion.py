@@ -73,12 +73,13 @@ def predict_x0_eps(kind: str, output, x_t, t, abar):
     return signal * x_t - sigma * output, sigma * x_t + signal * output
 
 
-def sampler_timesteps(spacing: str, timesteps: int, steps: int) -> np.ndarray:
-    """The timesteps a sampler of `steps` visits, noisiest first, spaced as diffusers spaces them."""
+def sampler_timesteps(spacing: str, timesteps: int, steps: int, offset: int = 0) -> np.ndarray:
+    """The timesteps a sampler of `steps` visits, noisiest first, spaced as diffusers spaces them
+    (`offset`: its steps_offset, which only leading spacing adds)."""
     if spacing == "linspace":
         return np.linspace(0, timesteps - 1, steps).round()[::-1].astype(np.int32)
     if spacing == "leading":
-        return (np.arange(steps) * (timesteps // steps))[::-1].astype(np.int32)
+        return (np.arange(steps) * (timesteps // steps) + offset)[::-1].astype(np.int32)
     if spacing == "trailing":
         return (np.round(np.arange(timesteps, 0, -timesteps / steps)) - 1).astype(np.int32)
     raise ValueError(f"unknown spacing {spacing!r}; use one of {SPACINGS}")
@@ -90,18 +91,19 @@ def step_noise(key, steps: int, shape) -> jax.Array:
 
 
 def sample(model_fn, kind: str, abar, x_T, key, *, steps: int, eta: float, spacing: str = "trailing",
-           clip: bool = True):
+           clip: bool = True, offset: int = 0, alpha_to_one: bool = True):
     """Images from noise x_T by `steps` DDIM updates (diffusers' DDIMScheduler.step).
 
     model_fn(x_t, t [B]) -> output; eta 0 is deterministic DDIM, eta 1 is DDPM, adding
     step_noise(key) scaled. With clip, the predicted x0 is kept in [-1, 1] (the noise prediction is
-    left as the model gave it, as diffusers' pipelines do); the last step lands on alpha_bar 1."""
+    left as the model gave it, as diffusers' pipelines do); the last step lands on alpha_bar 1, or
+    on alpha_bar[0] without alpha_to_one (diffusers' set_alpha_to_one, false in Stable Diffusion's)."""
     timesteps, batch = len(abar), x_T.shape[0]
-    ts = sampler_timesteps(spacing, timesteps, steps)
+    ts = sampler_timesteps(spacing, timesteps, steps, offset)
     prev = ts - timesteps // steps
     abar32 = np.asarray(abar, np.float32)
     a = jnp.asarray(abar32[ts])
-    a_prev = jnp.asarray(np.where(prev >= 0, abar32[np.maximum(prev, 0)], 1.0))
+    a_prev = jnp.asarray(np.where(prev >= 0, abar32[np.maximum(prev, 0)], 1.0 if alpha_to_one else abar32[0]))
 
     def update(x, inputs):
         t, a, a_prev, z = inputs
@@ -116,35 +118,41 @@ def sample(model_fn, kind: str, abar, x_T, key, *, steps: int, eta: float, spaci
     return x
 
 
-def guided(model, labels, guidance: float, null_label: int):
+def guided(model, cond: dict, uncond: dict, guidance: float):
     """model_fn for `sample` with classifier-free guidance: out_uncond + w * (out_cond - out_uncond),
-    both halves in one batched call. guidance 1 is the plain conditional model."""
+    both halves in one batched call; `cond` and `uncond` are the model's conditioning keywords
+    (labels, context) with and without the condition."""
 
     def model_fn(x, t):
         both = model(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                     jnp.concatenate([labels, jnp.full_like(labels, null_label)]))
-        cond, uncond = jnp.split(both, 2)
-        return uncond + guidance * (cond - uncond)
+                     **{k: jnp.concatenate([cond[k], uncond[k]]) for k in cond})
+        cond_out, uncond_out = jnp.split(both, 2)
+        return uncond_out + guidance * (cond_out - uncond_out)
 
     return model_fn
 
 
 @functools.partial(nnx.jit, static_argnames=("schedule", "timesteps", "kind", "num", "steps", "eta", "guidance",
-                                             "spacing", "clip"))
+                                             "spacing", "clip", "offset", "alpha_to_one"))
 def generate(model, labels, key, *, schedule: str, timesteps: int, kind: str, num: int, steps: int, eta: float,
-             guidance: float, spacing: str = "trailing", clip: bool = True, x_T=None):
-    """`num` images [num, H, W, C] in [-1, 1] from a UNet: starting noise x_T (default: drawn from
-    `key`), then `steps` sampler updates. labels [num] for a class-conditional model (guided unless
-    guidance is 1), else None."""
+             guidance: float, spacing: str = "trailing", clip: bool = True, offset: int = 0, alpha_to_one: bool = True,
+             x_T=None, context=None, null_context=None):
+    """`num` images (or latents) [num, H, W, C] from a UNet: starting noise x_T (default: drawn from
+    `key`), then `steps` sampler updates. labels [num] for a class-conditional model, context [num,
+    T, D] (and null_context [T, D], the empty prompt's) for a text-conditioned one; guided unless
+    guidance is 1."""
     cfg = model.cfg
     noise_key, sample_key = jax.random.split(key)
     if x_T is None:
         x_T = jax.random.normal(noise_key, (num, cfg.image_size, cfg.image_size, cfg.channels))
-    if labels is None:
-        model_fn = lambda x, t: model(x, t)  # noqa: E731
-    elif guidance == 1.0:
-        model_fn = lambda x, t: model(x, t, labels)  # noqa: E731
+    cond, uncond = {}, {}
+    if labels is not None:
+        cond["labels"], uncond["labels"] = labels, jnp.full_like(labels, cfg.num_classes)
+    if context is not None:
+        cond["context"], uncond["context"] = context, jnp.broadcast_to(null_context, context.shape).astype(context.dtype)
+    if guidance == 1.0 or not cond:
+        model_fn = lambda x, t: model(x, t, **cond)  # noqa: E731
     else:
-        model_fn = guided(model, labels, guidance, cfg.num_classes)
+        model_fn = guided(model, cond, uncond, guidance)
     return sample(model_fn, kind, alpha_bar(schedule, timesteps), x_T, sample_key, steps=steps, eta=eta,
-                  spacing=spacing, clip=clip)
+                  spacing=spacing, clip=clip, offset=offset, alpha_to_one=alpha_to_one)

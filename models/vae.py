@@ -108,11 +108,3 @@ class AutoencoderKL(nnx.Module):
     def decode(self, latents):
         """Unscaled latents -> images in about [-1, 1]."""
         return self.decoder(self.post_quant_conv(latents.astype(jnp.float32)))
-
-    def scaled_latents(self, moments, rng):
-        """Latents as a diffusion model sees them: sampled from the moments (log-variance clipped to
-        [-30, 20], as diffusers does), shifted and scaled."""
-        mean, logvar = jnp.split(moments, 2, axis=-1)
-        std = jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0))
-        z = mean + std * jax.random.normal(rng, mean.shape, mean.dtype)
-        return (z - self.cfg.shift_factor) * self.cfg.scaling_factor

@@ -19,7 +19,7 @@ from pretrain.build import build
 from pretrain.config import ConfigError, require
 from pretrain.evals import harness
 from pretrain.formats import weights
-from pretrain.inference import load, sample
+from pretrain.inference import encode, load, sample
 from pretrain.run import checkpoint, goodput, runtime
 from pretrain.tpu import devices as tpu_devices
 from pretrain.train import loop
@@ -111,6 +111,11 @@ def run_prepare(args):
         raise ConfigError(f"--shard-mb {args.shard_mb:g} must be positive")
     if getattr(args, "engine", "local") == "local" and args.beam_args:
         raise ConfigError(f"options after -- ({' '.join(args.beam_args)}) are Beam's; pass --engine beam, or drop them")
+    if args.kind == "images" and (args.image_size or args.batch) and not args.pipeline:
+        raise ConfigError("--image-size and --batch encode captioned images with a pipeline; pass --pipeline DIR, or drop them")
+    if args.kind == "images" and args.pipeline:
+        require(args.image_size is not None, "--pipeline needs --image-size: the side the images are encoded at")
+        common.pop("workers")
     if args.kind == "text":
         text = dict(tokenizer=args.tokenizer, vocab_size=args.vocab_size, model_type=args.model_type, seq_len=args.seq_len)
         if args.engine == "beam":
@@ -119,6 +124,9 @@ def run_prepare(args):
             manifest = beam.prepare_text(args.input, args.out, args.beam_args, **text, **common)
         else:
             manifest = prepare_text(args.input, args.out, **text, **common)
+    elif args.pipeline:
+        manifest = encode.prepare_captioned(args.input, args.out, pipeline=args.pipeline, image_size=args.image_size,
+                                            batch=args.batch or 32, **common)
     else:
         manifest = prepare_images(args.input, args.out, **common)
     for split, info in manifest["splits"].items():
@@ -147,6 +155,12 @@ def _prepare_parser(sub):
     text.add_argument("--vocab-size", type=int, default=32000, help="pieces of the trained tokenizer")
     text.add_argument("--model-type", choices=MODEL_TYPES, default="bpe")
     text.add_argument("--seq-len", type=int, default=2048, help="longer documents are split into pieces of this many tokens")
+    images.add_argument("--pipeline", help="a Stable Diffusion pipeline directory (vae/, text_encoder/, tokenizer/): "
+                                           "encode captioned images (a .txt beside each, or a JSONL/Parquet manifest of "
+                                           "image and caption) into VAE moments and text states for text-to-image "
+                                           "training; the dataset carries those parts of the pipeline")
+    images.add_argument("--image-size", type=int, help="with --pipeline: resize (shorter side) and centre-crop to this")
+    images.add_argument("--batch", type=int, help="with --pipeline: images encoded at once (default 32)")
     text.add_argument("--engine", choices=("local", "beam"), default="local",
                       help="local: worker processes on this machine; beam: an Apache Beam pipeline, options after -- "
                            "(--runner=DataflowRunner --project=... --region=... --temp_location=gs://...; default: "
@@ -175,12 +189,13 @@ def _serving_parsers(sub):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step", type=int, help="which checkpoint step (default: the latest)")
     text = p.add_argument_group("language model")
-    text.add_argument("--prompt")
+    p.add_argument("--prompt", help="the text to continue, or the prompt of a text-to-image model's images")
     text.add_argument("--max-new-tokens", type=int, default=64)
     text.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     text.add_argument("--json", action="store_true", help='print one line {"prompt_ids": [...], "ids": [...], "text": "..."}')
     image = p.add_argument_group("diffusion")
     image.add_argument("--num", type=int, default=64, help="how many images")
+    image.add_argument("--negative-prompt", help="text-to-image: guide away from this (default: the empty prompt)")
     image.add_argument("--steps", type=int, help="sampler steps (default: the run's diffusion.sample_steps)")
     image.add_argument("--class", dest="label", type=int, help="class of every image (default: cycle through the classes)")
     image.add_argument("--guidance", type=float, help="classifier-free guidance weight (default: the run's diffusion.guidance)")
@@ -221,11 +236,10 @@ def run_serving(args):
                                    limit=args.limit, bootstrap_iters=args.bootstrap_iters)
         print(json.dumps(results["results"]) if args.json else harness.table(results))
     elif load.task_of(args.checkpoint) == "diffusion":
-        if args.prompt is not None:
-            raise ConfigError(f"{args.checkpoint} holds a diffusion model, which takes no --prompt; use --num, --class, --steps")
         r = sample.sample_images(args.checkpoint, args.out, num=args.num, steps=args.steps, label=args.label,
                                  guidance=args.guidance, eta=args.eta, noise=args.noise, seed=args.seed, step=args.step,
-                                 dtype=args.dtype, overwrite=args.overwrite)
+                                 dtype=args.dtype, prompt=args.prompt, negative_prompt=args.negative_prompt,
+                                 overwrite=args.overwrite)
         print(f"wrote {r['num']} samples ({r['steps']} steps, guidance {r['guidance']}) to {r['out']}/samples.png, "
               "samples.npy and labels.npy")
     else:

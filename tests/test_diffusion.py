@@ -104,13 +104,18 @@ def test_ddim_with_an_oracle_model_recovers_x0_exactly(kind, schedule):
     np.testing.assert_allclose(np.asarray(out), np.asarray(x0), atol=1e-4)
 
 
-def test_classifier_free_guidance_mixes_conditional_and_unconditional():
-    model = lambda x, t, y: x * (y[:, None] + 1.0)  # output depends on the label; null label 10
-    x, t, y = jnp.ones((3, 2)), jnp.zeros(3, jnp.int32), jnp.array([0, 1, 2])
-    cond, uncond = model(x, t, y), model(x, t, jnp.full(3, 10))
-    np.testing.assert_allclose(diffusion.guided(model, y, 1.0, 10)(x, t), cond)
-    np.testing.assert_allclose(diffusion.guided(model, y, 0.0, 10)(x, t), uncond)
-    np.testing.assert_allclose(diffusion.guided(model, y, 3.0, 10)(x, t), uncond + 3.0 * (cond - uncond), rtol=1e-6)
+@pytest.mark.parametrize("key", ["labels", "context"])
+def test_classifier_free_guidance_mixes_conditional_and_unconditional(key):
+    """By a label (the null label 10) or by text states (the empty prompt's)."""
+    model = lambda x, t, **c: x * (c[key].reshape(len(x), -1)[:, :1] + 1.0)  # output depends on the condition
+    x, t = jnp.ones((3, 2)), jnp.zeros(3, jnp.int32)
+    y, null = (jnp.array([0, 1, 2]), jnp.full(3, 10)) if key == "labels" else (jnp.arange(12.0).reshape(3, 2, 2),
+                                                                                jnp.full((3, 2, 2), -5.0))
+    cond, uncond = model(x, t, **{key: y}), model(x, t, **{key: null})
+    mixed = lambda w: diffusion.guided(model, {key: y}, {key: null}, w)(x, t)  # noqa: E731
+    np.testing.assert_allclose(mixed(1.0), cond)
+    np.testing.assert_allclose(mixed(0.0), uncond)
+    np.testing.assert_allclose(mixed(3.0), uncond + 3.0 * (cond - uncond), rtol=1e-6)
 
 
 # --- the sampler against diffusers' DDIMScheduler --------------------------------------------
@@ -124,11 +129,13 @@ def toy_model(x, t, labels=None):
     return 0.8 * xp.tanh(x + shift) * xp.cos(t.reshape(-1, 1, 1, 1) / 400.0)
 
 
-def scheduler(schedule: str, timesteps: int, kind: str, spacing: str, clip: bool):
+def scheduler(schedule: str, timesteps: int, kind: str, spacing: str, clip: bool, offset: int = 0,
+              alpha_to_one: bool = True):
     """The DDIMScheduler an export of these settings carries."""
     from diffusers import DDIMScheduler
 
-    settings = DiffusionConfig(schedule=schedule, timesteps=timesteps, target=kind, spacing=spacing, clip_sample=clip)
+    settings = DiffusionConfig(schedule=schedule, timesteps=timesteps, target=kind, spacing=spacing, clip_sample=clip,
+                               steps_offset=offset, set_alpha_to_one=alpha_to_one)
     return DDIMScheduler.from_config(diffusers_format.scheduler_config(settings))
 
 
@@ -139,14 +146,15 @@ def test_our_schedules_are_the_exported_schedulers(schedule, timesteps):
     np.testing.assert_allclose(diffusion.alpha_bar(schedule, timesteps), theirs, rtol=2e-5)
 
 
-@pytest.mark.parametrize("spacing, kind, schedule, eta, guidance", [
-    ("trailing", "v", "cosine", 0.0, None), ("leading", "eps", "scaled_linear", 0.0, None),
-    ("linspace", "v", "linear", 0.0, None), ("trailing", "eps", "linear", 1.0, None),
-    ("trailing", "v", "cosine", 0.0, 2.0)])
-def test_our_sampler_is_a_ddim_scheduler_loop(spacing, kind, schedule, eta, guidance):
+@pytest.mark.parametrize("spacing, kind, schedule, eta, guidance, sd", [
+    ("trailing", "v", "cosine", 0.0, None, False), ("leading", "eps", "scaled_linear", 0.0, None, False),
+    ("linspace", "v", "linear", 0.0, None, False), ("trailing", "eps", "linear", 1.0, None, False),
+    ("trailing", "v", "cosine", 0.0, 2.0, False), ("leading", "eps", "scaled_linear", 0.0, 3.0, True)])
+def test_our_sampler_is_a_ddim_scheduler_loop(spacing, kind, schedule, eta, guidance, sd):
     """The same starting noise (and, at eta 1, the same noise at each step), the same model: the image
     of our sampler equals that of diffusers' DDIMScheduler stepping the model's outputs (with
-    classifier-free guidance written out as diffusers' pipelines write it, the no-label row last)."""
+    classifier-free guidance written out as diffusers' pipelines write it, the no-label row last).
+    sd: Stable Diffusion's scheduler settings, steps_offset 1 and set_alpha_to_one false."""
     import torch
 
     steps, shape = 10, (3, 4, 4, 1)
@@ -155,12 +163,14 @@ def test_our_sampler_is_a_ddim_scheduler_loop(spacing, kind, schedule, eta, guid
     if guidance is None:
         model_fn = toy_model
     else:
-        model_fn = diffusion.guided(lambda x, t, y: toy_model(x, t, y), jnp.asarray(labels), guidance, 10)
+        model_fn = diffusion.guided(lambda x, t, labels: toy_model(x, t, labels), {"labels": jnp.asarray(labels)},
+                                    {"labels": jnp.full(3, 10)}, guidance)
     key = jax.random.key(1)
     abar = diffusion.alpha_bar(schedule, 1000)
-    ours = diffusion.sample(model_fn, kind, abar, jnp.asarray(x_T), key, steps=steps, eta=eta, spacing=spacing)
+    ours = diffusion.sample(model_fn, kind, abar, jnp.asarray(x_T), key, steps=steps, eta=eta, spacing=spacing,
+                            clip=not sd, offset=int(sd), alpha_to_one=not sd)
     noise = np.array(diffusion.step_noise(key, steps, shape))  # a copy torch may write
-    sched = scheduler(schedule, 1000, kind, spacing, True)
+    sched = scheduler(schedule, 1000, kind, spacing, not sd, int(sd), not sd)
     sched.set_timesteps(steps)
     x = x_T
     for i, t in enumerate(sched.timesteps.numpy()):

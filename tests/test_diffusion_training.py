@@ -218,7 +218,10 @@ CASES = {
     "spacing": (["diffusion.spacing=even"], r"diffusion.spacing='even' is unknown; use one of \['linspace', 'leading', 'trailing'\]"),
     "residual split": (["mesh.residual_split=embed"], "mesh.residual_split splits a language model's residual stream"),
     "sample grid vs data axis": (["diffusion.sample_num=21"], r"diffusion.sample_num=21 must be a positive multiple of the data axis \(2\)"),
-    "text conditioning without text": (["model.cross_attention_dim=768"], "model.cross_attention_dim=768 asks for text states"),
+    "text conditioning without text": (["model.cross_attention_dim=768", "model.num_classes=0"],
+                                       "model.cross_attention_dim=768 trains on captions, which data.source=digits has none of"),
+    "labels and text": (["model.cross_attention_dim=768"], "model.num_classes=10 and model.cross_attention_dim=768 "
+                                                           "condition on both labels and text; set one of them to 0"),
 }
 
 
@@ -262,7 +265,7 @@ def test_training_reads_image_directories_plain_and_prepared(tmp_path):
 def test_sample_refuses_bad_flags(digits_run, tmp_path, capsys):
     np.save(tmp_path / "wrong.npy", np.zeros((2, 8, 8, 3), np.float32))
     for args, message in ((["--class", "10"], r"--class=10 is not a class of this model .*use 0..9"),
-                          (["--prompt", "hi"], "holds a diffusion model, which takes no --prompt"),
+                          (["--prompt", "hi"], "holds a diffusion model without text, which takes no --prompt"),
                           (["--steps", "5000"], r"--steps=5000 must be in \[1, 1000\]"),
                           (["--eta", "2"], r"--eta=2.0 must be in \[0, 1\]"),
                           (["--noise", str(tmp_path / "wrong.npy")], r"shape \[2, 8, 8, 3\]; this model starts from \[N, 16, 16, 1\]")):

@@ -217,14 +217,19 @@ class DiffusionConfig:
     timesteps: int = 1000
     target: str = "v"  # what the UNet predicts: eps or v
     min_snr_gamma: float = 5.0  # min-SNR-gamma loss weighting; 0: plain mean squared error
-    label_dropout: float = 0.1  # share of training labels replaced by "no label", for classifier-free guidance
+    label_dropout: float = 0.1  # share of training labels (captions) replaced by "no label" (""), for guidance
     sample_steps: int = 50  # sampler steps for the eval grid (and `pretrain sample`'s default)
     eta: float = 0.0  # 0: deterministic DDIM, 1: DDPM
     # The sampler's timesteps, as diffusers' timestep_spacing: linspace, leading or trailing.
     spacing: str = "trailing"
     clip_sample: bool = True  # keep each step's predicted clean image in [-1, 1], as diffusers' clip_sample
+    # diffusers' steps_offset (added to leading spacing's timesteps) and set_alpha_to_one (the last step
+    # lands on alpha_bar 1, else on alpha_bar[0]); Stable Diffusion's schedulers have 1 and false.
+    steps_offset: int = 0
+    set_alpha_to_one: bool = True
     guidance: float = 1.0  # classifier-free guidance weight; 1: the plain conditional model
     sample_num: int = 40  # images in the eval grid
+    prompts: list[str] = dataclasses.field(default_factory=list)  # of a text-to-image eval grid, cycled ("": none)
 
 
 @dataclasses.dataclass

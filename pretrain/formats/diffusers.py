@@ -1,10 +1,13 @@
-"""diffusers' layout of a UNet2DModel pipeline, both ways: what diffusers (and MaxDiffusion) load.
+"""diffusers' layout of a UNet pipeline, both ways: what diffusers (and MaxDiffusion) load.
 
-A directory holds `model_index.json`, `unet/` (`config.json` naming `UNet2DModel`, the weights as
+A directory holds `model_index.json`, `unet/` (`config.json` naming `UNet2DModel`, or
+`UNet2DConditionModel` for a text-conditioned UNet, the weights as
 `diffusion_pytorch_model.safetensors`) and `scheduler/scheduler_config.json` (a `DDIMScheduler`
-with this run's noise schedule, prediction type, spacing and clipping). Reading takes such a
-pipeline directory, or a lone `UNet2DModel` directory (the schedule then comes from a
-`scheduler/` beside it, else the defaults).
+with this run's noise schedule, prediction type, spacing and clipping); a text-to-image pipeline
+(`StableDiffusionPipeline`) also `vae/`, `text_encoder/` and `tokenizer/`, which this stack carries
+unchanged (models/vae.py and models/clip_text.py read them). Reading takes such a pipeline
+directory, or a lone UNet directory (the schedule then comes from a `scheduler/` beside it, else
+the defaults).
 
 The UNet's modules carry diffusers' names (models/unet.py), so the weights map name for name:
 a kernel is their `weight` (convolutions HWIO here, OIHW there; linear layers transposed), a
@@ -12,12 +15,14 @@ GroupNorm's scale their `weight`, and `to_out` their `to_out.0`. What the UNet c
 diffusers (or diffusers' in ours) is refused in one line, before anything is written.
 """
 
+import dataclasses
 import json
 
 import numpy as np
 from etils import epath
 
 from data.prepare import output
+from data.prepare.documents import walk
 from models import diffusion
 from models.clip_text import ACTIVATIONS, CLIPTextModel
 from models.configs import CLIPTextConfig, UNetConfig, VAEConfig
@@ -27,6 +32,7 @@ from pretrain import config as config_lib
 from pretrain.config import ConfigError
 from pretrain.config.schema import DiffusionConfig, DiffusionRun, RunConfig
 from pretrain.formats import params, weights
+from pretrain.run import checkpoint
 
 NAME, TASK = "diffusers", "diffusion"  # --format, and the family it holds
 ARCHITECTURE = "UNet2DModel"
@@ -72,21 +78,32 @@ def _head_size(m: UNetConfig) -> int | None:
     return sizes[0]
 
 
+def _blocks(m: UNetConfig, attending: str) -> dict:
+    """The keys both UNet classes share: sizes, sinusoids and the block tree, an attending block's
+    type prefixed by `attending` (Attn, CrossAttn)."""
+    attend = [res in m.attention_resolutions for res in m.resolutions]
+    return {
+        "sample_size": m.image_size, "in_channels": m.channels, "out_channels": m.channels,
+        "freq_shift": m.freq_shift, "flip_sin_to_cos": m.flip_sin_to_cos,
+        "down_block_types": [f"{attending}DownBlock2D" if a else "DownBlock2D" for a in attend],
+        "up_block_types": [f"{attending}UpBlock2D" if a else "UpBlock2D" for a in reversed(attend)],
+        "block_out_channels": [m.base_channels * mult for mult in m.channel_mults],
+        "layers_per_block": m.blocks_per_resolution, "downsample_padding": m.downsample_padding,
+        "norm_num_groups": m.groups,
+    }
+
+
 def unet_config(m: UNetConfig) -> dict:
-    """UNet2DModel's config.json for our model; what it cannot express is refused."""
+    """UNet2DModel's config.json for our model (UNet2DConditionModel's for a text-conditioned one);
+    what it cannot express is refused."""
+    if m.cross_attention_dim:
+        return conditional_unet_config(m)
     if m.channel_mults[0] != 1:
         raise ConfigError(f"model.channel_mults={m.channel_mults} does not start at 1, where diffusers' UNet2DModel "
                           "widens only after the first level; export with --format unet")
-    attend = [res in m.attention_resolutions for res in m.resolutions]
     return {
-        "_class_name": ARCHITECTURE, "_diffusers_version": VERSION, **DEFAULTS,
-        "sample_size": m.image_size, "in_channels": m.channels, "out_channels": m.channels,
-        "freq_shift": m.freq_shift, "flip_sin_to_cos": m.flip_sin_to_cos,
-        "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attend],
-        "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attend)],
-        "block_out_channels": [m.base_channels * mult for mult in m.channel_mults],
-        "layers_per_block": m.blocks_per_resolution, "downsample_padding": m.downsample_padding,
-        "attention_head_dim": _head_size(m), "norm_num_groups": m.groups,
+        "_class_name": ARCHITECTURE, "_diffusers_version": VERSION, **DEFAULTS, **_blocks(m, "Attn"),
+        "attention_head_dim": _head_size(m),
         "attn_norm_num_groups": m.groups,  # else scale_shift leaves the mid attention without a norm
         "resnet_time_scale_shift": TIME_CONDITIONING[m.time_conditioning],
         "num_class_embeds": m.num_classes + 1 if m.num_classes else None,  # the last: "no label"
@@ -147,7 +164,8 @@ def scheduler_config(d: DiffusionConfig) -> dict:
     return {
         "_class_name": "DDIMScheduler", "_diffusers_version": VERSION, "num_train_timesteps": d.timesteps,
         "beta_schedule": SCHEDULE[d.schedule], "beta_start": beta_start, "beta_end": beta_end, "trained_betas": None,
-        "clip_sample": d.clip_sample, "clip_sample_range": 1.0, "set_alpha_to_one": True, "steps_offset": 0,
+        "clip_sample": d.clip_sample, "clip_sample_range": 1.0, "set_alpha_to_one": d.set_alpha_to_one,
+        "steps_offset": d.steps_offset,
         "prediction_type": PREDICTION[d.target], "thresholding": False, "timestep_spacing": d.spacing,
         "rescale_betas_zero_snr": False,
     }
@@ -170,12 +188,11 @@ def diffusion_config(s: dict, where) -> DiffusionConfig:
         "thresholding": s.get("thresholding", False),
         "rescale_betas_zero_snr": s.get("rescale_betas_zero_snr", False),
         f"clip_sample_range={s.get('clip_sample_range')}": s.get("clip_sample_range", 1.0) != 1.0,
-        f"steps_offset={s.get('steps_offset')}": s.get("steps_offset", 0) != 0,
-        "set_alpha_to_one=false": not s.get("set_alpha_to_one", True),
         f"timestep_spacing={s.get('timestep_spacing')}": s.get("timestep_spacing", "leading") not in diffusion.SPACINGS,
     }, by="this sampler")
     return DiffusionConfig(schedule=schedule, timesteps=timesteps, target=prediction, clip_sample=s.get("clip_sample", True),
-                           spacing=s.get("timestep_spacing", "leading"))
+                           spacing=s.get("timestep_spacing", "leading"), steps_offset=s.get("steps_offset", 0),
+                           set_alpha_to_one=s.get("set_alpha_to_one", True))
 
 
 # UNet2DConditionModel's defaults (Stable Diffusion 1.x's UNet), for config.json files that leave keys out.
@@ -223,6 +240,20 @@ def conditional_model_config(unet: dict, where) -> UNetConfig:
         downsample_padding=c["downsample_padding"], cross_attention_dim=c["cross_attention_dim"],
         use_linear_projection=c["use_linear_projection"],
     )
+
+
+def conditional_unet_config(m: UNetConfig) -> dict:
+    """UNet2DConditionModel's config.json for a text-conditioned UNet (conditional_model_config's inverse)."""
+    if m.time_conditioning != "add":
+        raise ConfigError(f"model.time_conditioning={m.time_conditioning} is not what diffusers' UNet2DConditionModel "
+                          "has (add); train a text-to-image UNet with time_conditioning=add")
+    widths = [m.base_channels * mult for mult in m.channel_mults]
+    return {
+        "_class_name": CONDITIONAL, "_diffusers_version": VERSION, **CONDITIONAL_DEFAULTS, **_blocks(m, "CrossAttn"),
+        "cross_attention_dim": m.cross_attention_dim, "use_linear_projection": m.use_linear_projection,
+        # diffusers' old name for the number of heads: per level where the head size is fixed
+        "attention_head_dim": [w // m.head_channels for w in widths] if m.head_channels else m.num_heads,
+    }
 
 
 # AutoencoderKL's defaults, for config.json files that leave keys out.
@@ -292,6 +323,38 @@ def read_text_encoder(directory: epath.Path) -> tuple[CLIPTextConfig, dict]:
         return cfg, {path: thunk() for path, thunk in our_tensors(params.shapes(CLIPTextModel, cfg), read)}
 
 
+# --- the parts a latent pipeline carries --------------------------------------------------------
+
+PARTS = ("model_index.json", "vae", "text_encoder", "tokenizer")  # carried unchanged beside our UNet
+CARRIED = "pipeline"  # where a latent dataset (and a run imported from a pipeline) keeps its copy
+
+
+def carry(pipeline: epath.Path, out: epath.Path, parts=PARTS):
+    """Copy the pipeline's `parts` (files unchanged) into `out`."""
+    for part in parts:
+        source = pipeline / part
+        for f in [source] if source.is_file() else walk(source):
+            target = out / f.relative_to(pipeline)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(f.read_bytes())
+
+
+def carried(cfg: DiffusionRun, run: epath.Path) -> epath.Path:
+    """Where a text-to-image run's VAE, text encoder and tokenizer are: its dataset's copy, else the
+    copy its import made in the run directory."""
+    for where in (epath.Path(cfg.data.source) / CARRIED, run / CARRIED):
+        if (where / "model_index.json").exists():
+            return where
+    raise ConfigError(f"{run} is a text-to-image run whose VAE and text encoder are in neither data.source="
+                      f"{cfg.data.source}/{CARRIED} nor {run}/{CARRIED}; point data.source at its latent dataset")
+
+
+def context_length(pipeline: epath.Path) -> int:
+    """The padded prompt length of a pipeline's tokenizer (CLIP's 77 if it does not say)."""
+    config = pipeline / "tokenizer" / "tokenizer_config.json"
+    return json.loads(config.read_text()).get("model_max_length", 77) if config.exists() else 77
+
+
 # --- weights ---------------------------------------------------------------------------------
 
 
@@ -340,13 +403,15 @@ def _unet_dir(directory: epath.Path) -> epath.Path:
 
 def claims(directory: epath.Path, config: dict) -> bool:
     unet = _unet_dir(directory) / "config.json"
-    return unet.exists() and json.loads(unet.read_text()).get("_class_name") == ARCHITECTURE
+    return unet.exists() and json.loads(unet.read_text()).get("_class_name") in (ARCHITECTURE, CONDITIONAL)
 
 
 def configs(directory: epath.Path) -> DiffusionRun:
     """The run config (model and diffusion settings) of a pipeline or UNet2DModel directory."""
     unet = _unet_dir(directory)
     m = model_config(json.loads((unet / "config.json").read_text()), unet)
+    if m.cross_attention_dim:
+        m = dataclasses.replace(m, context_length=context_length(unet.parent))
     scheduler = unet.parent / "scheduler" / "scheduler_config.json"
     if scheduler.exists():
         d = diffusion_config(json.loads(scheduler.read_text()), scheduler)
@@ -373,19 +438,35 @@ def export(cfg: DiffusionRun, directory: epath.Path, step: int, out: epath.Path,
     output.check_output(out, overwrite)
     read = params.Reader(directory, step, UNet, cfg.model, params.ema_or_params(directory, step))
     index = {"_class_name": "DDIMPipeline", "_diffusers_version": VERSION,
-             "unet": ["diffusers", ARCHITECTURE], "scheduler": ["diffusers", "DDIMScheduler"]}
+             "unet": ["diffusers", unet["_class_name"]], "scheduler": ["diffusers", "DDIMScheduler"]}
+    parts = carried(cfg, checkpoint.run_dir(directory)) if cfg.model.cross_attention_dim else None
+    if parts:
+        index |= _text_to_image_index(parts)
     with output.staged(out, overwrite, last="model_index.json") as stage:
         for name, content in (("unet/config.json", unet), ("scheduler/scheduler_config.json", scheduler)):
             (stage / name).parent.mkdir(exist_ok=True)
             (stage / name).write_text(json.dumps(content, indent=2))
         size = weights.write_weights(stage / "unet", tensors(read.shapes, read), dtype, max_shard_bytes, STEM)
+        if parts:
+            carry(parts, stage, PARTS[1:])
         (stage / "model_index.json").write_text(json.dumps(index, indent=2))
     return size
 
 
+def _text_to_image_index(parts: epath.Path) -> dict:
+    """model_index.json's entries of a StableDiffusionPipeline around the carried parts (no safety
+    checker: a pretrained UNet has none of its own)."""
+    theirs = json.loads((parts / "model_index.json").read_text())
+    return {"_class_name": "StableDiffusionPipeline", "vae": ["diffusers", VAE],
+            "text_encoder": theirs.get("text_encoder", ["transformers", "CLIPTextModel"]),
+            "tokenizer": theirs.get("tokenizer", ["transformers", "CLIPTokenizer"]),
+            "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
+
+
 def import_(directory: epath.Path, out: str, *, overwrite: bool) -> int:
     """A diffusers pipeline or UNet2DModel directory as a checkpoint (step 0, parameters only) in
-    `out`, with the config.yaml to train on from there. Returns the parameter count."""
+    `out`, with the config.yaml to train on from there; a Stable Diffusion pipeline's VAE, text
+    encoder and tokenizer are carried into `out`/pipeline. Returns the parameter count."""
     run = configs(directory)
     output.check_output(epath.Path(out), overwrite)
     cfg = DiffusionRun(run=RunConfig(name=directory.name or "imported", steps=1, output_dir=str(out)),
@@ -393,5 +474,7 @@ def import_(directory: epath.Path, out: str, *, overwrite: bool) -> int:
     shapes = params.shapes(UNet, cfg.model)
     with weights.open_weights(_unet_dir(directory), STEM) as read_tensor:
         params.save_imported(cfg, tensors(shapes, None), our_tensors(shapes, read_tensor), read_tensor, overwrite)
+    if cfg.model.cross_attention_dim and (directory / "model_index.json").exists():
+        carry(directory, epath.Path(out) / CARRIED)
     (epath.Path(out) / "config.yaml").write_text(config_lib.to_yaml(cfg))
     return sum(int(np.prod(shape)) for shape in shapes.values())

@@ -7,8 +7,12 @@ from etils import epath
 
 from data import images
 from models.generate import generate
+from pretrain import formats
 from pretrain.config import ConfigError
+from pretrain.formats import diffusers
+from pretrain.formats.latent import LatentPipeline
 from pretrain.inference.load import load
+from pretrain.run import checkpoint
 from pretrain.tasks.diffusion import draw_images, grid_columns
 
 
@@ -41,12 +45,15 @@ def sample_text(path: str, prompt: str, *, max_new_tokens: int, temperature: flo
 
 def sample_images(path: str, out: str, *, num: int, steps: int | None = None, label: int | None = None,
                   guidance: float | None = None, eta: float | None = None, noise: str | None = None, seed: int = 0,
-                  step: int | None = None, dtype: str | None = None, overwrite: bool = False) -> dict:
+                  step: int | None = None, dtype: str | None = None, prompt: str | None = None,
+                  negative_prompt: str | None = None, overwrite: bool = False) -> dict:
     """Write samples.png (a grid), samples.npy ([num, H, W, C] in [-1, 1]) and labels.npy (-1:
     unconditional) into `out`, from a checkpoint's EMA weights or an exported UNet. Steps, guidance
     and eta default to the run's diffusion settings; `noise`: a .npy of the starting noise
-    (float32, N x H x W x C, N giving the number of images), else drawn from the seed; `dtype`: the
-    compute dtype (default: the model's)."""
+    (float32, N x H x W x C, latents for a latent model; N giving the number of images), else drawn
+    from the seed; `dtype`: the compute dtype (default: the model's). A text-to-image model draws
+    every image for `prompt`, guided away from `negative_prompt` (default: the empty prompt), and
+    decodes them with its VAE, as diffusers' StableDiffusionPipeline does."""
     start = np.load(noise) if noise else None
     num = len(start) if start is not None else num
     if num < 1:
@@ -72,11 +79,27 @@ def sample_images(path: str, out: str, *, num: int, steps: int | None = None, la
     if label is not None and not 0 <= label < classes:
         raise ConfigError(f"--class={label} is not a class of this model (it has {classes or 'none: unconditional'})"
                           + (f"; use 0..{classes - 1}" if classes else "; leave --class out"))
+    text, decode = _text(path, cfg, num, prompt, negative_prompt)
     batch, labels = draw_images(model, d, jax.random.key(seed), num=num, steps=steps, guidance=guidance, label=label,
-                                eta=eta, noise=start)
+                                eta=eta, noise=start, **text)
+    batch = np.clip(decode(batch), -1, 1) if decode else batch
     out.mkdir(parents=True, exist_ok=True)
     for name, array in (("samples.npy", batch), ("labels.npy", labels)):
         with (out / name).open("wb") as f:
             np.save(f, array)
     (out / "samples.png").write_bytes(images.grid_png(batch, grid_columns(labels)))
     return {"out": str(out), "num": num, "steps": steps, "guidance": guidance}
+
+
+def _text(path: str, cfg, num: int, prompt: str | None, negative: str | None) -> tuple[dict, object]:
+    """(draw_images' text keywords, the VAE's decode) of a text-to-image model; ({}, None) otherwise."""
+    if not cfg.model.cross_attention_dim:
+        if prompt is not None or negative is not None:
+            raise ConfigError(f"{path} holds a diffusion model without text, which takes no --prompt; use --num, "
+                              "--class, --steps")
+        return {}, None
+    directory = epath.Path(path)
+    if not formats.is_export(directory):  # a checkpoint: the parts its dataset (or import) carries
+        directory = diffusers.carried(cfg, checkpoint.run_dir(checkpoint.locate(path)[0]))
+    parts = LatentPipeline(str(directory))
+    return {"context": parts.states([prompt or ""] * num), "null_context": parts.states([negative or ""])[0]}, parts.decode

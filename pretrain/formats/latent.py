@@ -1,0 +1,87 @@
+"""A latent pipeline's frozen parts in JAX: the VAE (images <-> latents) and the text encoder with
+its tokenizer (prompts -> states), read from a diffusers pipeline directory (`vae/`,
+`text_encoder/`, `tokenizer/`). Prompts are tokenised by the pipeline's own tokenizer through
+transformers, padded and truncated as diffusers' StableDiffusionPipeline does.
+
+`pretrain prepare images --pipeline` encodes with it; a text-to-image run decodes its eval samples
+and `pretrain sample --prompt` its images with the copy its dataset carries.
+"""
+
+import tempfile
+
+import jax
+import numpy as np
+from etils import epath
+from flax import nnx
+
+from models.clip_text import CLIPTextModel
+from models.vae import AutoencoderKL
+from pretrain.config import ConfigError
+from pretrain.formats import diffusers, params
+
+def tokenizer(pipeline: epath.Path):
+    """The pipeline's `tokenizer/` through transformers (copied locally first: it may be on gs://)."""
+    try:
+        import transformers  # the text-to-image extra: only latent pipelines need it
+    except ImportError:
+        raise ConfigError("a latent pipeline's tokenizer needs transformers; pip install 'pretrain[text-to-image]'") from None
+    source = pipeline / "tokenizer"
+    if not source.is_dir():
+        raise ConfigError(f"{pipeline} has no tokenizer/; pass a Stable Diffusion pipeline directory")
+    with tempfile.TemporaryDirectory() as local:
+        for f in source.iterdir():
+            (epath.Path(local) / f.name).write_bytes(f.read_bytes())
+        return transformers.AutoTokenizer.from_pretrained(local)
+
+
+class LatentPipeline:
+    """Images to moments, prompts to states and latents to images, in batches split over this
+    process's devices (each batch padded to a multiple of them: one compile per shape)."""
+
+    def __init__(self, directory: str):
+        root = epath.Path(directory)
+        if not (root / "model_index.json").exists():
+            raise ConfigError(f"{directory} holds no model_index.json; pass a Stable Diffusion pipeline directory "
+                              "(vae/, text_encoder/, tokenizer/)")
+        self.vae_cfg, vae = diffusers.read_vae(root)
+        self.text_cfg, text = diffusers.read_text_encoder(root)
+        self.tokenizer = tokenizer(root)
+        self.length = self.tokenizer.model_max_length
+        if self.length > self.text_cfg.max_positions:
+            raise ConfigError(f"{root}/tokenizer pads prompts to {self.length} tokens, more than the text encoder's "
+                              f"{self.text_cfg.max_positions} positions")
+        self.factor = 2 ** (len(self.vae_cfg.block_channels) - 1)
+        devices = jax.local_devices()
+        self.devices = len(devices)
+        mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
+        self.rows, whole = (jax.sharding.NamedSharding(mesh, jax.P(s)) for s in ("batch", None))
+        graphdef, state = nnx.split((params.build(AutoencoderKL, self.vae_cfg, vae),
+                                     params.build(CLIPTextModel, self.text_cfg, text)))
+        state = jax.device_put(state, whole)
+        jitted = lambda f: jax.jit(lambda s, x: f(*nnx.merge(graphdef, s), x), in_shardings=(whole, self.rows),  # noqa: E731
+                                   out_shardings=self.rows)
+        self._moments = jitted(lambda vae, _, x: vae.moments(x))
+        self._states = jitted(lambda _, text, ids: text(ids)[0])
+        self._decode = jitted(lambda vae, _, z: vae.decode(z / vae.cfg.scaling_factor + vae.cfg.shift_factor))
+        self.state = state
+
+    def _batched(self, fn, x: np.ndarray) -> np.ndarray:
+        n = len(x)
+        pad = -n % self.devices
+        return np.asarray(fn(self.state, np.concatenate([x, np.repeat(x[-1:], pad, 0)])))[:n]
+
+    def ids(self, prompts: list[str]) -> np.ndarray:
+        return self.tokenizer(prompts, padding="max_length", max_length=self.length, truncation=True,
+                              return_tensors="np").input_ids.astype(np.int32)
+
+    def moments(self, pixels: np.ndarray) -> np.ndarray:
+        """[n, H, W, C] images in [-1, 1] -> [n, H/f, W/f, 2 x latent channels] float32."""
+        return self._batched(self._moments, pixels.astype(np.float32))
+
+    def states(self, prompts: list[str]) -> np.ndarray:
+        """[n, length, width] float32: the text encoder's last states of each prompt."""
+        return self._batched(self._states, self.ids(prompts))
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Latents as the diffusion model sees them (scaled and shifted) -> images in about [-1, 1]."""
+        return self._batched(self._decode, latents.astype(np.float32))
