@@ -331,12 +331,15 @@ def test_mesh_sweep_plans_every_mesh_and_ranks_them_by_the_forecast(capsys):
     assert [line.split("  ")[0].strip() for line in table[2:]] == [r["label"] for r in ranked]
 
 
-def test_a_diffusion_config_plans_and_its_flop_count_matches_the_compiled_program(capsys):
-    """The UNet under remat=full: the FLOPs the plan says the chips execute (XLA's count of one image's
-    gradient, recomputation included, times the batch) against the dots and convolutions of the
-    compiled TPU program, counted in its text. Remat recomputes only what the backward pass needs:
-    about half of each block's forward work here, not all of it."""
-    assert cli.main(["plan", SMOKE.replace("llm", "diffusion"), "--topology", "v5e-8", "--json", "model.remat=full"]) == 0
+@pytest.mark.parametrize("text", [[], ["model.num_classes=0", "model.cross_attention_dim=32", "model.context_length=8"]],
+                         ids=["pixels", "text"])
+def test_a_diffusion_config_plans_and_its_flop_count_matches_the_compiled_program(capsys, text):
+    """The UNet under remat=full, class- or text-conditioned: the FLOPs the plan says the chips
+    execute (XLA's count of one image's gradient, recomputation included, times the batch) against
+    the dots and convolutions of the compiled TPU program, counted in its text. Remat recomputes only
+    what the backward pass needs: about half of each block's forward work here, not all of it."""
+    assert cli.main(["plan", SMOKE.replace("llm", "diffusion"), "--topology", "v5e-8", "--json", "model.remat=full",
+                     *text]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["fits"] and r["unit"] == "images" and r["images_per_s"] > 0 and "mfu_causal" not in r
     assert r["matmul_flops_per_chip"] * r["chips"] == pytest.approx(r["executed_flops_per_step"], rel=0.05)

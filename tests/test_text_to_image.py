@@ -271,3 +271,21 @@ def test_an_imported_pipeline_continues_and_exports_the_same_tensors(exported, p
     assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
     for name in ("scheduler/scheduler_config.json", "unet/config.json"):
         assert json.loads((again / name).read_text()) == json.loads((exported / name).read_text())
+
+
+def test_captions_are_dropped_in_training_batches_only(prepared):
+    """Classifier-free guidance's dropout: about label_dropout of the training captions become the
+    empty prompt's states; held-out batches keep every caption, so eval losses stay comparable."""
+    from pretrain import config as config_lib
+    from pretrain.tasks import DiffusionTask
+
+    cfg = config_lib.load(config_lib.preset_path("diffusion", "smoke"),
+                          [*UNET, f"data.source={prepared[1]}", "diffusion.label_dropout=0.5"])
+    task = DiffusionTask(cfg)
+    task.open_data(1)
+    empty = np.load(prepared[1] / "empty_prompt.npy").astype(ml_dtypes.bfloat16)
+    is_empty = lambda batch: [np.array_equal(c, empty) for c in batch["context"]]  # noqa: E731
+    batches = task.batches("train", range(8))
+    train = [e for _ in range(8) for e in is_empty(next(batches))]
+    held_out = next(iter(task.eval_batches(range(4)).values()))
+    assert 0.25 < np.mean(train) < 0.75 and not any(is_empty(next(held_out)))
