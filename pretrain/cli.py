@@ -113,9 +113,12 @@ def run_prepare(args):
         raise ConfigError(f"options after -- ({' '.join(args.beam_args)}) are Beam's; pass --engine beam, or drop them")
     if args.kind == "images" and (args.image_size or args.batch) and not args.pipeline:
         raise ConfigError("--image-size and --batch encode captioned images with a pipeline; pass --pipeline DIR, or drop them")
+    if args.kind == "images" and args.overrides and not args.pipeline:
+        raise ConfigError(f"{' '.join(args.overrides)}: runtime settings are for encoding with --pipeline; drop them")
     if args.kind == "images" and args.pipeline:
         require(args.image_size is not None, "--pipeline needs --image-size: the side the images are encoded at")
         common.pop("workers")
+        runtime.setup(config_lib.runtime_only(args.overrides))
     if args.kind == "text":
         text = dict(tokenizer=args.tokenizer, vocab_size=args.vocab_size, model_type=args.model_type, seq_len=args.seq_len)
         if args.engine == "beam":
@@ -129,6 +132,8 @@ def run_prepare(args):
                                             batch=args.batch or 32, **common)
     else:
         manifest = prepare_images(args.input, args.out, **common)
+    if not manifest:  # a process that encoded its share; process 0 wrote the dataset
+        return
     for split, info in manifest["splits"].items():
         counts = ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in info.items() if isinstance(v, int))
         print(f"{split}: {counts} in {len(info['shards'])} shard(s)")
@@ -161,6 +166,9 @@ def _prepare_parser(sub):
                                            "training; the dataset carries those parts of the pipeline")
     images.add_argument("--image-size", type=int, help="with --pipeline: resize (shorter side) and centre-crop to this")
     images.add_argument("--batch", type=int, help="with --pipeline: images encoded at once (default 32)")
+    images.add_argument("overrides", nargs="*", metavar="runtime.KEY=VALUE",
+                        help="with --pipeline: faked devices or jax.distributed, as for training (launch/ adds them): "
+                             "every process encodes its rows of each batch, process 0 writes")
     text.add_argument("--engine", choices=("local", "beam"), default="local",
                       help="local: worker processes on this machine; beam: an Apache Beam pipeline, options after -- "
                            "(--runner=DataflowRunner --project=... --region=... --temp_location=gs://...; default: "

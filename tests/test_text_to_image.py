@@ -90,7 +90,7 @@ def prepared(pipeline, tmp_path_factory):
     inputs = captioned_images(root / "images")
     out = root / "latents"
     assert cli.main(["prepare", "images", "--input", str(inputs), "--out", str(out), "--pipeline", str(pipeline[0]),
-                     "--image-size", str(SIZE), "--val-fraction", "0.2", "--batch", "5"]) == 0
+                     "--image-size", str(SIZE), "--val-fraction", "0.2", "--batch", "5", CACHE]) == 0
     return inputs, out
 
 
@@ -129,14 +129,32 @@ def test_records_hold_what_diffusers_and_transformers_compute(pipeline, prepared
         assert (out / "pipeline" / part).read_bytes() == (pipeline[0] / part).read_bytes()
 
 
+def same_shards(one, other):
+    shards = sorted(p.relative_to(one) for p in one.rglob("*.array_record"))
+    assert shards and shards == sorted(p.relative_to(other) for p in other.rglob("*.array_record"))
+    for shard in shards:
+        assert (one / shard).read_bytes() == (other / shard).read_bytes(), shard
+
+
 def test_the_same_input_gives_the_same_records(pipeline, prepared, tmp_path):
     inputs, out = prepared
     assert cli.main(["prepare", "images", "--input", str(inputs), "--out", str(tmp_path / "again"), "--pipeline",
-                     str(pipeline[0]), "--image-size", str(SIZE), "--val-fraction", "0.2", "--batch", "3"]) == 0
-    shards = sorted(p.relative_to(out) for p in out.rglob("*.array_record"))
-    assert shards and shards == sorted(p.relative_to(tmp_path / "again") for p in (tmp_path / "again").rglob("*.array_record"))
-    for shard in shards:
-        assert (out / shard).read_bytes() == (tmp_path / "again" / shard).read_bytes()
+                     str(pipeline[0]), "--image-size", str(SIZE), "--val-fraction", "0.2", "--batch", "3", CACHE]) == 0
+    same_shards(out, tmp_path / "again")
+
+
+def test_two_hosts_encode_their_shares_into_the_same_records(pipeline, prepared, tmp_path):
+    """Two processes joined by jax.distributed (launch/local.sh), 4 faked devices each: each reads and
+    encodes its rows of every batch, process 0 writes what one process wrote."""
+    from test_multihost import run_launched
+
+    inputs, out = prepared
+    log = run_launched(2, ["prepare", "images", "--input", str(inputs), "--out", str(tmp_path / "two"), "--pipeline",
+                           str(pipeline[0]), "--image-size", str(SIZE), "--val-fraction", "0.2", "--batch", "5", CACHE],
+                       devices=8)
+    assert "[0] wrote" in log and "[1] wrote" not in log, log
+    same_shards(out, tmp_path / "two")
+    assert json.loads((tmp_path / "two" / MANIFEST).read_text()) == json.loads((out / MANIFEST).read_text())
 
 
 def test_latents_are_drawn_from_the_moments_and_captions_dropped():

@@ -149,6 +149,18 @@ def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
     return from_dict(tree)
 
 
+def runtime_only(overrides: typing.Sequence[str]) -> Config:
+    """A Config of defaults but for runtime.* key=value overrides: for commands that start devices
+    (faked ones, jax.distributed) but train nothing."""
+    tree = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("runtime."):
+            raise ConfigError(f"'{item}' is not a runtime.KEY=VALUE setting, e.g. runtime.fake_cpu_devices=4")
+        _set(tree, key.strip(), value, Config)
+    return _build(Config, tree, root=Config)
+
+
 def from_dict(tree: dict) -> Config:
     """A typed Config from plain data (YAML or a checkpoint's JSON), every value checked; its
     `task` picks the schema (CONFIGS)."""
