@@ -63,9 +63,10 @@ def splash_blocks(length: int, block_q: int, block_kv: int) -> tuple[int, int]:
     return min(block_q, length), min(block_kv, length)
 
 
-def splash_attention(q, k, v, segment_ids, *, block_q: int = 512, block_kv: int = 512):
+def splash_attention(q, k, v, segment_ids=None, *, block_q: int = 512, block_kv: int = 512, causal: bool = True):
     """The splash kernel under shard_map: each device runs it on its own rows (`batch`) and heads
-    (`heads`), the mesh axes named by the active logical rules."""
+    (`heads`), the mesh axes named by the active logical rules. Without segment ids every query
+    sees every key (before it, if causal)."""
     mesh = jax.sharding.get_abstract_mesh()
     on_tpu = compile_platform() == "tpu"
     heads, kv_heads = q.shape[2], k.shape[2]
@@ -75,16 +76,21 @@ def splash_attention(q, k, v, segment_ids, *, block_q: int = 512, block_kv: int 
     blocks = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
                                block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
 
-    def attend(q, k, v, segment_ids):
-        length = q.shape[2]
-        mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * q.shape[1])
+    def attend(q, k, v, *segments):
+        lengths = (q.shape[2], k.shape[2])
+        mask = splash.MultiHeadMask([(splash.CausalMask if causal else splash.FullMask)(lengths)] * q.shape[1])
         kernel = splash.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=not on_tpu)
-        return jax.vmap(lambda q, k, v, s: kernel(q, k, v, splash.SegmentIds(s, s)))(q, k, v, segment_ids)
+        if not segments:
+            return jax.vmap(kernel)(q, k, v)
+        return jax.vmap(lambda q, k, v, s: kernel(q, k, v, splash.SegmentIds(s, s)))(q, k, v, *segments)
 
+    segments = () if segment_ids is None else (segment_ids,)
     if mesh.empty:
-        return jnp.swapaxes(attend(q, k, v, segment_ids), 1, 2)
+        return jnp.swapaxes(attend(q, k, v, *segments), 1, 2)
     rules = spmd.get_logical_axis_rules()
     batch_axis, heads_axis, kv_axis = spmd.from_sharding_rules(("batch", "heads", "kv_heads"), rules)
+    if heads_axis and heads % mesh.shape[heads_axis]:  # fewer heads than devices on their axis: each device all
+        heads_axis = kv_axis = None
     if kv_axis != heads_axis and kv_heads != heads:
         # K/V heads are not split like the query heads (fewer of them than devices): give every
         # query head its own copy, so that each device holds the K/V of its own heads.
@@ -92,9 +98,19 @@ def splash_attention(q, k, v, segment_ids, *, block_q: int = 512, block_kv: int 
         kv_axis = heads_axis
     q_spec, kv_spec = PartitionSpec(batch_axis, heads_axis), PartitionSpec(batch_axis, kv_axis)
     out = jax.shard_map(
-        attend, in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(batch_axis)), out_specs=q_spec, check_vma=False,
-    )(q, k, v, segment_ids)
+        attend, in_specs=(q_spec, kv_spec, kv_spec) + (PartitionSpec(batch_axis),) * len(segments), out_specs=q_spec,
+        check_vma=False,
+    )(q, k, v, *segments)
     return jnp.swapaxes(out, 1, 2)
+
+
+def unmasked_attention(q, k, v, backend: str = "xla"):
+    """Attention where every query sees every key (a UNet's, over its pixels or the text): the splash
+    kernel under backend `splash` where both lengths are multiples of its 128-token blocks, else
+    XLA's."""
+    if backend == "splash" and q.shape[1] % 128 == 0 and k.shape[1] % 128 == 0:
+        return splash_attention(q, k, v, causal=False)
+    return jax.nn.dot_product_attention(q, k, v)
 
 
 def attention_fn(name: str, *, splash_block_q: int, splash_block_kv: int):

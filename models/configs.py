@@ -102,6 +102,9 @@ class UNetConfig:
     cross_attention_dim: int = 0
     use_linear_projection: bool = False
     context_length: int = 77  # text states per caption in training batches (the tokenizer's padded length)
+    # xla, or splash (the Pallas TPU kernel; where both lengths are multiples of 128 positions, XLA's
+    # elsewhere); auto: splash on TPU. The trainer resolves auto.
+    attention: str = "xla"
     dtype: str = "float32"
     cpu_matmul_dtype: str = "auto"  # what a CPU multiplies bfloat16 operands in: auto (measured), float32, bfloat16
     remat: str = "full"

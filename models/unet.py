@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.attention import unmasked_attention
 from models.configs import UNetConfig
 from models.layers import constrain, einsum, fan_in_init, param, remat
 
@@ -128,8 +129,9 @@ class Attention(nnx.Module):
     """Self-attention over the pixels, with a residual (diffusers' Attention as its UNets and VAE
     use it: GroupNorm first, biased projections)."""
 
-    def __init__(self, channels: int, heads: int, groups: int, *, rngs: nnx.Rngs, eps: float = 1e-5):
-        self.heads = heads
+    def __init__(self, channels: int, heads: int, groups: int, *, rngs: nnx.Rngs, eps: float = 1e-5,
+                 backend: str = "xla"):
+        self.heads, self.backend = heads, backend
         self.group_norm = GroupNorm(channels, groups, rngs=rngs, eps=eps)
         self.to_q, self.to_k, self.to_v = (Dense(channels, channels, rngs=rngs) for _ in range(3))
         self.to_out = Dense(channels, channels, rngs=rngs, zero=True)
@@ -138,7 +140,7 @@ class Attention(nnx.Module):
         b, h, w, c = x.shape
         y = self.group_norm(x)
         q, k, v = (proj(y).reshape(b, h * w, self.heads, c // self.heads) for proj in (self.to_q, self.to_k, self.to_v))
-        return x + self.to_out(jax.nn.dot_product_attention(q, k, v).reshape(b, h, w, c))
+        return x + self.to_out(unmasked_attention(q, k, v, self.backend).reshape(b, h, w, c))
 
 
 def heads(channels: int, cfg: UNetConfig) -> int:
@@ -148,15 +150,15 @@ def heads(channels: int, cfg: UNetConfig) -> int:
 
 
 def attention(channels: int, cfg: UNetConfig, rngs: nnx.Rngs) -> Attention:
-    return Attention(channels, heads(channels, cfg), cfg.groups, rngs=rngs)
+    return Attention(channels, heads(channels, cfg), cfg.groups, rngs=rngs, backend=cfg.attention)
 
 
 class CrossAttention(nnx.Module):
     """diffusers' Attention as its transformer blocks use it: unbiased q/k/v projections, keys and
     values from `context` (the text states; x itself for self-attention), a biased output."""
 
-    def __init__(self, channels: int, heads: int, context_dim: int, *, rngs: nnx.Rngs):
-        self.heads = heads
+    def __init__(self, channels: int, heads: int, context_dim: int, *, rngs: nnx.Rngs, backend: str = "xla"):
+        self.heads, self.backend = heads, backend
         self.to_q = Dense(channels, channels, rngs=rngs, bias=False)
         self.to_k, self.to_v = (Dense(context_dim, channels, rngs=rngs, bias=False) for _ in range(2))
         self.to_out = Dense(channels, channels, rngs=rngs)
@@ -165,17 +167,17 @@ class CrossAttention(nnx.Module):
         b, t, c = x.shape
         q = self.to_q(x).reshape(b, t, self.heads, c // self.heads)
         k, v = (proj(context).reshape(b, context.shape[1], self.heads, c // self.heads) for proj in (self.to_k, self.to_v))
-        return self.to_out(jax.nn.dot_product_attention(q, k, v).reshape(b, t, c))
+        return self.to_out(unmasked_attention(q, k, v, self.backend).reshape(b, t, c))
 
 
 class TransformerBlock(nnx.Module):
     """diffusers' BasicTransformerBlock: self-attention, cross-attention on the text, and a GEGLU
     feed-forward (4x wide), each behind a LayerNorm and added back."""
 
-    def __init__(self, channels: int, heads: int, context_dim: int, *, rngs: nnx.Rngs):
+    def __init__(self, channels: int, heads: int, context_dim: int, *, rngs: nnx.Rngs, backend: str = "xla"):
         self.norm1, self.norm2, self.norm3 = (LayerNorm(channels, rngs=rngs) for _ in range(3))
-        self.attn1 = CrossAttention(channels, heads, channels, rngs=rngs)
-        self.attn2 = CrossAttention(channels, heads, context_dim, rngs=rngs)
+        self.attn1 = CrossAttention(channels, heads, channels, rngs=rngs, backend=backend)
+        self.attn2 = CrossAttention(channels, heads, context_dim, rngs=rngs, backend=backend)
         self.ff_proj_in = Dense(channels, 8 * channels, rngs=rngs)  # the GEGLU's values and gates
         self.ff_proj_out = Dense(4 * channels, channels, rngs=rngs, zero=True)
 
@@ -197,7 +199,7 @@ class Transformer2D(nnx.Module):
         self.norm = GroupNorm(channels, cfg.groups, rngs=rngs, eps=1e-6)
         self.proj_in = Dense(channels, channels, rngs=rngs) if self.linear else Conv(channels, channels, rngs=rngs, kernel=1)
         self.transformer_blocks = nnx.List([TransformerBlock(channels, heads(channels, cfg), cfg.cross_attention_dim,
-                                                             rngs=rngs)])
+                                                             rngs=rngs, backend=cfg.attention)])
         self.proj_out = (Dense(channels, channels, rngs=rngs, zero=True) if self.linear
                          else Conv(channels, channels, rngs=rngs, kernel=1, zero=True))
 

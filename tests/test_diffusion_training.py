@@ -220,6 +220,7 @@ CASES = {
     "sample grid vs data axis": (["diffusion.sample_num=21"], r"diffusion.sample_num=21 must be a positive multiple of the data axis \(2\)"),
     "text conditioning without text": (["model.cross_attention_dim=768", "model.num_classes=0"],
                                        "model.cross_attention_dim=768 trains on captions, which data.source=digits has none of"),
+    "unet attention": (["model.attention=flash"], "model.attention='flash' is unknown for a UNet; use auto, xla or splash"),
     "labels and text": (["model.cross_attention_dim=768"], "model.num_classes=10 and model.cross_attention_dim=768 "
                                                            "condition on both labels and text; set one of them to 0"),
 }

@@ -77,3 +77,41 @@ def test_auto_picks_the_platform_backend(platform, backend):
     cfg = tiny_config("model.attention=auto", f"data.seq_len={LENGTH}", f"model.max_seq_len={LENGTH}")
     resolved = LanguageModelTask.resolve(cfg, checks.validate(cfg, 8, platform), platform)
     assert resolved.model.attention == backend and cfg.model.attention == "auto"  # a new config
+
+
+@pytest.mark.parametrize("base", [32, 16], ids=["4 heads, one per device", "2 heads, on every device"])
+def test_a_unet_attends_with_splash_as_with_xla_on_the_mesh(base):
+    """A text-conditioned UNet with model.attention=splash on the 2 x 4 mesh: its self-attention over
+    256 pixels runs the kernel unmasked (the cross-attention on 8 text states, no multiple of 128,
+    stays XLA's), and its output and gradients are those of model.attention=xla; heads split over
+    `model`, or whole on each device where there are fewer of them."""
+    from models.configs import UNetConfig
+    from models.unet import UNet
+
+    cfg = UNetConfig(image_size=16, channels=4, base_channels=base, channel_mults=[1, 2], attention_resolutions=[16],
+                     head_channels=8, groups=4, cross_attention_dim=32, context_length=8, remat="none")
+    keys = jax.random.split(jax.random.key(1), 3)
+    x = jax.random.normal(keys[0], (4, 16, 16, 4))
+    t, context = jnp.arange(4) * 200, jax.random.normal(keys[1], (4, 8, 32))
+
+    def run(attention):
+        import dataclasses
+
+        model = UNet(dataclasses.replace(cfg, attention=attention), rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(model)
+        state = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(keys[2], p.shape), state)  # no zero outputs
+
+        def loss(state):
+            out = nnx.merge(graphdef, state)(x, t, None, context)
+            return jnp.sum(jnp.sin(out)), out
+
+        kernels = str(jax.make_jaxpr(loss)(state)).count("pallas_call")
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(state), kernels
+
+    with jax.set_mesh(sharding.make_mesh((2, 4))), nnx.logical_axis_rules(sharding.LOGICAL_RULES):
+        ((_, ref), ref_grads), none = run("xla")
+        ((_, out), grads), kernels = run("splash")
+    assert none == 0 and kernels > 0  # the kernel runs only where asked for
+    np.testing.assert_allclose(out, ref, atol=1e-4)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(g, r, atol=1e-4)

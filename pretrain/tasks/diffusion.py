@@ -3,6 +3,7 @@ directory), or the latents of captioned images (a dataset of `pretrain prepare i
 for a text-conditioned UNet; min-SNR weighting and classifier-free guidance; sample grids after
 each eval."""
 
+import dataclasses
 import functools
 import io
 import json
@@ -144,8 +145,15 @@ class DiffusionTask(Task):
 
     @staticmethod
     def resolve(cfg: DiffusionRun, mesh_shape: tuple[int, int], platform: str) -> DiffusionRun:
-        """The config checked for this model on this mesh and platform."""
+        """The config checked for this model on this mesh and platform, with `auto` attention decided."""
         check_execution(cfg.model, platform)
+        if cfg.model.attention == "auto":
+            attention = "splash" if platform == "tpu" else "xla"
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=attention))
+        require(cfg.model.attention in ("xla", "splash"),
+                f"model.attention='{cfg.model.attention}' is unknown for a UNet; use auto, xla or splash")
+        require(cfg.model.attention == "xla" or platform in ("tpu", "cpu"),
+                f"model.attention=splash is a TPU kernel (this is {platform}); use model.attention=auto")
         _check_unet(cfg, *mesh_shape)
         return cfg
 
