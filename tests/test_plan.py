@@ -259,6 +259,9 @@ def test_plan_says_when_the_header_was_planned_with_another_compiler(tmp_path, c
     other.write_text(text.replace(f"libtpu {installed}", "libtpu 0.0.1"))
     assert plan.planned_with(str(other)) == "0.0.1" and plan.planned_with(SMOKE) is None
     assert plan.compiler_note(str(config_lib.preset_path("llm", "8b"))) is None and plan.compiler_note(SMOKE) is None
+    planned = [("llm", "1b"), ("llm", "8b"), ("llm", "70b"), ("diffusion", "64x64"), ("diffusion", "256x256"),
+               ("diffusion", "sd2-base")]
+    assert {plan.planned_with(str(config_lib.preset_path(*p))) for p in planned} == {installed}  # one compiler
     assert plan.compiler_note(str(other)) == (f"note: {other}'s header was planned with libtpu 0.0.1; this plan compiled "
                                               f"with libtpu {installed}, so its memory and step figures may differ "
                                               "from the header's")

@@ -115,3 +115,21 @@ def test_a_unet_attends_with_splash_as_with_xla_on_the_mesh(base):
     np.testing.assert_allclose(out, ref, atol=1e-4)
     for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         np.testing.assert_allclose(g, r, atol=1e-4)
+
+
+def test_a_splash_unet_counts_the_flops_of_an_xla_one_and_its_kernels_as_hidden():
+    """The MFU count and the executed count are the math's, whatever runs the attention; what the
+    kernels run is counted apart for the plan's forecast: here 3 attentions over 16 x 16 pixels (one
+    down, two up) of 32 channels, 4 L^2 C each, forward, backward (twice) and recomputed (remat full)."""
+    import dataclasses
+
+    from pretrain import config as config_lib
+    from pretrain.tasks import DiffusionTask
+
+    cfg = config_lib.load(config_lib.preset_path("diffusion", "smoke"), ["model.attention_resolutions=[16]",
+                                                                          "model.remat=full"])
+    counts = {a: DiffusionTask(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=a))).planned_flops()
+              for a in ("xla", "splash")}
+    assert counts["splash"]["model"] == counts["xla"]["model"] > 0
+    assert counts["splash"]["executed"] == counts["xla"]["executed"]
+    assert counts["xla"]["hidden"] == 0 and counts["splash"]["hidden"] == 3 * 4 * 256**2 * 32 * 4 * cfg.train.global_batch

@@ -195,13 +195,28 @@ class DiffusionTask(Task):
     def planned_flops(self) -> dict[str, float]:
         """The MFU count, and executed: XLA's count of one image's gradient, the forward passes that
         remat recomputes included (a UNet has no loop over its blocks, whose body XLA would count
-        once). No custom calls: all the work is in the program's text."""
+        once). Under splash, the self-attention its kernels run, where the program's text does not
+        show it ("hidden")."""
         executed = self._flops_per_image(lambda forward: jax.grad(lambda *a: jnp.sum(forward(*a)))) * self.units_per_step()
-        return {"model": self.flops_per_step(), "executed": executed, "hidden": 0.0}
+        return {"model": self.flops_per_step(), "executed": executed, "hidden": self._splash_flops()}
+
+    def _splash_flops(self) -> float:
+        """The matmuls of the self-attentions that splash runs (both lengths multiples of 128), as XLA
+        counts them: 4 L^2 C forward per image, twice that backward, once more where remat recomputes."""
+        m = self.cfg.model
+        if m.attention != "splash":
+            return 0.0
+        widths = [m.base_channels * mult for mult in m.channel_mults]
+        attentions = [(res, c, 2 * m.blocks_per_resolution + 1)  # a level's down and up blocks
+                      for res, c in zip(m.resolutions, widths) if res in m.attention_resolutions]
+        attentions.append((m.resolutions[-1], widths[-1], 1))  # the mid block's
+        forward = sum(n * 4 * (res * res) ** 2 * c for res, c, n in attentions if res * res % 128 == 0)
+        return forward * (3 + (m.remat != "none")) * self.units_per_step()
 
     def _flops_per_image(self, transform) -> float:
-        """XLA's FLOP count of transform(the UNet's forward pass as a function of (state, x, t, y)) on one image."""
-        m = self.cfg.model
+        """XLA's FLOP count of transform(the UNet's forward pass as a function of (state, x, t, y)) on
+        one image, its attention counted as XLA's (splash does the same math in kernels XLA cannot count)."""
+        m = dataclasses.replace(self.cfg.model, attention="xla")
         graphdef, state = nnx.split(nnx.eval_shape(lambda: UNet(m, rngs=nnx.Rngs(0))))
         image = jax.ShapeDtypeStruct((1, m.image_size, m.image_size, m.channels), jnp.float32)
         ints = jax.ShapeDtypeStruct((1,), jnp.int32)
