@@ -23,7 +23,7 @@ from data.records import DataError
 
 CAPTION_FIELDS = ("caption", "text")
 MANIFEST_SUFFIXES = (".jsonl", ".parquet")
-LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clips the log-variance so
+LOGVAR_RANGE = (-30.0, 20.0)  # where diffusers' DiagonalGaussianDistribution clips the log-variance
 
 
 @dataclasses.dataclass(frozen=True)

@@ -307,3 +307,17 @@ def test_captions_are_dropped_in_training_batches_only(prepared):
     train = [e for _ in range(8) for e in is_empty(next(batches))]
     held_out = next(iter(task.eval_batches(range(4)).values()))
     assert 0.25 < np.mean(train) < 0.75 and not any(is_empty(next(held_out)))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--image-size", "16"], "--image-size and --batch encode captioned images with a pipeline; pass --pipeline DIR"),
+    (["runtime.fake_cpu_devices=2"], "runtime settings are for encoding with --pipeline; drop them"),
+    (["--pipeline", "{pipeline}", "--image-size", "16", "run.steps=3"], "'run.steps=3' is not a runtime.KEY=VALUE setting"),
+])
+def test_encoding_options_without_their_pipeline_are_refused_in_one_line(pipeline, prepared, tmp_path, capsys, args,
+                                                                          message):
+    args = [a.format(pipeline=pipeline[0]) for a in args]
+    code = cli.main(["prepare", "images", "--input", str(prepared[0]), "--out", str(tmp_path / "out"), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "out").exists()

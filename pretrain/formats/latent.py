@@ -20,6 +20,7 @@ from models.vae import AutoencoderKL
 from pretrain.config import ConfigError
 from pretrain.formats import diffusers, params
 
+
 def tokenizer(pipeline: epath.Path):
     """The pipeline's `tokenizer/` through transformers (copied locally first: it may be on gs://)."""
     try:
@@ -36,7 +37,7 @@ def tokenizer(pipeline: epath.Path):
 
 
 class LatentPipeline:
-    """Images to moments, prompts to states and latents to images, in batches split over `devices`
+    """Images to moments (with their captions' states), prompts to states and latents to images, in batches split over `devices`
     (default: this process's; each batch padded to a multiple of them: one compile per shape). Over
     the devices of several processes, each process gives the inputs of its own rows (`run`)."""
 
@@ -66,18 +67,20 @@ class LatentPipeline:
         self._states = jitted(lambda _, text, ids: text(ids)[0])
         self._decode = jitted(lambda vae, _, z: vae.decode(z / vae.cfg.scaling_factor + vae.cfg.shift_factor))
 
+    def _padded(self, n: int) -> int:
+        return -(-n // self.devices) * self.devices
+
     def mine(self, n: int) -> list[int]:
         """The rows of an n-row batch, padded to a multiple of the devices, whose inputs this process
         gives (all of them on one process)."""
-        padded = -(-n // self.devices) * self.devices
+        padded = self._padded(n)
         index = self.rows.addressable_devices_indices_map((padded,))
         return sorted({i for (rows,) in index.values() for i in range(*rows.indices(padded))})
 
     def run(self, fn, local: np.ndarray, n: int) -> np.ndarray:
         """fn(state, x) (None: x itself) over an n-row batch of which this process gives `local`, its
         rows `mine(n)` in order: every row of the result, on every process."""
-        padded = -(-n // self.devices) * self.devices
-        x = jax.make_array_from_process_local_data(self.rows, local, (padded, *local.shape[1:]))
+        x = jax.make_array_from_process_local_data(self.rows, local, (self._padded(n), *local.shape[1:]))
         return np.asarray(multihost_utils.process_allgather(x if fn is None else fn(self.state, x), tiled=True))[:n]
 
     def _whole(self, fn, x: np.ndarray) -> np.ndarray:
@@ -92,10 +95,6 @@ class LatentPipeline:
         """(moments, states) of an n-row batch of images and captions, of which this process gives
         its rows, mine(n)."""
         return self.run(self._moments, pixels.astype(np.float32), n), self.run(self._states, self.ids(captions), n)
-
-    def moments(self, pixels: np.ndarray) -> np.ndarray:
-        """[n, H, W, C] images in [-1, 1] -> [n, H/f, W/f, 2 x latent channels] float32."""
-        return self._whole(self._moments, pixels.astype(np.float32))
 
     def states(self, prompts: list[str]) -> np.ndarray:
         """[n, length, width] float32: the text encoder's last states of each prompt."""
