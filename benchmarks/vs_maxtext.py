@@ -1,6 +1,7 @@
 """This project's train step against MaxText's, on the same model, mesh, batch, dtype and remat.
 
     python benchmarks/vs_maxtext.py [--shapes tiny,125m,tiny-1dev,125m-1dev] [--rounds 6] [--steps 3] [--loop-runs 2]
+                                    [--ours-python .venv-tpu/bin/python]
     python benchmarks/vs_maxtext.py --aot [ROWS|ACCELERATOR]
 
 Each side runs in a worker process of its own: ours with this Python, MaxText 0.2.5 in a
@@ -12,6 +13,12 @@ row per shape. Then each program's own training loop, as its users run it: `pret
 metrics.jsonl) and MaxText's `train` (its metrics_file), --loop-runs runs each, alternated, the
 median of the step times each logged from step 5: the harness above times the compiled steps
 alone, and the two tables should agree within the noise.
+
+Ours runs in --ours-python (default: this Python). MaxText needs Python 3.12 and so jax 0.12, whose
+XLA CPU backend runs a sharded step much faster than jax 0.10's, the newest on Python 3.11 (on a
+2-core EPYC, our 125m step on 2 x 4 devices: 11.1 s under 0.10.2, 7.3 s under 0.12.0.1): to compare
+the programs rather than the XLA releases, give ours the same jax, e.g. the `tpu` extra's Python 3.12
+(.venv-tpu/bin/python, `make tpu-venv`). Both jax versions are printed; a warning says when they differ.
 
 It refuses a machine whose 1-minute load is above 0.5 (benchmarks/idle.py), and takes a turn again
 whenever other programs used more than 0.5 cores during it (--any-load: neither).
@@ -263,8 +270,8 @@ def turn(worker, steps: int, any_load: bool) -> tuple[dict, float]:
     sys.exit(2)
 
 
-def compare(shape: str, rounds: int, steps: int, maxtext_py: Path, logs: Path, any_load: bool) -> dict:
-    ours = Worker(sys.executable, "ours", shape, logs / f"{shape}-ours.log")
+def compare(shape: str, rounds: int, steps: int, ours_py: str, maxtext_py: Path, logs: Path, any_load: bool) -> dict:
+    ours = Worker(ours_py, "ours", shape, logs / f"{shape}-ours.log")
     ours_ready = ours.receive()  # compile one at a time: compile times are not shared cores
     theirs = Worker(maxtext_py, "maxtext", shape, logs / f"{shape}-maxtext.log")
     theirs_ready = theirs.receive()
@@ -291,14 +298,14 @@ def compare(shape: str, rounds: int, steps: int, maxtext_py: Path, logs: Path, a
 LOOP_STEPS, LOOP_FROM = 20, 5  # steps per run; step times are counted from this step on
 
 
-def own_loop(side: str, s: dict, maxtext_py: Path, log: Path) -> tuple[float, float]:
+def own_loop(side: str, s: dict, ours_py: str, maxtext_py: Path, log: Path) -> tuple[float, float]:
     """One run of a side's own training loop, as its users run it (`pretrain train` with its
     metrics.jsonl, MaxText's `train` with its metrics_file), for LOOP_STEPS steps: the median of the
     step times it logged from step LOOP_FROM on, and the cores other programs used meanwhile."""
     work = Path(tempfile.mkdtemp(prefix=f"vs-maxtext-{side}-loop-"))
     if side == "ours":
         metrics, key, env = work / "run" / "metrics.jsonl", "step_time_s", {**os.environ, "PYTHONPATH": str(ROOT)}
-        cmd = [sys.executable, "-m", "pretrain", "train", str(ROOT / "configs/llm/smoke.yaml"), *ours_overrides(s),
+        cmd = [ours_py, "-m", "pretrain", "train", str(ROOT / "configs/llm/smoke.yaml"), *ours_overrides(s),
                f"run.steps={LOOP_STEPS}", "train.log_every=1", f"run.output_dir={work / 'run'}"]
     else:
         metrics, key, env = work / "metrics.txt", "perf/step_time_seconds", maxtext_env(s)
@@ -316,13 +323,13 @@ def own_loop(side: str, s: dict, maxtext_py: Path, log: Path) -> tuple[float, fl
     return statistics.median(times), idle.others(busy, own_cpu, time.perf_counter() - start)
 
 
-def own_loops(shape: str, runs: int, maxtext_py: Path, logs: Path) -> dict:
+def own_loops(shape: str, runs: int, ours_py: str, maxtext_py: Path, logs: Path) -> dict:
     """`runs` runs of each side's own loop, alternated (ours, MaxText's, ours, ...): each run's
     median step in ms, and the most cores other programs used during any of them."""
     ms, seen = {"ours": [], "maxtext": []}, []
     for i in range(runs):
         for side in ("ours", "maxtext"):
-            step_s, others = own_loop(side, SHAPES[shape], maxtext_py, logs / f"{shape}-{side}-loop{i}.log")
+            step_s, others = own_loop(side, SHAPES[shape], ours_py, maxtext_py, logs / f"{shape}-{side}-loop{i}.log")
             ms[side].append(1000 * step_s)
             seen.append(others)
     return {**ms, "others_max": max(seen)}
@@ -509,6 +516,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3, help="steps per turn")
     parser.add_argument("--loop-runs", type=int, default=2,
                         help=f"runs of each side's own training loop per shape ({LOOP_STEPS} steps each; 0: none)")
+    parser.add_argument("--ours-python", default=sys.executable,
+                        help="the Python our side runs in (default: this one); .venv-tpu/bin/python has MaxText's jax")
     parser.add_argument("--worker", choices=("ours", "maxtext"), help=argparse.SUPPRESS)
     parser.add_argument("--aot", nargs="?", const="all", metavar="ROWS",
                         help=f"compare compiled TPU programs instead: rows of {', '.join(AOT_ROWS)}, or an accelerator")
@@ -536,7 +545,7 @@ def main() -> int:
     print(header, flush=True)
     speedups = {}
     for shape in shapes:
-        r = compare(shape, args.rounds, args.steps, maxtext_py, logs, args.any_load)
+        r = compare(shape, args.rounds, args.steps, args.ours_python, maxtext_py, logs, args.any_load)
         speedups[shape] = r["maxtext_ms"] / r["ours_ms"]
         mesh = "x".join(map(str, SHAPES[shape]["mesh"]))
         print(
@@ -546,6 +555,9 @@ def main() -> int:
             flush=True,
         )
     print(f"jax {r['jax'][0]} (ours), {r['jax'][1]} (MaxText); speed-up = MaxText's step time / ours (medians).")
+    if r["jax"][0] != r["jax"][1]:
+        print("warning: the two sides ran different jax releases, whose XLA CPU backends differ in speed; pass "
+              "--ours-python with a Python holding MaxText's jax (.venv-tpu/bin/python) to compare the programs")
     print("CPU s/step: the process's CPU time per step, which the load of other programs inflates less than wall time.")
     print(f"others, cores: the most that other programs used during a kept turn (a turn above {idle.IDLE_LOAD} is taken again).")
     if args.loop_runs:
@@ -553,7 +565,7 @@ def main() -> int:
               f"the median logged step from step {LOOP_FROM}; speed-up of the medians beside the harness's", flush=True)
         print(f"{'shape':>10} {'mesh':>5} {'ours ms':>15} {'MaxText ms':>15} {'speed-up':>8} {'harness':>8} {'others, cores':>13}")
         for shape in shapes:
-            r = own_loops(shape, args.loop_runs, maxtext_py, logs)
+            r = own_loops(shape, args.loop_runs, args.ours_python, maxtext_py, logs)
             ours, theirs = statistics.median(r["ours"]), statistics.median(r["maxtext"])
             print(f"{shape:>10} {'x'.join(map(str, SHAPES[shape]['mesh'])):>5} {' '.join(f'{t:.0f}' for t in r['ours']):>15} "
                   f"{' '.join(f'{t:.0f}' for t in r['maxtext']):>15} {theirs / ours:7.2f}x {speedups[shape]:7.2f}x "

@@ -19,13 +19,14 @@ from pretrain.build import build
 from pretrain.config import ConfigError, require
 from pretrain.evals import harness
 from pretrain.formats import weights
-from pretrain.inference import encode, load, sample
+from pretrain.inference import digits_pipeline, encode, load, sample
 from pretrain.run import checkpoint, goodput, runtime
 from pretrain.tpu import devices as tpu_devices
 from pretrain.train import loop
 from pretrain.train.step import TrainStep
 
-SMOKE_OVERRIDES = {family: ["runtime.fake_cpu_devices=8", f"run.output_dir=runs/smoke-{family}"] for family in ("llm", "diffusion")}
+# `pretrain smoke FAMILY`: its preset, run on 8 faked CPU devices into runs/smoke-FAMILY.
+SMOKE = {"llm": ("llm", "smoke"), "diffusion": ("diffusion", "smoke"), "text-to-image": ("diffusion", "smoke-text-to-image")}
 
 
 def start(cfg: config_lib.Config) -> TrainStep:
@@ -63,6 +64,17 @@ def train(cfg_path, overrides) -> int:
         print(f"error: {e}", file=sys.stderr)
         return runtime.DIVERGED_EXIT_CODE
     return runtime.PREEMPTED_EXIT_CODE if result["preempted"] else 0
+
+
+def smoke(family: str, overrides) -> int:
+    """The family's smoke preset; the text-to-image one makes its data (digits_pipeline) on its first start."""
+    path = config_lib.preset_path(*SMOKE[family])
+    overrides = ["runtime.fake_cpu_devices=8", f"run.output_dir=runs/smoke-{family}", *overrides]
+    cfg = config_lib.load(path, overrides)
+    if family == "text-to-image" and not epath.Path(cfg.data.source).exists():
+        runtime.setup(cfg)
+        digits_pipeline.prepare(cfg.data.source)
+    return train(path, overrides)
 
 
 def run_plan(args) -> int:
@@ -266,7 +278,7 @@ def main(argv=None) -> int:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p = sub.add_parser("smoke", help="the tiny preset on 8 faked CPU devices with the embedded data")
-    p.add_argument("family", nargs="?", default="llm", choices=sorted(SMOKE_OVERRIDES))
+    p.add_argument("family", nargs="?", default="llm", choices=list(SMOKE))
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p = sub.add_parser("plan", help="compile the train step for a TPU slice on this machine: memory per chip, "
                                     "whether it fits, FLOPs, collectives and a forecast step time")
@@ -298,7 +310,7 @@ def main(argv=None) -> int:
         if args.command == "train":
             return train(args.config, args.overrides)
         elif args.command == "smoke":
-            return train(config_lib.preset_path(args.family, "smoke"), SMOKE_OVERRIDES[args.family] + args.overrides)
+            return smoke(args.family, args.overrides)
         elif args.command == "plan":
             return run_plan(args)
         elif args.command == "goodput":

@@ -30,17 +30,18 @@ pretrain.train.sharding    test_model test_topology test_diffusion
 pretrain.tasks             test_config
 pretrain.tasks.base        test_trainer test_mixture
 pretrain.tasks.lm          test_trainer test_mixture test_splash test_bad_input
-pretrain.tasks.diffusion   test_diffusion_training test_text_to_image
+pretrain.tasks.diffusion   test_diffusion_training test_text_to_image test_smoke_text_to_image
 pretrain.formats           test_export
 pretrain.formats.weights   test_export
 pretrain.formats.params    test_export test_diffusion_training
 pretrain.formats.hf_llama  test_export
-pretrain.formats.diffusers test_diffusers test_diffusion_training test_diffusion test_vae test_clip_text test_unet_condition
+pretrain.formats.diffusers test_diffusers test_diffusion_training test_diffusion test_vae test_clip_text test_unet_condition test_smoke_text_to_image
 pretrain.formats.unet      test_diffusion_training test_diffusers
 pretrain.formats.latent    test_text_to_image
 pretrain.inference.load    test_export test_diffusion_training
 pretrain.inference.sample  test_export test_diffusion_training
 pretrain.inference.encode  test_text_to_image
+pretrain.inference.digits_pipeline test_smoke_text_to_image
 pretrain.plan              test_plan
 pretrain.evals.harness     test_evals
 pretrain.plan.hlo          test_hlo
@@ -55,7 +56,7 @@ models.transformer         test_model test_export
 models.unet                test_diffusion test_diffusers test_vae test_unet_condition
 models.vae                 test_vae
 data.corpus                test_data
-data.digits                test_diffusion_training
+data.digits                test_diffusion_training test_smoke_text_to_image
 data.images                test_data test_text_to_image
 data.latents               test_text_to_image
 data.pipeline              test_data test_mixture test_text_to_image

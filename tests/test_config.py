@@ -7,7 +7,7 @@ from pretrain.tasks import TASKS
 
 # The large LM presets on the slices their headers plan them for (v5e-16, v5p-64, v5p-64).
 PRESETS = {("llm", "smoke"): 8, ("llm", "125m"): 8, ("llm", "1b"): 16, ("llm", "8b"): 32, ("llm", "70b"): 32,
-           ("diffusion", "smoke"): 8, ("diffusion", "64x64"): 64, ("diffusion", "256x256"): 256,
+           ("diffusion", "smoke"): 8, ("diffusion", "smoke-text-to-image"): 8, ("diffusion", "64x64"): 64, ("diffusion", "256x256"): 256,
            ("diffusion", "sd2-base"): 32}
 
 

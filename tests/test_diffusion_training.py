@@ -62,6 +62,8 @@ def test_smoke_run_writes_a_sample_grid(digits_run):
         # 20 samples of 16x16 in 10 columns (one per class) and 2 rows, with 2-pixel gaps.
         assert grid.size == (10 * 18 + 2, 2 * 18 + 2) and grid.mode == "L"
         assert np.asarray(grid).std() > 10  # not a blank image
+    scores = {r["step"]: r["samples/digit_accuracy"] for r in rows(digits_run) if "samples/digit_accuracy" in r}
+    assert list(scores) == [20, 40] and all(0 <= s <= 1 for s in scores.values())
 
 
 def test_resume_equals_uninterrupted(digits_run, tmp_path, capsys):

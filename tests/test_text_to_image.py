@@ -17,6 +17,7 @@ from PIL import Image
 from data import images, latents
 from data.records import MANIFEST, open_split
 from pretrain import cli
+from pretrain.inference.digits_pipeline import write_tokenizer
 
 from conftest import CACHE
 from test_checkpoint import losses, resumable_copy
@@ -25,36 +26,11 @@ SIZE, LENGTH, WIDTH = 16, 16, 32
 WORDS = ["the", "digit", "zero", "one", "two", "three", "a", "photo", "of"]
 
 
-def write_tokenizer(directory):
-    """A CLIP tokenizer (byte-level BPE, `</w>` ends a word) whose vocabulary has the bytes and WORDS."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    chars = list(bytes_to_unicode().values())
-    merges, vocab = [], chars + [c + "</w>" for c in chars]
-    for word in WORDS:
-        piece = word[0]
-        for i, c in enumerate(word[1:], 1):
-            tail = c + ("</w>" if i == len(word) - 1 else "")
-            if (piece, tail) not in merges:
-                merges.append((piece, tail))
-                vocab.append(piece + tail)
-            piece += tail
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    directory.mkdir(parents=True)
-    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(dict.fromkeys(vocab))}))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-               "pad_token": "<|endoftext|>"}
-    (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "CLIPTokenizer",
-                                                                 "model_max_length": LENGTH, **special}))
-    return len(dict.fromkeys(vocab))
-
-
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """A pipeline directory: vae/, text_encoder/, tokenizer/, model_index.json; and the PyTorch models."""
     root = tmp_path_factory.mktemp("sd") / "pipeline"
-    vocab = write_tokenizer(root / "tokenizer")
+    vocab = write_tokenizer(root / "tokenizer", WORDS, LENGTH)["vocab"]
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4,
                         sample_size=SIZE, down_block_types=("DownEncoderBlock2D",) * 2,

@@ -323,6 +323,34 @@ def read_text_encoder(directory: epath.Path) -> tuple[CLIPTextConfig, dict]:
         return cfg, {path: thunk() for path, thunk in our_tensors(params.shapes(CLIPTextModel, cfg), read)}
 
 
+def vae_json(cfg: VAEConfig, sample_size: int) -> dict:
+    """The AutoencoderKL config.json of our settings: vae_config's inverse."""
+    levels = len(cfg.block_channels)
+    return {"_class_name": VAE, "_diffusers_version": VERSION, "in_channels": cfg.channels, "out_channels": cfg.channels,
+            "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
+            "block_out_channels": list(cfg.block_channels), "layers_per_block": cfg.layers_per_block, "act_fn": "silu",
+            "latent_channels": cfg.latent_channels, "norm_num_groups": cfg.groups, "sample_size": sample_size,
+            "scaling_factor": cfg.scaling_factor, "shift_factor": cfg.shift_factor or None}
+
+
+def clip_text_json(cfg: CLIPTextConfig, bos_token_id: int) -> dict:
+    """The transformers CLIPTextModel config.json of our settings: clip_text_config's inverse."""
+    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size, "projection_dim": cfg.hidden_size,
+            "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+            "max_position_embeddings": cfg.max_positions, "hidden_act": cfg.activation, "layer_norm_eps": cfg.eps,
+            "bos_token_id": bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.eos_token_id}
+
+
+def write_part(out: epath.Path, config: dict, flat: dict, stem: str):
+    """A pipeline part of our float32 weights `flat` under their names (read_vae's and
+    read_text_encoder's inverse): `config.json` and `stem`.safetensors."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    weights.write_weights(out, tensors({k: v.shape for k, v in flat.items()}, lambda k: np.asarray(flat[k])),
+                          "float32", 2**40, stem)
+
+
 # --- the parts a latent pipeline carries --------------------------------------------------------
 
 PARTS = ("model_index.json", "vae", "text_encoder", "tokenizer")  # carried unchanged beside our UNet
@@ -442,6 +470,10 @@ def export(cfg: DiffusionRun, directory: epath.Path, step: int, out: epath.Path,
     parts = carried(cfg, checkpoint.run_dir(directory)) if cfg.model.cross_attention_dim else None
     if parts:
         index |= _text_to_image_index(parts)
+        if cfg.diffusion.steps_offset != 1 or cfg.diffusion.clip_sample:
+            print(f"note: StableDiffusionPipeline samples with steps_offset=1 and clip_sample=false whatever its scheduler "
+                  f"says; this run samples with diffusion.steps_offset={cfg.diffusion.steps_offset} and "
+                  f"clip_sample={str(cfg.diffusion.clip_sample).lower()}, so the two differ")
     with output.staged(out, overwrite, last="model_index.json") as stage:
         for name, content in (("unet/config.json", unet), ("scheduler/scheduler_config.json", scheduler)):
             (stage / name).parent.mkdir(exist_ok=True)

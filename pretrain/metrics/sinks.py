@@ -42,9 +42,9 @@ class Console(Sink):
         if "eval_loss" in row:
             ppl = f" | eval_ppl {row['eval_perplexity']:.2f}" if "eval_perplexity" in row else ""
             return f"{step} | eval_loss {row['eval_loss']:.4f}{ppl}"
-        harness = [f"{k.removeprefix('harness/')} {v:.4g}" for k, v in row.items() if k.startswith("harness/")]
-        if harness:
-            return f"{step} | harness " + " | ".join(harness)
+        scores = [k.split("/", 1) for k in row if k.startswith(("harness/", "samples/"))]  # downstream, sample scores
+        if scores:
+            return f"{step} | {scores[0][0]} " + " | ".join(f"{name} {row[f'{kind}/{name}']:.4g}" for kind, name in scores)
         rate = row[f"{self.unit}_per_sec"]
         return (
             f"{step} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | grad_norm {row['grad_norm']:.3f} | "

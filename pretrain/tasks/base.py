@@ -92,8 +92,9 @@ class Task(abc.ABC):
         """The eval row's values for a held-out loss."""
 
     @abc.abstractmethod
-    def write_samples(self, model, step: int, local_dir: Path):
-        """What the task shows after each eval, under the run's local files."""
+    def write_samples(self, model, step: int, local_dir: Path) -> dict[str, float]:
+        """What the task shows after each eval, under the run's local files; returns the samples'
+        scores for a log row (none: empty)."""
 
     @abc.abstractmethod
     def planned_flops(self) -> dict[str, float]:

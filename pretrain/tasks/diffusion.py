@@ -308,11 +308,12 @@ class DiffusionTask(Task):
     def eval_metrics(self, loss: float) -> dict:
         return {"eval_loss": loss}
 
-    def write_samples(self, model, step: int, local_dir: Path):
+    def write_samples(self, model, step: int, local_dir: Path) -> dict[str, float]:
         """A grid of diffusion.sample_num images (one column per class, or per prompt of a text-to-image
-        run, decoded by its dataset's VAE) under samples/ of the run's local files (pretrain/run/outputs.py)."""
+        run, decoded by its dataset's VAE) under samples/ of the run's local files (pretrain/run/outputs.py).
+        Samples of the digits are scored: the share a digit classifier reads as the digit asked for."""
         d = self.cfg.diffusion
-        text = {}
+        text, prompts = {}, None
         if self.latents is not None:
             prompts = [d.prompts[i % len(d.prompts)] if d.prompts else "" for i in range(d.sample_num)]
             text = {"context": self.decoder.states(prompts).astype(ml_dtypes.bfloat16), "null_context": self.latents.empty}
@@ -325,6 +326,15 @@ class DiffusionTask(Task):
             out = local_dir / "samples"
             out.mkdir(parents=True, exist_ok=True)
             (out / f"step_{step:07d}.png").write_bytes(images.grid_png(batch, columns))
+        wanted = self._digits_asked(labels, prompts)
+        return {} if wanted is None else {"samples/digit_accuracy": digits.accuracy(batch, wanted)}
+
+    def _digits_asked(self, labels: np.ndarray, prompts: list[str] | None) -> np.ndarray | None:
+        """The digit each sample was asked for: by its class on the embedded digits, by its prompt
+        where every prompt is a digit's caption (the text-to-image smoke run's); else None."""
+        if prompts is not None:
+            return np.array([digits.CAPTIONS.index(p) for p in prompts]) if set(prompts) <= set(digits.CAPTIONS) else None
+        return labels if self.cfg.data.source == "digits" and self.cfg.model.num_classes == len(digits.CLASSES) else None
 
     @functools.cached_property
     def decoder(self) -> LatentPipeline:

@@ -310,8 +310,9 @@ class LanguageModelTask(Task):
     def eval_metrics(self, loss: float) -> dict:
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
 
-    def write_samples(self, model, step: int, local_dir: Path):
+    def write_samples(self, model, step: int, local_dir: Path) -> dict[str, float]:
         """Nothing: `pretrain sample` generates text from any checkpoint."""
+        return {}
 
     def downstream_every(self) -> int | None:
         return self.cfg.eval.harness_every if self.cfg.eval.harness_tasks else None

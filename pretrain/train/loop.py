@@ -208,7 +208,9 @@ class Evaluate(Every):
                 per_set = {f"eval_loss/{name}": loss for name, loss in losses.items() if name}
                 self.logger.write({"step": done.step, **self.train_step.task.eval_metrics(losses[""]), **per_set})
                 self.history["eval_loss"].append(losses[""])
-            self.train_step.task.write_samples(self.train_step.sampling_model(done.state), done.step, self.files.local)
+            scores = self.train_step.task.write_samples(self.train_step.sampling_model(done.state), done.step, self.files.local)
+            if scores:
+                self.logger.write({"step": done.step, **scores})
 
 
 class Downstream(Every):
