@@ -20,7 +20,7 @@ from pretrain.formats.latent import LatentPipeline
 from pretrain.inference import digits_pipeline
 
 from conftest import CACHE
-from test_diffusion_training import rows
+from test_diffusion_training import grid_score, rows
 
 RUN = [CACHE, "run.steps=4", "train.log_every=1", "train.global_batch=16", "train.eval_every=4", "train.eval_batches=1",
        "checkpoint.every=4", "diffusion.sample_steps=3", "diffusion.sample_num=16"]
@@ -46,6 +46,13 @@ def test_the_smoke_run_trains_on_the_captioned_digits_and_scores_its_samples(smo
     assert 0 <= score <= 1
     grid = Image.open(run / "samples" / "step_0000004.png")
     assert grid.size == (10 * 18 + 2, 2 * 18 + 2)  # 16 samples of 16x16, a column per prompt
+
+
+def test_the_logged_score_is_the_classifiers_reading_of_the_grid(smoke):
+    """Each sample is scored against the digit its prompt asks for (its column)."""
+    run = smoke[0]
+    (logged,) = [r["samples/digit_accuracy"] for r in rows(run) if "samples/digit_accuracy" in r]
+    assert abs(grid_score(run / "samples" / "step_0000004.png", 16, 10) - logged) <= 1 / 16  # the PNG rounds to 8 bits
 
 
 def test_the_pipeline_loads_in_diffusers_and_transformers_and_computes_as_ours(smoke):
@@ -119,3 +126,17 @@ def test_diffusers_samples_the_smoke_runs_export_as_pretrain_sample_does(smoke, 
     assert ours.shape == theirs.shape == (2, 16, 16, 1)
     np.testing.assert_allclose(ours, np.clip(theirs * 2 - 1, -1, 1), atol=1e-5)
     assert ours.std() > 0.05
+
+
+def test_samples_are_asked_for_the_digit_of_their_class_or_caption():
+    from pretrain import config as config_lib
+    from pretrain.tasks import DiffusionTask
+
+    text = DiffusionTask(config_lib.load(config_lib.preset_path("diffusion", "smoke-text-to-image")))
+    unlabelled = np.full(3, -1)
+    assert text._digits_asked(unlabelled, [digits.CAPTIONS[3], digits.CAPTIONS[7], digits.CAPTIONS[3]]).tolist() == [3, 7, 3]
+    assert text._digits_asked(unlabelled, [digits.CAPTIONS[3], "a cat", digits.CAPTIONS[3]]) is None
+    classes = np.arange(20) % 10
+    assert DiffusionTask(config_lib.load(config_lib.preset_path("diffusion", "smoke")))._digits_asked(classes, None) is classes
+    elsewhere = config_lib.load(config_lib.preset_path("diffusion", "smoke"), ["data.source=photos"])
+    assert DiffusionTask(elsewhere)._digits_asked(classes, None) is None
