@@ -44,7 +44,10 @@ START, END = "<|startoftext|>", "<|endoftext|>"
 def write_tokenizer(directory: epath.Path, words: list[str], length: int) -> dict[str, int]:
     """A CLIP tokenizer (byte-level BPE, `</w>` ending a word) whose vocabulary has every byte and
     `words` whole; returns its start and end ids and its size."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode  # the text-to-image extra's
+    try:
+        from transformers.convert_slow_tokenizer import bytes_to_unicode  # the text-to-image extra's
+    except ImportError:
+        raise ConfigError("a CLIP tokenizer needs transformers; pip install 'pretrain[text-to-image]'") from None
 
     chars = list(bytes_to_unicode().values())
     merges, vocab = [], chars + [c + "</w>" for c in chars]
