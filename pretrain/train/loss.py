@@ -7,8 +7,10 @@ is reduced.
 
 - Vocabulary-parallel: each device multiplies by its slice of the output weight. The softmax
   normaliser is assembled from per-shard maxima and sums of exponentials, gathered over `model`
-  in one collective per chunk together with the label's logit, which comes from the one shard
-  that owns it (a compare/select: a gather would become a full-size scatter in the backward pass).
+  in one collective per chunk together with the label's logit, which the one shard that owns it
+  computes from its column of the weight: a [tokens, embed] gather, where picking it out of the
+  logits would take another pass over [tokens, vocab] (no scatter follows in the backward pass:
+  the gradients below are written by hand).
 - Gradients in the forward pass: the objective is a weighted sum over tokens, so its gradient
   with respect to a chunk's logits, w * ((1 + 2 z log_z) softmax - one_hot), is known as soon as
   the chunk's normaliser is. The chunk's share of the hidden-state and weight gradients is
@@ -45,7 +47,10 @@ def _chunk(dw, xs, *, w, start, vocab_axes: tuple, shards: int, z_loss: float, g
     peak = jnp.max(logits, axis=-1)  # only stabilises the exponentials
     exp = jnp.exp(logits - peak[:, None])
     total = jnp.sum(exp, axis=-1)
-    label = jnp.sum(jnp.where(owned, logits, 0.0), axis=-1)
+    local = yc - start  # the label's column in this shard's slice of the vocabulary, if it holds it
+    column = jnp.take(w, jnp.clip(local, 0, w.shape[1] - 1), axis=1)
+    label = jnp.where((local >= 0) & (local < w.shape[1]),
+                      einsum("te,et->t", hc, column, dtype=hc.dtype, out=jnp.float32), 0.0)
     scale = 1 / total  # turns this shard's exponentials into softmax probabilities
     if vocab_axes:
         # One collective per chunk: every shard's (max, sum of exponentials, label logit),
