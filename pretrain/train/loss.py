@@ -43,7 +43,6 @@ def _chunk(dw, xs, *, w, start, vocab_axes: tuple, shards: int, z_loss: float, g
     `grads` the chunk's hidden-state gradient and its share of the weight's (added to `dw`)."""
     hc, yc, mc = xs
     logits = einsum("te,ev->tv", hc, w, dtype=hc.dtype, out=jnp.float32)
-    owned = start + jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == yc[:, None]
     peak = jnp.max(logits, axis=-1)  # only stabilises the exponentials
     exp = jnp.exp(logits - peak[:, None])
     total = jnp.sum(exp, axis=-1)
@@ -67,6 +66,7 @@ def _chunk(dw, xs, *, w, start, vocab_axes: tuple, shards: int, z_loss: float, g
     sums = jnp.stack([jnp.sum(mc * (ce + z_loss * z)), jnp.sum(mc * ce), jnp.sum(mc * z)])
     if not grads:
         return dw, sums
+    owned = jax.lax.broadcasted_iota(jnp.int32, exp.shape, 1) == local[:, None]
     g = (mc * (1 + 2 * z_loss * log_z) * scale)[:, None] * exp - jnp.where(owned, mc[:, None], 0.0)
     dh = einsum("tv,ev->te", g, w, dtype=hc.dtype, out=jnp.float32)
     return dw + einsum("te,tv->ev", hc, g, dtype=hc.dtype, out=jnp.float32), (sums, dh)
