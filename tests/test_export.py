@@ -419,7 +419,7 @@ def peak_rss_of(argv) -> int:
 def test_export_and_import_hold_one_parameter_at_a_time(tmp_path):
     """A Llama-shaped checkpoint of 0.8 GB (float32, made without training) exports, and its export
     imports back, each with a peak host memory above a tiny model's of less than twice its largest
-    parameter (0.13 GB) and a fixed 192 MiB: each parameter is read, converted and written on its own."""
+    parameter (0.13 GB) and a fixed 256 MiB: each parameter is read, converted and written on its own."""
     shape = ["model.vocab_size=32000", "model.embed_dim=1024", "model.num_layers=8", "model.num_heads=8",
              "model.num_kv_heads=8", "model.head_dim=128", "model.mlp_dim=4096", "model.max_seq_len=128"]
     sizes = {}
@@ -436,10 +436,11 @@ def test_export_and_import_hold_one_parameter_at_a_time(tmp_path):
         peaks["import", name] = peak_rss_of(["import-hf", tmp_path / f"{name}-hf", "--out", tmp_path / f"{name}-imported"])
     # Reading or writing a parameter holds it twice for a moment (TensorStore's buffer and the array).
     # The fixed part: one layer's tensor being converted, and what Orbax and TensorStore keep after
-    # their first large write (up to 0.12 GiB measured). Holding the model would take 0.8 GB.
+    # their first large write (up to 0.19 GiB measured, on an import beside other tests). Holding the
+    # model would take 0.8 GB.
     for command in ("export", "import"):
         grew = peaks[command, "big"] - peaks[command, "tiny"]
-        assert grew < 2 * max(sizes["big"]) + 192 * 2**20 < sum(sizes["big"]), (command, grew, sizes["big"])
+        assert grew < 2 * max(sizes["big"]) + 256 * 2**20 < sum(sizes["big"]), (command, grew, sizes["big"])
     config = LlamaConfig.from_pretrained(tmp_path / "big-hf")
     assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (8, 1024, 32000)
     directory, step = checkpoint.locate(str(tmp_path / "big-imported"))
