@@ -5,6 +5,7 @@ on every prepare, and the conditional UNet trained on them, resumed, and refused
 
 import json
 import re
+import sys
 
 import ml_dtypes
 import numpy as np
@@ -17,6 +18,8 @@ from PIL import Image
 from data import images, latents
 from data.records import MANIFEST, open_split
 from pretrain import cli
+from pretrain.config import ConfigError
+from pretrain.formats import latent
 from pretrain.inference.digits_pipeline import write_tokenizer
 
 from conftest import CACHE
@@ -297,3 +300,11 @@ def test_encoding_options_without_their_pipeline_are_refused_in_one_line(pipelin
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_clip_tokenizers_without_transformers_are_refused_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if the extra were not installed
+    for use in (lambda: write_tokenizer(tmp_path / "tok", ["seven"], 8), lambda: latent.tokenizer(tmp_path)):
+        with pytest.raises(ConfigError, match=r"^CLIP tokenizers need transformers; pip install 'pretrain\[text-to-image\]'$"):
+            use()
+    assert list(tmp_path.iterdir()) == []

@@ -21,12 +21,18 @@ from pretrain.config import ConfigError
 from pretrain.formats import diffusers, params
 
 
+def require_transformers():
+    """transformers, from the text-to-image extra (only CLIP tokenizers need it), or a one-line error naming it."""
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError("CLIP tokenizers need transformers; pip install 'pretrain[text-to-image]'") from None
+    return transformers
+
+
 def tokenizer(pipeline: epath.Path):
     """The pipeline's `tokenizer/` through transformers (copied locally first: it may be on gs://)."""
-    try:
-        import transformers  # the text-to-image extra: only latent pipelines need it
-    except ImportError:
-        raise ConfigError("a latent pipeline's tokenizer needs transformers; pip install 'pretrain[text-to-image]'") from None
+    transformers = require_transformers()
     source = pipeline / "tokenizer"
     if not source.is_dir():
         raise ConfigError(f"{pipeline} has no tokenizer/; pass a Stable Diffusion pipeline directory")

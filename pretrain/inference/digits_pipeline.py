@@ -30,7 +30,7 @@ from models.clip_text import CLIPTextModel
 from models.configs import CLIPTextConfig, VAEConfig
 from models.vae import AutoencoderKL
 from pretrain.config import ConfigError
-from pretrain.formats import diffusers, params
+from pretrain.formats import diffusers, latent, params
 from pretrain.inference.encode import prepare_captioned
 
 SIZE = 16  # pixels, as the class-conditional smoke run sees the digits
@@ -44,10 +44,8 @@ START, END = "<|startoftext|>", "<|endoftext|>"
 def write_tokenizer(directory: epath.Path, words: list[str], length: int) -> dict[str, int]:
     """A CLIP tokenizer (byte-level BPE, `</w>` ending a word) whose vocabulary has every byte and
     `words` whole; returns its start and end ids and its size."""
-    try:
-        from transformers.convert_slow_tokenizer import bytes_to_unicode  # the text-to-image extra's
-    except ImportError:
-        raise ConfigError("a CLIP tokenizer needs transformers; pip install 'pretrain[text-to-image]'") from None
+    latent.require_transformers()
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     chars = list(bytes_to_unicode().values())
     merges, vocab = [], chars + [c + "</w>" for c in chars]
