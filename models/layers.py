@@ -1,6 +1,8 @@
 """Building blocks shared by the model families: annotated parameters, activation
 sharding constraints, matmuls in the compute dtype, RMSNorm and remat policies."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -46,9 +48,9 @@ def compile_platform() -> str:
 
 
 # The dtype a CPU multiplies bfloat16 operands in, chosen once per process by what this CPU does
-# faster (pretrain/build.py, timed by pretrain/metrics/cpu.py): CPUs with bfloat16 dot units
-# (avx512_bf16, amx_bf16) multiply bfloat16 two to four times faster than float32, others emulate it
-# at about 2/3 of float32's speed. float32 until chosen.
+# faster (pretrain/build.py, timed by pretrain/metrics/cpu.py): XLA:CPU reaches bfloat16 dot units
+# (amx_bf16) in some releases (jax 0.10: 5x float32) and not in others (0.12: 0.9x), and emulates
+# bfloat16 on CPUs without them. float32 until chosen.
 _cpu_multiply = {"dtype": jnp.dtype("float32")}
 
 
@@ -65,14 +67,47 @@ def multiply_dtype(dtype) -> jnp.dtype:
 def einsum(spec: str, *operands, dtype, out=None) -> jax.Array:
     """jnp.einsum of the operands rounded to the compute `dtype`; the result in `out` (default `dtype`).
 
-    On a CPU that multiplies float32 faster, bfloat16 operands are multiplied as float32. The numbers
+    On a CPU that multiplies float32 faster, bfloat16 operands are multiplied as float32; on one that
+    multiplies bfloat16 faster, the dots and their gradients' dots return float32 sums. The numbers
     are the same up to the order of the sums: a product of two bfloat16 values is exact in float32,
     and the sums accumulate in float32 either way.
     """
-    operands, accumulate = [x.astype(dtype) for x in operands], out
-    if multiply_dtype(dtype) != jnp.dtype(dtype) and compile_platform() == "cpu":
-        operands, accumulate = [x.astype(jnp.float32) for x in operands], jnp.float32
-    return jnp.einsum(spec, *operands, preferred_element_type=accumulate).astype(out or dtype)
+    operands = [x.astype(dtype) for x in operands]
+    if jnp.dtype(dtype) == jnp.bfloat16 and compile_platform() == "cpu":
+        if multiply_dtype(dtype) == jnp.float32:
+            return jnp.einsum(spec, *[x.astype(jnp.float32) for x in operands]).astype(out or dtype)
+        if not _batched(spec):  # XLA:CPU (jax 0.10) can fail to run a batched dot with float32 sums
+            return _float32_sums(spec, *operands).astype(out or dtype)
+    return jnp.einsum(spec, *operands, preferred_element_type=out).astype(out or dtype)
+
+
+def _batched(spec: str) -> bool:
+    """Whether a two-operand einsum has a batch index: one in both operands and the result."""
+    (a, b), result = spec.split("->")[0].split(","), spec.split("->")[1]
+    return bool(set(a) & set(b) & set(result))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _float32_sums(spec: str, a, b):
+    """A two-operand einsum's float32 sums of bfloat16 products, the only dots XLA:CPU runs on its
+    bfloat16 units (a bfloat16 result takes a path 5x slower). Its gradients are dots of the same
+    kind: autodiff's would multiply the float32 cotangent by a bfloat16 operand, in float32."""
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _float32_sums_fwd(spec, a, b):
+    return _float32_sums(spec, a, b), (a, b)
+
+
+def _float32_sums_bwd(spec, operands, cotangent):
+    a, b = operands
+    (a_spec, b_spec), out_spec = spec.split("->")[0].split(","), spec.split("->")[1]  # no batch index
+    g = cotangent.astype(a.dtype)
+    return (_float32_sums(f"{out_spec},{b_spec}->{a_spec}", g, b).astype(a.dtype),
+            _float32_sums(f"{a_spec},{out_spec}->{b_spec}", a, g).astype(b.dtype))
+
+
+_float32_sums.defvjp(_float32_sums_fwd, _float32_sums_bwd)
 
 
 class RMSNorm(nnx.Module):

@@ -3,6 +3,7 @@
 import contextlib
 import dataclasses
 import io
+import re
 
 import jax
 import jax.numpy as jnp
@@ -145,23 +146,28 @@ def test_bfloat16_loss_is_the_float32_loss_of_the_rounded_values(train_step):
 @pytest.mark.parametrize("multiply", ["float32", "bfloat16"])
 def test_bfloat16_matmuls_multiply_in_the_dtype_chosen_for_the_cpu(multiply, cpu_multiply):
     """einsum rounds to the compute dtype; on CPU it multiplies in the dtype chosen for this CPU, the
-    same products accumulated in float32 either way, while a step compiled for a TPU keeps bfloat16
-    operands for the MXU whatever the CPU's choice."""
+    same products summed in float32 either way, in the forward and the gradients' dots alike, while a
+    step compiled for a TPU keeps bfloat16 operands for the MXU whatever the CPU's choice."""
     cpu_multiply(multiply)
     rng = np.random.default_rng(0)
     x, w = rng.normal(size=(64, 256)).astype(np.float32), rng.normal(size=(256, 96)).astype(np.float32)
-    rounded = [np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64) for a in (x, w)]
-    got = einsum("te,ev->tv", x, w, dtype=jnp.bfloat16, out=jnp.float32)
-    np.testing.assert_allclose(got, rounded[0] @ rounded[1], rtol=1e-5, atol=1e-4)
+    c = np.asarray(jnp.asarray(rng.normal(size=(64, 96)), jnp.bfloat16), np.float32)  # a bfloat16 cotangent
+    xr, wr = [np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64) for a in (x, w)]
+    forward = lambda a, b: einsum("te,ev->tv", a, b, dtype=jnp.bfloat16, out=jnp.float32)
+    np.testing.assert_allclose(forward(x, w), xr @ wr, rtol=1e-5, atol=1e-4)
+    grads = jax.grad(lambda a, b: jnp.sum(forward(a, b) * c), argnums=(0, 1))
+    for got, want in zip(grads(x, w), (c @ wr.T, xr.T @ c)):  # rounded to bfloat16, as the operands were
+        np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
 
-    def operand_dtypes():
-        jaxpr = jax.make_jaxpr(lambda a, b: einsum("te,ev->tv", a, b, dtype=jnp.bfloat16))(x, w)
-        (dot,) = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
-        return {v.aval.dtype.name for v in dot.invars}, jaxpr.out_avals[0].dtype.name
+    def dots(f):  # each dot's operand and result dtypes
+        hlo = jax.jit(f).lower(x, w).as_text()
+        return set(re.findall(r"stablehlo.dot_general .*: \(tensor<\S*x(\w+)>, tensor<\S*x(\w+)>\) -> tensor<\S*x(\w+)>", hlo))
 
-    assert operand_dtypes() == ({multiply}, "bfloat16")
+    # On a CPU every dot yields float32 sums, the only ones XLA:CPU runs on its bfloat16 units.
+    operand = {"float32": "f32", "bfloat16": "bf16"}[multiply]
+    assert dots(forward) == dots(grads) == {(operand, operand, "f32")}
     with jax.set_mesh(sharding.make_mesh((2, 2), topology_devices(kinds.parse("v5e-4")))):
-        assert operand_dtypes() == ({"bfloat16"}, "bfloat16")
+        assert dots(lambda a, b: einsum("te,ev->tv", a, b, dtype=jnp.bfloat16)) == {("bf16", "bf16", "bf16")}
 
 
 def test_auto_multiplies_in_bfloat16_only_where_it_is_clearly_faster(cpu_multiply, monkeypatch):
