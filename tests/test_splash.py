@@ -113,8 +113,8 @@ def test_a_unet_attends_with_splash_as_with_xla_on_the_mesh(base):
         ((_, out), grads), kernels = run("splash")
     assert none == 0 and kernels > 0  # the kernel runs only where asked for
     np.testing.assert_allclose(out, ref, atol=1e-4)
-    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
-        np.testing.assert_allclose(g, r, atol=1e-4)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):  # some in the hundreds: a few ulps
+        np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-4)
 
 
 def test_a_splash_unet_counts_the_flops_of_an_xla_one_and_its_kernels_as_hidden():
