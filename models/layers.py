@@ -81,9 +81,16 @@ def einsum(spec: str, *operands, dtype, out=None) -> jax.Array:
     return jnp.einsum(spec, *operands, preferred_element_type=out).astype(out or dtype)
 
 
+def _indices(spec: str) -> tuple[str, str, str]:
+    """A two-operand einsum's indices: its operands' and its result's."""
+    operands, result = spec.split("->")
+    a, b = operands.split(",")
+    return a, b, result
+
+
 def _batched(spec: str) -> bool:
     """Whether a two-operand einsum has a batch index: one in both operands and the result."""
-    (a, b), result = spec.split("->")[0].split(","), spec.split("->")[1]
+    a, b, result = _indices(spec)
     return bool(set(a) & set(b) & set(result))
 
 
@@ -101,7 +108,7 @@ def _float32_sums_fwd(spec, a, b):
 
 def _float32_sums_bwd(spec, operands, cotangent):
     a, b = operands
-    (a_spec, b_spec), out_spec = spec.split("->")[0].split(","), spec.split("->")[1]  # no batch index
+    a_spec, b_spec, out_spec = _indices(spec)  # no batch index
     g = cotangent.astype(a.dtype)
     return (_float32_sums(f"{out_spec},{b_spec}->{a_spec}", g, b).astype(a.dtype),
             _float32_sums(f"{a_spec},{out_spec}->{b_spec}", a, g).astype(b.dtype))
