@@ -158,6 +158,10 @@ def test_bfloat16_matmuls_multiply_in_the_dtype_chosen_for_the_cpu(multiply, cpu
     grads = jax.grad(lambda a, b: jnp.sum(forward(a, b) * c), argnums=(0, 1))
     for got, want in zip(grads(x, w), (c @ wr.T, xr.T @ c)):  # rounded to bfloat16, as the operands were
         np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
+    # The same through an ellipsis, as the UNet's dense layers write it.
+    ellipsis = lambda a, b: jnp.sum(einsum("...e,ev->...v", a, b, dtype=jnp.bfloat16, out=jnp.float32) * c.reshape(4, 16, -1))
+    for got, want in zip(jax.grad(ellipsis, argnums=(0, 1))(x.reshape(4, 16, -1), w), grads(x, w)):
+        np.testing.assert_allclose(np.reshape(got, want.shape), want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
 
     def dots(f):  # each dot's operand and result dtypes
         hlo = jax.jit(f).lower(x, w).as_text()
@@ -166,6 +170,13 @@ def test_bfloat16_matmuls_multiply_in_the_dtype_chosen_for_the_cpu(multiply, cpu
     # On a CPU every dot yields float32 sums, the only ones XLA:CPU runs on its bfloat16 units.
     operand = {"float32": "f32", "bfloat16": "bf16"}[multiply]
     assert dots(forward) == dots(grads) == {(operand, operand, "f32")}
+    if multiply == "bfloat16":  # and only when the left operand's summed dimensions are its last
+        hlo = jax.jit(grads).lower(x, w).as_text()
+        lhs = re.findall(r"stablehlo.dot_general .*contracting_dims = \[([\d, ]+)\] x .*: \(tensor<([\dx]+)x\w+>", hlo)
+        assert len(lhs) == 2, hlo  # the weight's gradient sums over the tokens, the left operand's first
+        for summed, shape in lhs:
+            rank = shape.count("x") + 1
+            assert sorted(int(d) for d in summed.split(",")) == list(range(rank - summed.count(",") - 1, rank)), hlo
     with jax.set_mesh(sharding.make_mesh((2, 2), topology_devices(kinds.parse("v5e-4")))):
         assert dots(lambda a, b: einsum("te,ev->tv", a, b, dtype=jnp.bfloat16)) == {("bf16", "bf16", "bf16")}
 
