@@ -2,6 +2,7 @@
 sharding constraints, matmuls in the compute dtype, RMSNorm and remat policies."""
 
 import functools
+import string
 
 import jax
 import jax.numpy as jnp
@@ -76,8 +77,9 @@ def einsum(spec: str, *operands, dtype, out=None) -> jax.Array:
     if jnp.dtype(dtype) == jnp.bfloat16 and compile_platform() == "cpu":
         if multiply_dtype(dtype) == jnp.float32:
             return jnp.einsum(spec, *[x.astype(jnp.float32) for x in operands]).astype(out or dtype)
+        spec = _spelled_out(spec, *operands)
         if not _batched(spec):  # XLA:CPU (jax 0.10) can fail to run a batched dot with float32 sums
-            return _float32_sums(_spelled_out(spec, *operands), *operands).astype(out or dtype)
+            return _float32_sums(spec, *operands).astype(out or dtype)
     return jnp.einsum(spec, *operands, preferred_element_type=out).astype(out or dtype)
 
 
@@ -88,9 +90,14 @@ def _spelled_out(spec: str, *operands) -> str:
     inputs, result = spec.split("->")
     terms = inputs.split(",")
     ranks = [x.ndim - len(term.replace("...", "")) for term, x in zip(terms, operands)]
-    letters = "".join(c for c in "abcdefghijklmnopqrstuvwxyz" if c not in spec)[:max(ranks)]
+    letters = _unused_letters(spec)[:max(ranks)]
     terms = [term.replace("...", letters[len(letters) - rank:]) for term, rank in zip(terms, ranks)]
     return ",".join(terms) + "->" + result.replace("...", letters)
+
+
+def _unused_letters(spec: str) -> str:
+    """The lowercase letters a spec does not use as indices."""
+    return "".join(c for c in string.ascii_lowercase if c not in spec)
 
 
 def _indices(spec: str) -> tuple[str, str, str]:
@@ -120,7 +127,7 @@ def _float32_sums(spec: str, a, b):
         # it out column-major; a new unit index makes it a row-major copy, which the barrier keeps
         # XLA from folding back into the dot.
         kept = "".join(i for i in a_spec if i in out_spec)
-        unit = next(c for c in "abcdefghijklmnopqrstuvwxyz" if c not in spec)
+        unit = _unused_letters(spec)[0]
         moved = jnp.transpose(a, [a_spec.index(i) for i in kept + summed])
         a = jax.lax.optimization_barrier(moved.reshape(moved.shape[:len(kept)] + (1,) + moved.shape[len(kept):]))
         spec, b = f"{kept}{unit}{summed},{unit}{b_spec}->{out_spec}", b[None]
