@@ -1,7 +1,7 @@
 """This project's train step against MaxText's, on the same model, mesh, batch, dtype and remat.
 
-    python benchmarks/vs_maxtext.py [--shapes tiny,125m,tiny-1dev,125m-1dev] [--rounds 6] [--steps 3] [--loop-runs 2]
-                                    [--ours-python .venv-tpu/bin/python]
+    python benchmarks/vs_maxtext.py [--shapes tiny,125m,tiny-1dev,125m-1dev,gqa] [--rounds 6] [--steps 3]
+                                    [--loop-runs 2] [--ours-python .venv-tpu/bin/python]
     python benchmarks/vs_maxtext.py --aot [ROWS|ACCELERATOR]
 
 Each side runs in a worker process of its own: ours with this Python, MaxText 0.2.5 in a
@@ -23,9 +23,10 @@ the programs rather than the XLA releases, give ours the same jax, e.g. the `tpu
 It refuses a machine whose 1-minute load is above 0.5 (benchmarks/idle.py), and takes a turn again
 whenever other programs used more than 0.5 cores during it (--any-load: neither).
 
-Both run synthetic batches on faked CPU devices, bfloat16 compute, float32 weights, full remat,
-scanned layers, AdamW (weight decay 0.1, clipping at 1.0), no z-loss. Our mesh data x model is
-MaxText's fsdp x tensor (our `data` axis shards the batch and, FSDP-style, the weights).
+Both run synthetic batches on faked CPU devices, bfloat16 compute, float32 weights, the shape's
+remat (full unless it names one; MaxText's policy of the same saves, MAXTEXT_REMAT), scanned layers,
+AdamW (weight decay 0.1, clipping at 1.0), no z-loss. Our mesh data x model is MaxText's fsdp x
+tensor (our `data` axis shards the batch and, FSDP-style, the weights).
 
 --aot compares compiled programs for a TPU slice instead, running nothing: ours from `pretrain plan`,
 MaxText's from its `train_compile` (XLA dumps its optimized HLO), both compiled here through libtpu
@@ -76,6 +77,9 @@ SHAPES = {
     # The 125m-class model on one device.
     "125m-1dev": dict(layers=12, embed=768, heads=12, kv_heads=12, head_dim=64, mlp=2048, vocab=32000, tied=True,
                       seq=256, batch=8, mesh=(1, 1)),
+    # Grouped-query attention on a 4 x 2 mesh, saving the weight matmuls' outputs (MaxText's `minimal`).
+    "gqa": dict(layers=6, embed=512, heads=8, kv_heads=2, head_dim=64, mlp=1536, vocab=32000, tied=False,
+                seq=256, batch=8, mesh=(4, 2), remat="dots_no_batch"),
 }
 
 TURN_RETRIES, TURN_PAUSE_S = 10, 15  # a disturbed turn is taken again, at most this often
@@ -111,7 +115,8 @@ def ours_overrides(s: dict) -> list[str]:
         f"model.num_layers={s['layers']}", f"model.embed_dim={s['embed']}", f"model.num_heads={s['heads']}",
         f"model.num_kv_heads={s['kv_heads']}", f"model.head_dim={s['head_dim']}", f"model.mlp_dim={s['mlp']}",
         f"model.vocab_size={s['vocab']}", f"model.tie_embeddings={str(s['tied']).lower()}",
-        f"model.max_seq_len={s['seq']}", "model.dtype=bfloat16", "model.remat=full", "model.scan_layers=true",
+        f"model.max_seq_len={s['seq']}", "model.dtype=bfloat16", f"model.remat={s.get('remat', 'full')}",
+        "model.scan_layers=true",
         f"data.seq_len={s['seq']}", "data.source=synthetic", f"train.global_batch={s['batch']}",
         "optim.weight_decay=0.1", "optim.clip_norm=1.0", "optim.z_loss=0",
     ]
@@ -151,7 +156,8 @@ def maxtext_args(s: dict, steps: int) -> list[str]:
         f"vocab_size={s['vocab']}", f"logits_via_embedding={str(s['tied']).lower()}",
         "normalize_embedding_logits=false",
         f"max_target_length={s['seq']}", f"per_device_batch_size={s['batch'] / devices}",
-        "dtype=bfloat16", "weight_dtype=float32", "remat_policy=full", "scan_layers=true", "attention=dot_product",
+        "dtype=bfloat16", "weight_dtype=float32", f"remat_policy={MAXTEXT_REMAT[s.get('remat', 'full')]}",
+        "scan_layers=true", "attention=dot_product",
         f"ici_fsdp_parallelism={s['mesh'][0]}", f"ici_tensor_parallelism={s['mesh'][1]}",
         "opt_type=adamw", "adam_weight_decay=0.1", "gradient_clipping_threshold=1.0", "z_loss_multiplier=0",
     ]
