@@ -97,10 +97,10 @@ def test_sharded_forward_and_loss_equal_unsharded(train_step):
     np.testing.assert_allclose(float(sharded_loss[0] / sharded_loss[1]), float(ref_loss), rtol=1e-5)
 
 
-def test_chunked_output_cross_entropy_equals_optax(train_step):
-    """The fused output layer and loss on the 2x4 mesh, in chunks of 16 of each device's 64 tokens,
-    against full logits and optax on one device: the three sums, and the gradients that its
-    forward pass computes for the hidden states and the weight."""
+def _fused_loss_against_optax(mesh, rules):
+    """The fused output layer and loss on `mesh`, in chunks of at most 20 tokens, against full
+    logits and optax on one device: the three sums, and the gradients that its forward pass
+    computes for the hidden states and the weight. Returns the compiled gradient's HLO."""
     vocab, z_loss = 320, 0.1
     hidden = jax.random.normal(jax.random.key(0), (8, 16, 32))
     weight = jax.random.normal(jax.random.key(1), (32, vocab))
@@ -108,7 +108,7 @@ def test_chunked_output_cross_entropy_equals_optax(train_step):
     mask = (jax.random.uniform(jax.random.key(3), (8, 16)) > 0.25).astype(jnp.float32)
 
     def ours(h, w):
-        return output_cross_entropy(h, w, labels, mask, z_loss=z_loss, chunk_tokens=20, mesh=train_step.mesh, rules=train_step.rules)
+        return output_cross_entropy(h, w, labels, mask, z_loss=z_loss, chunk_tokens=20, mesh=mesh, rules=rules)
 
     def reference(h, w):
         logits = h @ w
@@ -116,7 +116,7 @@ def test_chunked_output_cross_entropy_equals_optax(train_step):
         z = jnp.square(jax.nn.logsumexp(logits, axis=-1))
         return jnp.sum(mask * (ce + z_loss * z)), jnp.sum(mask * ce), jnp.sum(mask * z)
 
-    with train_step.context():
+    with jax.set_mesh(mesh):
         sums = jax.jit(ours)(hidden, weight)
         grad_fn = jax.jit(jax.grad(lambda h, w: ours(h, w)[0], argnums=(0, 1)))
         grads = grad_fn(hidden, weight)
@@ -124,8 +124,22 @@ def test_chunked_output_cross_entropy_equals_optax(train_step):
     np.testing.assert_allclose(sums, reference(hidden, weight), rtol=1e-5)
     for got, want in zip(grads, jax.grad(lambda h, w: reference(h, w)[0], argnums=(0, 1))(hidden, weight)):
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
-    # Never more than a chunk's logits (16 tokens x the shard's 80 ids), and never the whole vocabulary.
-    assert "[16,80]" in hlo and f",{vocab}]" not in hlo and "[64,80]" not in hlo
+    return hlo
+
+
+def test_chunked_output_cross_entropy_equals_optax(train_step):
+    """On the 2x4 mesh, in chunks of 16 of each device's 64 tokens: never more than a chunk's
+    logits (16 tokens x the shard's 80 ids), and never the whole vocabulary."""
+    hlo = _fused_loss_against_optax(train_step.mesh, train_step.rules)
+    assert "[16,80]" in hlo and ",320]" not in hlo and "[64,80]" not in hlo
+
+
+def test_output_cross_entropy_on_one_device_runs_no_collective(train_step):
+    """On a one-device mesh the same sums and gradients, with no collective over the axes of size
+    one (XLA:CPU would copy the weight's gradient through them)."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), train_step.mesh.axis_names)
+    hlo = _fused_loss_against_optax(mesh, train_step.rules)
+    assert not re.search(r"all-reduce|reduce-scatter|all-gather|all-to-all|collective-permute", hlo)
 
 
 def test_bfloat16_loss_is_the_float32_loss_of_the_rounded_values(train_step):

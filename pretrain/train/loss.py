@@ -115,9 +115,11 @@ def output_cross_entropy(hidden, weight, targets, mask, *, z_loss: float, chunk_
     h_spec = logical_spec(("batch", "length", None), rules)
     w_spec = logical_spec((None, "vocab"), rules)
     t_spec = logical_spec(("batch", "length"), rules)
-    vocab_axes, batch_axes = _axes(w_spec[1]), _axes(h_spec[0]) + _axes(h_spec[1])
+    # Collectives run over the axes that split something: XLA:CPU would still copy through the others.
+    split = lambda entry: tuple(a for a in _axes(entry) if mesh.shape[a] > 1)  # noqa: E731
+    vocab_axes, batch_axes = split(w_spec[1]), split(h_spec[0]) + split(h_spec[1])
     # The weight's gradient leaves sharded along `embed` over the row axes the parameter shards it on.
-    scatter_axes = tuple(a for a in _axes(logical_spec(("embed",), rules)[0]) if a in batch_axes)
+    scatter_axes = tuple(a for a in split(logical_spec(("embed",), rules)[0]) if a in batch_axes)
     if weight.shape[0] % math.prod(mesh.shape[a] for a in scatter_axes):
         scatter_axes = ()
     local = functools.partial(_local, vocab_axes=vocab_axes, batch_axes=batch_axes, scatter_axes=scatter_axes,
