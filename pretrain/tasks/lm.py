@@ -12,7 +12,7 @@ from etils import epath
 
 from data import corpus, pipeline, records
 from data import tokenizer as tokenizer_lib
-from models.attention import BACKENDS, splash_blocks
+from models.attention import BACKENDS, causal_share, splash_blocks
 from models.configs import REMAT_CHOICES, ROPE_SCALINGS, RopeScaling
 from models.layers import REMAT_POLICIES
 from models.transformer import Transformer
@@ -210,7 +210,8 @@ class LanguageModelTask(Task):
         the whole sequence (the train logs' count), and with causal attention ("causal": half of that
         attention). Executed: the MFU count plus what remat recomputes (the forward pass is a third of
         the count), attention halved under splash, whose kernels skip the blocks above the diagonal and
-        run where the program's text does not show them ("hidden")."""
+        run where the program's text does not show them ("hidden"), and under xla the share of the
+        scores its query blocks compute."""
         m, tokens, model_flops = self.cfg.model, self.units_per_step(), self.flops_per_step()
         head = 6 * m.embed_dim * m.vocab_size * tokens
         attention = 12 * m.num_layers * m.num_heads * m.head_dim * self.cfg.data.seq_len * tokens
@@ -218,7 +219,8 @@ class LanguageModelTask(Task):
         splash = m.attention == "splash"
         if splash and m.remat != "none":
             recomputed_attention = 1
-        attention_executed = attention * (1 + recomputed_attention / 3) / (2 if splash else 1)
+        share = 0.5 if splash else causal_share(self.cfg.data.seq_len) if m.attention == "xla" else 1.0
+        attention_executed = attention * (1 + recomputed_attention / 3) * share
         executed = model_flops - attention + matmuls * (model_flops - head - attention) / 3 + attention_executed
         return {"model": model_flops, "executed": executed, "hidden": attention_executed if splash else 0.0,
                 "causal": model_flops - attention / 2}
