@@ -209,6 +209,20 @@ def test_auto_multiplies_in_bfloat16_only_where_it_is_clearly_faster(cpu_multipl
     assert choose_cpu_multiply_dtype("float32", timeout_s=10) == "float32"
 
 
+def test_cpu_description_names_the_model_numbers_and_the_bfloat16_units(tmp_path):
+    """The benchmarks' CPU line: the x86 family and model (all a masked virtual machine's name leaves,
+    and what kernel libraries pick by) and the bfloat16 flags, read from the first processor's entry."""
+    entry = ("processor\t: {n}\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 167\n"
+             "model name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu avx512f avx512_bf16 amx_tile amx_bf16\n\n")
+    x86 = tmp_path / "x86"
+    x86.write_text(entry.format(n=0) + entry.format(n=1))
+    assert cpu.describe(x86).startswith("Intel(R) Xeon(R) Processor (family 6 model 167), ")
+    assert cpu.describe(x86).endswith(", bfloat16 units: avx512_bf16, amx_bf16")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\nCPU part\t: 0xd4f\n")
+    assert "family" not in cpu.describe(arm) and cpu.describe(arm).endswith("bfloat16 units: bf16")
+
+
 def test_packed_rows_equal_documents_run_one_by_one():
     cfg = tiny_config().model
     model = Transformer(cfg, rngs=nnx.Rngs(0))

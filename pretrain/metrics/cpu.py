@@ -16,19 +16,23 @@ BFLOAT16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 
 # bfloat16 is chosen only where it is clearly the faster, so that timing noise cannot flip the choice
 # between a run and its resume. Measured: an AMX Xeon 5x faster in it under jax 0.10.2, 0.9x under
-# 0.12.1 (whose XLA no longer reaches the units); CPUs without the units 0.67x.
+# 0.12.1 (whose YNNPACK picks dot kernels by the reported CPU model, and that virtual machine's model
+# has no AMX kernels in its tables); CPUs without the units 0.67x.
 MARGIN = 1.25
 
 
 @functools.cache
-def describe() -> str:
-    """The CPU model and its bfloat16 units, e.g. 'AMD EPYC 9B14, 2 cores, bfloat16 units: avx512_bf16'."""
+def describe(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU model and its bfloat16 units, e.g. 'AMD EPYC 9B14 (family 25 model 17), 2 cores, bfloat16
+    units: avx512_bf16'. The x86 family and model numbers are what libraries pick kernels by, and
+    often all a virtual machine's name leaves ('Intel(R) Xeon(R) Processor')."""
     fields = {}
-    cpuinfo = Path("/proc/cpuinfo")
     for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
         key, _, value = line.partition(":")
         fields.setdefault(key.strip(), value.strip())
     name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']} model {fields['model']})"
     flags = set((fields.get("flags") or fields.get("Features") or "").split())
     units = [f for f in BFLOAT16_FLAGS if f in flags]
     return f"{name}, {os.cpu_count()} cores, bfloat16 units: {', '.join(units) or 'none'}"
