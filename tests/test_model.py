@@ -212,10 +212,11 @@ def test_auto_multiplies_in_bfloat16_only_where_it_is_clearly_faster(cpu_multipl
 def test_cpu_description_names_the_model_numbers_and_the_bfloat16_units(tmp_path):
     """The benchmarks' CPU line: the x86 family and model (all a masked virtual machine's name leaves,
     and what kernel libraries pick by) and the bfloat16 flags, read from the first processor's entry."""
-    entry = ("processor\t: {n}\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 167\n"
-             "model name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu avx512f avx512_bf16 amx_tile amx_bf16\n\n")
+    entry = ("processor\t: {n}\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: {model}\n"
+             "model name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu avx512f {flags}\n\n")
     x86 = tmp_path / "x86"
-    x86.write_text(entry.format(n=0) + entry.format(n=1))
+    x86.write_text(entry.format(n=0, model=167, flags="avx512_bf16 amx_tile amx_bf16")
+                   + entry.format(n=1, model=143, flags="avx2"))
     assert cpu.describe(x86).startswith("Intel(R) Xeon(R) Processor (family 6 model 167), ")
     assert cpu.describe(x86).endswith(", bfloat16 units: avx512_bf16, amx_bf16")
     arm = tmp_path / "arm"

@@ -16,8 +16,8 @@ BFLOAT16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 
 # bfloat16 is chosen only where it is clearly the faster, so that timing noise cannot flip the choice
 # between a run and its resume. Measured: an AMX Xeon 5x faster in it under jax 0.10.2, 0.9x under
-# 0.12.1 (whose YNNPACK picks dot kernels by the reported CPU model, and that virtual machine's model
-# has no AMX kernels in its tables); CPUs without the units 0.67x.
+# 0.12.1 (whose YNNPACK picks dot kernels by cost tables chosen from the reported CPU model, and the
+# table for that virtual machine's model costs no AMX kernel); CPUs without the units 0.67x.
 MARGIN = 1.25
 
 
