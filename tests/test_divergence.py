@@ -16,16 +16,28 @@ from test_model import batch
 from test_trainer import SMOKE
 
 
-def test_a_step_that_is_not_finite_changes_nothing(train_step):
-    """Parameters, optimizer state (its step count too) come out of a NaN step as they went in."""
-    compiled, _ = train_step.compile()
-    state = train_step.init_state()
+def _nan_scale(state):
     scale = state["params"]["final_norm"]["scale"]
     scale[...] = scale[...] * np.nan  # every logit, so the loss, is NaN
+
+
+def _huge_moment(state):
+    mu = state["optimizer"]["opt_state"][1]["mu"]["final_norm"]["scale"]
+    mu[...] = mu[...] + 3e38  # loss and gradients finite, the update it scales is not
+
+
+@pytest.mark.parametrize("spoil", [_nan_scale, _huge_moment], ids=["nan loss", "overflowing update"])
+def test_a_step_that_is_not_finite_changes_nothing(train_step, spoil):
+    """Parameters, optimizer state (its step count too) come out of a NaN step as they went in,
+    whether the loss shows it or only the parameters the update would leave."""
+    compiled, _ = train_step.compile()
+    state = train_step.init_state()
+    spoil(state)
     before = jax.device_get(state)
     with train_step.context():
         after, metrics = compiled(state, train_step.place_batch(batch(train_step.cfg, seed=1)))
-    assert not bool(metrics["finite"]) and np.isnan(float(metrics["loss"]))
+    assert not bool(metrics["finite"])
+    assert np.isfinite(float(metrics["grad_norm"])) == (spoil is _huge_moment)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), jax.device_get(after), before)
 
 

@@ -101,7 +101,6 @@ class TrainStep:
         return jax.vmap(one_slice, spmd_axis_name="replica")(rows, jnp.arange(slices))
 
     def train_step(self, state, batch):
-        before = jax.tree.leaves(state)  # the arrays: merging shares the state's variables, which the step changes
         parts = nnx.merge(self.graphdef, state)
         model, optimizer = parts["params"], parts["optimizer"]
         params_graphdef, params = nnx.split(model)
@@ -138,19 +137,28 @@ class TrainStep:
         metrics = {name: value / weight for name, value in sums.items()} | {"units": units}
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["lr"] = self.lr(step)
-        optimizer.update(model, grads)
-        if "ema" in parts:
-            decay = ema_decay(self.cfg.train.ema_decay, step)
-            average = optax.incremental_update(nnx.state(model, nnx.Param), nnx.state(parts["ema"], nnx.Param), 1 - decay)
-            nnx.update(parts["ema"], average)
         # A step that overflowed, in its loss, its gradients or the parameters it would leave, changes
         # nothing (parameters, optimizer state with its step count, EMA): the loop counts it skipped
-        # (pretrain/train/loop.py's Guard), so no checkpoint ever holds a NaN or an infinity.
-        checks = (metrics["loss"], metrics["grad_norm"], optax.tree.norm(nnx.state(model, nnx.Param)))
-        metrics["finite"] = jnp.all(jnp.isfinite(jnp.stack(checks)))
-        after = nnx.state(parts)
-        kept = [jnp.where(metrics["finite"], new, old) for new, old in zip(jax.tree.leaves(after), before)]
-        return jax.tree.unflatten(jax.tree.structure(after), kept), metrics
+        # (pretrain/train/loop.py's Guard), so no checkpoint ever holds a NaN or an infinity. The new
+        # parameters are computed twice: here only checked, a pass that stores none of them, then, if
+        # they pass, by the update that writes them in place. Choosing between new and old state after
+        # the update would hold a second copy of parameters and moments and take a pass over both.
+        p, g, s = (nnx.as_pure(x) for x in (nnx.state(model, nnx.Param), grads, optimizer.opt_state))
+        new = optax.apply_updates(p, self.tx.update(g, s, p)[0])
+        finite = [jnp.isfinite(metrics["loss"]), jnp.isfinite(metrics["grad_norm"])]
+        metrics["finite"] = jnp.all(jnp.stack(finite + [jnp.isfinite(x).all() for x in jax.tree.leaves(new)]))
+        return jax.lax.cond(metrics["finite"], self._update, lambda state, *_: state, state, grads, step), metrics
+
+    def _update(self, state, grads, step):
+        """The state after the optimizer's update with these gradients (and the EMA's)."""
+        parts = nnx.merge(self.graphdef, state)
+        model = parts["params"]
+        parts["optimizer"].update(model, grads)
+        if "ema" in parts:
+            decay = ema_decay(self.cfg.train.ema_decay, step)
+            ema = parts["ema"]
+            nnx.update(ema, optax.incremental_update(nnx.state(model, nnx.Param), nnx.state(ema, nnx.Param), 1 - decay))
+        return nnx.state(parts)
 
     def eval_step(self, state, batch):
         model = nnx.merge(self.graphdef, state)["params"]
