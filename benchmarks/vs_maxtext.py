@@ -308,25 +308,27 @@ def own_loop(side: str, s: dict, ours_py: str, maxtext_py: Path, log: Path) -> t
     """One run of a side's own training loop, as its users run it (`pretrain train` with its
     metrics.jsonl, MaxText's `train` with its metrics_file), for LOOP_STEPS steps: the median of the
     step times it logged from step LOOP_FROM on, and the cores other programs used meanwhile."""
-    work = Path(tempfile.mkdtemp(prefix=f"vs-maxtext-{side}-loop-"))
-    if side == "ours":
-        metrics, key, env = work / "run" / "metrics.jsonl", "step_time_s", {**os.environ, "PYTHONPATH": str(ROOT)}
-        cmd = [ours_py, "-m", "pretrain", "train", str(ROOT / "configs/llm/smoke.yaml"), *ours_overrides(s),
-               f"run.steps={LOOP_STEPS}", "train.log_every=1", f"run.output_dir={work / 'run'}"]
-    else:
-        metrics, key, env = work / "metrics.txt", "perf/step_time_seconds", maxtext_env(s)
-        base = next(MAXTEXT_VENV.glob("lib/python*/site-packages/maxtext/configs/base.yml"))
-        cmd = [str(maxtext_py), "-m", "maxtext.trainers.pre_train.train", str(base), *maxtext_args(s, LOOP_STEPS),
-               f"metrics_file={metrics}"]
-    busy, start = idle.busy_seconds(), time.perf_counter()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    with log.open("w") as out:
-        subprocess.run(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, check=True)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    own_cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    times = [r[key] for r in rows if key in r and r["step"] >= LOOP_FROM]
-    return statistics.median(times), idle.others(busy, own_cpu, time.perf_counter() - start)
+    # The run directory (ours writes checkpoints, about 1.2 GB for 125m) goes once its metrics are read.
+    with tempfile.TemporaryDirectory(prefix=f"vs-maxtext-{side}-loop-") as tmp:
+        work = Path(tmp)
+        if side == "ours":
+            metrics, key, env = work / "run" / "metrics.jsonl", "step_time_s", {**os.environ, "PYTHONPATH": str(ROOT)}
+            cmd = [ours_py, "-m", "pretrain", "train", str(ROOT / "configs/llm/smoke.yaml"), *ours_overrides(s),
+                   f"run.steps={LOOP_STEPS}", "train.log_every=1", f"run.output_dir={work / 'run'}"]
+        else:
+            metrics, key, env = work / "metrics.txt", "perf/step_time_seconds", maxtext_env(s)
+            base = next(MAXTEXT_VENV.glob("lib/python*/site-packages/maxtext/configs/base.yml"))
+            cmd = [str(maxtext_py), "-m", "maxtext.trainers.pre_train.train", str(base), *maxtext_args(s, LOOP_STEPS),
+                   f"metrics_file={metrics}"]
+        busy, start = idle.busy_seconds(), time.perf_counter()
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        with log.open("w") as out:
+            subprocess.run(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, check=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        own_cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+        times = [r[key] for r in rows if key in r and r["step"] >= LOOP_FROM]
+        return statistics.median(times), idle.others(busy, own_cpu, time.perf_counter() - start)
 
 
 def own_loops(shape: str, runs: int, ours_py: str, maxtext_py: Path, logs: Path) -> dict:
